@@ -1,0 +1,1 @@
+//! Page-aware codec for QEMU migration streams (sans-IO). Under construction.

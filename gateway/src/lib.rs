@@ -1,0 +1,2 @@
+//! Ferry site gateway.
+pub mod codec;

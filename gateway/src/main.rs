@@ -1,0 +1,2 @@
+//! `ferry-gateway` binary.
+fn main() {}

@@ -1,0 +1,2 @@
+//! Emulated WAN sites for Ferry's tests and benchmarks.
+pub mod qemu;

@@ -1,0 +1,1 @@
+//! QEMU test guests and helpers. Under construction.
