@@ -1,2 +1,27 @@
-//! Ferry site gateway.
+//! Ferry site gateway: tunnels live-migration traffic between sites over one mutually
+//! authenticated QUIC connection per peer.
+//!
+//! Data path of one forwarded connection:
+//! ```text
+//! QEMU ─TCP─▶ forward (ingress) ─▶ [codec: pages → frames] ─▶ tunnel (QUIC lanes)
+//!      ─▶ [codec: frames → bytes] ─▶ egress (TCP dial) ─▶ QEMU
+//! ```
+//! Layout:
+//! - [`config`], [`units`]: the TOML configuration.
+//! - [`certs`], [`tls`]: the site PKI and mutual TLS.
+//! - [`tunnel`]: QUIC endpoint, peers, flows, wire protocol.
+//! - [`forward`]: TCP ingress listeners.
+//! - [`codec`]: the page-aware QEMU migration stream codec (sans-IO).
+//! - [`gateway`]: ties them together.
+
+pub mod certs;
 pub mod codec;
+pub mod config;
+pub mod forward;
+pub mod gateway;
+pub mod tls;
+pub mod tunnel;
+pub mod units;
+
+pub use config::Config;
+pub use gateway::Gateway;

@@ -1,2 +1,67 @@
-//! `ferry-gateway` binary.
-fn main() {}
+//! `ferry-gateway`: run a site gateway, or create the site PKI.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use ferry_gateway::{certs, Config, Gateway};
+
+/// Ferry site gateway: carries live-migration traffic between sites over mutually
+/// authenticated QUIC.
+#[derive(Parser)]
+#[command(name = "ferry-gateway", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a gateway.
+    Run {
+        /// Gateway config file (TOML); see config/README.md.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create a site CA (or reuse the one in --out) and a certificate + key per site.
+    Certs {
+        /// Folder for ca.pem, ca.key, SITE.pem, SITE.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// A site name (repeat for each site).
+        #[arg(long = "site", required = true)]
+        sites: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Certs { out, sites } => {
+            let generated = certs::generate(&out, &sites)?;
+            if !generated.created_ca {
+                println!("reused the existing CA in {}", out.display());
+            }
+            for file in generated.written {
+                println!("wrote {}", file.display());
+            }
+            Ok(())
+        }
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(async {
+                let _gateway = Gateway::start(config).await?;
+                tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+                tracing::info!("shutting down");
+                Ok(())
+            })
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The gateway's TOML configuration: parsing, validation and path resolution.
+//!
+//! Every key is documented in `config/README.md`. Parsing is strict (unknown keys are errors) and
+//! all validation happens at start-up, so a gateway that starts has a usable configuration; each
+//! error names the offending key.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::units::{duration_text, Bandwidth, ByteSize};
+
+/// A configuration that could not be loaded; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown or missing key, or a value of the wrong form.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, which names the key and shows the line.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("invalid config file {path}: key `{key}`: {message}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// Dotted path of the key, e.g. `forward[0].peer`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// A validated gateway configuration with absolute paths.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This gateway's site name; must match the site name in its certificate.
+    pub site: String,
+    /// UDP address of the QUIC endpoint.
+    pub listen: SocketAddr,
+    /// Certificates and keys.
+    pub tls: TlsFiles,
+    /// What the WAN between the sites looks like.
+    pub link: LinkConfig,
+    /// Peer gateways.
+    pub peers: Vec<PeerConfig>,
+    /// Local TCP ingresses whose connections come out at a peer site.
+    pub forwards: Vec<ForwardConfig>,
+    /// Resource bounds.
+    pub limits: LimitsConfig,
+}
+
+/// PEM files for mutual TLS.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Site CA certificate that peers' certificates must chain to.
+    pub ca: PathBuf,
+    /// This site's certificate.
+    pub cert: PathBuf,
+    /// This site's private key.
+    pub key: PathBuf,
+}
+
+/// The WAN path: used to size flow-control windows, socket buffers and the sender's rate cap.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// Bottleneck rate of the inter-site link; the tunnel never sends faster.
+    pub bandwidth: Bandwidth,
+    /// Round-trip time between the sites.
+    #[serde(with = "duration_text")]
+    pub rtt: Duration,
+}
+
+impl LinkConfig {
+    /// Bandwidth-delay product of the link in bytes.
+    pub fn bdp_bytes(&self) -> u64 {
+        self.bandwidth.bdp_bytes(self.rtt)
+    }
+}
+
+/// A peer gateway at another site.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's site name, as in its certificate.
+    pub site: String,
+    /// The peer's QUIC endpoint.
+    pub addr: SocketAddr,
+}
+
+/// A TCP ingress forwarded to a peer site.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// Local TCP address to accept connections on.
+    pub listen: SocketAddr,
+    /// Site whose gateway carries the connections on.
+    pub peer: String,
+    /// TCP address the peer gateway dials for each connection.
+    pub connect: SocketAddr,
+}
+
+/// Bounds on what a gateway may hold in memory.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most forwarded connections open at once; further connections are refused.
+    pub max_connections: usize,
+    /// Bytes a forwarded connection may buffer per direction while it reorders data arriving on
+    /// several QUIC streams. `None` sizes it from the link (about 1.5 × bandwidth × rtt).
+    pub reorder_buffer: Option<ByteSize>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_connections: 64, reorder_buffer: None }
+    }
+}
+
+/// The file as written, before validation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    site: String,
+    listen: SocketAddr,
+    tls: TlsFiles,
+    link: LinkConfig,
+    #[serde(default, rename = "peer")]
+    peers: Vec<PeerConfig>,
+    #[serde(default, rename = "forward")]
+    forwards: Vec<ForwardConfig>,
+    #[serde(default)]
+    limits: LimitsConfig,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths resolve against its folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path, base)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages, `base` resolves
+    /// relative file paths.
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+
+        if raw.site.is_empty() {
+            return Err(invalid("site".into(), "must not be empty".into()));
+        }
+        let tls = TlsFiles {
+            ca: base.join(&raw.tls.ca),
+            cert: base.join(&raw.tls.cert),
+            key: base.join(&raw.tls.key),
+        };
+        for (key, file) in [("tls.ca", &tls.ca), ("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+            if let Err(e) = std::fs::metadata(file) {
+                return Err(invalid(key.into(), format!("cannot read {}: {e}", file.display())));
+            }
+        }
+        if raw.link.rtt.is_zero() {
+            return Err(invalid("link.rtt".into(), "must be greater than zero".into()));
+        }
+
+        let mut seen = HashSet::new();
+        for (i, peer) in raw.peers.iter().enumerate() {
+            if peer.site == raw.site {
+                return Err(invalid(format!("peer[{i}].site"), "a gateway cannot peer with its own site".into()));
+            }
+            if !seen.insert(peer.site.as_str()) {
+                return Err(invalid(format!("peer[{i}].site"), format!("site `{}` is listed twice", peer.site)));
+            }
+        }
+        for (i, fwd) in raw.forwards.iter().enumerate() {
+            if !seen.contains(fwd.peer.as_str()) {
+                let known: Vec<_> = raw.peers.iter().map(|p| p.site.as_str()).collect();
+                return Err(invalid(
+                    format!("forward[{i}].peer"),
+                    format!("unknown peer site `{}` (configured peers: {known:?})", fwd.peer),
+                ));
+            }
+        }
+        if raw.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections".into(), "must be at least 1".into()));
+        }
+
+        Ok(Self {
+            site: raw.site,
+            listen: raw.listen,
+            tls,
+            link: raw.link,
+            peers: raw.peers,
+            forwards: raw.forwards,
+            limits: raw.limits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(extra: &str) -> String {
+        format!(
+            r#"
+site = "site-a"
+listen = "127.0.0.1:4433"
+[tls]
+ca = "ca.pem"
+cert = "site-a.pem"
+key = "site-a.key"
+[link]
+bandwidth = "1gbit"
+rtt = "150ms"
+[[peer]]
+site = "site-b"
+addr = "127.0.0.2:4433"
+[[forward]]
+listen = "127.0.0.1:7000"
+peer = "site-b"
+connect = "127.0.0.2:4444"
+{extra}"#
+        )
+    }
+
+    fn dir_with_certs() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "site-a.pem", "site-a.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        dir
+    }
+
+    fn parse(text: &str, dir: &Path) -> Result<Config, ConfigError> {
+        Config::parse(text, &dir.join("gw.toml"), dir)
+    }
+
+    #[test]
+    fn valid_config_resolves_paths() {
+        let dir = dir_with_certs();
+        let cfg = parse(&sample(""), dir.path()).unwrap();
+        assert_eq!(cfg.tls.cert, dir.path().join("site-a.pem"));
+        assert_eq!(cfg.link.bdp_bytes(), 18_750_000);
+        assert_eq!(cfg.forwards[0].peer, "site-b");
+    }
+
+    #[test]
+    fn typo_names_the_key() {
+        let dir = dir_with_certs();
+        let text = sample("").replace("bandwidth =", "bandwith =");
+        let err = parse(&text, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("bandwith"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let dir = dir_with_certs();
+        let err = parse(&sample("").replace("150ms", "150 furlongs"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("rtt") && err.contains("invalid duration"), "{err}");
+        let err = parse(&sample("").replace("1gbit", "1gb"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("bandwidth") && err.contains("invalid bandwidth"), "{err}");
+    }
+
+    #[test]
+    fn unknown_forward_peer_names_the_key() {
+        let dir = dir_with_certs();
+        let text = sample("").replace("peer = \"site-b\"", "peer = \"site-c\"");
+        let err = parse(&text, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("forward[0].peer") && err.contains("site-c"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_names_the_key() {
+        let dir = dir_with_certs();
+        std::fs::remove_file(dir.path().join("site-a.key")).unwrap();
+        let err = parse(&sample(""), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("tls.key"), "{err}");
+    }
+
+    #[test]
+    fn limits_section() {
+        let dir = dir_with_certs();
+        let cfg = parse(&sample("[limits]\nmax_connections = 8\nreorder_buffer = \"32MiB\"\n"), dir.path()).unwrap();
+        assert_eq!(cfg.limits.max_connections, 8);
+        assert_eq!(cfg.limits.reorder_buffer, Some(ByteSize(32 << 20)));
+        let err = parse(&sample("[limits]\nmax_conections = 8\n"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("max_conections"), "{err}");
+    }
+}

@@ -1,0 +1,396 @@
+//! One forwarded TCP connection ("flow") carried over the tunnel, both directions.
+//!
+//! After the open handshake both gateways run the same code: [`run_flow`] pumps the local TCP
+//! socket's bytes out over lanes, reassembles the peer's lanes into the local socket, and speaks
+//! the control stream (Fin, Reset, Ack). Bounded everywhere: the TCP socket is read only when a
+//! lane writer is free, and lane readers stop reading QUIC when the reorder budget is spent, so
+//! QUIC flow control slows the peer down.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::tunnel::protocol::{ChunkHeader, FlowKey, LaneHeader, Message, MESSAGE_HEADER_LEN};
+use crate::tunnel::reorder::{Admission, Reassembler};
+use crate::tunnel::FlowError;
+
+/// Bytes read from the local socket per chunk.
+const READ_CHUNK: usize = 64 << 10;
+/// The receiver acknowledges delivered bytes at least this often (see `Message::Ack`).
+const ACK_EVERY: u64 = 4 << 20;
+/// How long a finished flow waits for the peer to close its control stream.
+const LINGER: Duration = Duration::from_secs(10);
+
+/// Application error code for streams stopped or reset because the flow failed.
+pub const FLOW_ABORTED: u32 = 1;
+
+/// Per-flow counters; the flow logs them when it ends.
+#[derive(Debug, Default)]
+pub struct FlowCounters {
+    /// Bytes read from the local TCP socket.
+    pub tcp_in: AtomicU64,
+    /// Bytes written to the local TCP socket.
+    pub tcp_out: AtomicU64,
+    /// Bytes written to QUIC streams (payload plus Ferry framing).
+    pub wan_out: AtomicU64,
+    /// Bytes read from QUIC lanes (payload plus framing).
+    pub wan_in: AtomicU64,
+    /// Bytes of our direction the peer acknowledged as delivered.
+    pub acked: AtomicU64,
+}
+
+/// The receiving half of one flow direction, shared with the lane readers.
+#[derive(Debug)]
+pub struct Inbound {
+    reorder: std::sync::Mutex<Reassembler>,
+    /// Signalled when deliverable data or the end may be available.
+    ready: Notify,
+    /// Signalled when the reorder buffer has room again.
+    space: Notify,
+    /// Cancelled when the flow ends or fails.
+    pub cancel: CancellationToken,
+    counters: Arc<FlowCounters>,
+}
+
+impl Inbound {
+    /// A receiver with the given reorder budget.
+    pub fn new(budget: u64, counters: Arc<FlowCounters>) -> Arc<Self> {
+        Arc::new(Self {
+            reorder: std::sync::Mutex::new(Reassembler::new(budget)),
+            ready: Notify::new(),
+            space: Notify::new(),
+            cancel: CancellationToken::new(),
+            counters,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Reassembler> {
+        // A poisoned lock means a panic elsewhere already failed this flow; the data is still
+        // consistent because Reassembler never panics mid-update.
+        self.reorder.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads chunks from one lane into the reorder buffer until the lane ends.
+    pub async fn read_lane(self: Arc<Self>, mut lane: RecvStream) -> Result<(), FlowError> {
+        loop {
+            let mut header = [0u8; ChunkHeader::LEN];
+            match read_exact_or_eof(&mut lane, &mut header).await? {
+                false => return Ok(()),
+                true => {}
+            }
+            let chunk = ChunkHeader::decode(header)?;
+            let mut data = BytesMut::zeroed(chunk.len as usize);
+            if !read_exact_or_eof(&mut lane, &mut data).await? {
+                return Err(FlowError::Truncated);
+            }
+            self.counters.wan_in.fetch_add((ChunkHeader::LEN + data.len()) as u64, Ordering::Relaxed);
+            let data = data.freeze();
+            loop {
+                let space = self.space.notified();
+                tokio::pin!(space);
+                space.as_mut().enable();
+                match self.lock().offer(chunk.offset, data.clone())? {
+                    Admission::Accepted => {
+                        self.ready.notify_one();
+                        break;
+                    }
+                    Admission::Full => {}
+                }
+                tokio::select! {
+                    _ = &mut space => {}
+                    _ = self.cancel.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+
+    fn set_end(&self, length: u64) -> Result<(), FlowError> {
+        self.lock().set_end(length)?;
+        self.ready.notify_one();
+        Ok(())
+    }
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean end of stream before the first byte.
+async fn read_exact_or_eof(stream: &mut RecvStream, buf: &mut [u8]) -> Result<bool, FlowError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match stream.read(&mut buf[filled..]).await? {
+            Some(n) => filled += n,
+            None if filled == 0 => return Ok(false),
+            None => return Err(FlowError::Truncated),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads one control message, `None` at a clean end of the control stream.
+pub async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, FlowError> {
+    let mut header = [0u8; MESSAGE_HEADER_LEN];
+    if !read_exact_or_eof(recv, &mut header).await? {
+        return Ok(None);
+    }
+    let (ty, len) = Message::decode_header(header)?;
+    let mut body = vec![0u8; len];
+    if !read_exact_or_eof(recv, &mut body).await? && len > 0 {
+        return Err(FlowError::Truncated);
+    }
+    Ok(Some(Message::decode_body(ty, &body)?))
+}
+
+/// Writes one control message.
+pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<(), FlowError> {
+    let mut buf = Vec::with_capacity(32);
+    msg.encode(&mut buf);
+    send.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Everything a running flow needs.
+pub struct FlowParts {
+    /// Identity of the flow on this connection.
+    pub key: FlowKey,
+    /// The QUIC connection to the peer gateway.
+    pub conn: quinn::Connection,
+    /// The control stream.
+    pub control_send: SendStream,
+    /// The control stream, receiving half.
+    pub control_recv: RecvStream,
+    /// The peer's direction, fed by lane readers.
+    pub inbound: Arc<Inbound>,
+    /// Lanes for our direction.
+    pub lanes: usize,
+    /// Counters, shared with `inbound`.
+    pub counters: Arc<FlowCounters>,
+}
+
+/// Runs a flow until both directions completed or it failed. On failure the local TCP
+/// connection is aborted (RST) and the peer is told with a Reset.
+///
+/// The ingress side calls this right after sending Open, so data starts flowing without waiting
+/// a round trip; the peer's Opened or Refused arrives on the control stream meanwhile.
+pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError> {
+    let FlowParts { key, conn, control_send, mut control_recv, inbound, lanes, counters } = parts;
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let control = Arc::new(Mutex::new(control_send));
+    let cancel = inbound.cancel.clone();
+
+    let result = {
+        let outbound = pump_out(&mut tcp_read, &conn, key, lanes, control.clone(), &counters, cancel.clone());
+        let inbound_pump = pump_in(&mut tcp_write, &inbound, control.clone());
+        let control_reader = async {
+            loop {
+                match read_message(&mut control_recv).await? {
+                    None => return Ok::<(), FlowError>(()),
+                    Some(Message::Opened) => {}
+                    Some(Message::Refused(reason)) => return Err(FlowError::Refused(reason)),
+                    Some(Message::Fin { length }) => inbound.set_end(length)?,
+                    Some(Message::Ack { delivered }) => counters.acked.store(delivered, Ordering::Relaxed),
+                    Some(Message::Reset(reason)) => return Err(FlowError::PeerReset(reason)),
+                    Some(other @ Message::Open { .. }) => return Err(FlowError::Unexpected(format!("{other:?}"))),
+                }
+            }
+        };
+        let work = async {
+            tokio::try_join!(outbound, inbound_pump)?;
+            // Both directions are done; close our control stream.
+            let _ = control.lock().await.finish();
+            Ok::<(), FlowError>(())
+        };
+        tokio::pin!(work);
+        tokio::pin!(control_reader);
+        let mut peer_closed = false;
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                r = &mut control_reader, if !peer_closed => match r {
+                    Ok(()) => peer_closed = true,
+                    Err(e) => break Err(e),
+                },
+                _ = cancel.cancelled() => break Err(FlowError::Cancelled),
+            }
+        };
+        if result.is_ok() && !peer_closed {
+            // Wait for the peer's end of the control stream (its last Ack), within reason.
+            let _ = tokio::time::timeout(LINGER, control_reader).await;
+        }
+        result
+    };
+    inbound.cancel.cancel();
+    if let Err(e) = &result {
+        // Linger 0 makes the close a reset, so the local peer sees the failure instead of a
+        // clean end of stream it could mistake for a complete transfer. With a zero timeout the
+        // close does not block. Reuniting first keeps the write half's drop from sending a FIN.
+        if let Ok(tcp) = tcp_read.reunite(tcp_write) {
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+        }
+        if !matches!(e, FlowError::PeerReset(_) | FlowError::Refused(_)) {
+            let mut send = control.lock().await;
+            let _ = write_message(&mut send, &Message::Reset(e.to_string())).await;
+            let _ = send.finish();
+        }
+    }
+    result
+}
+
+/// Local socket → lanes. Ends with a Fin carrying the exact length.
+async fn pump_out(
+    tcp: &mut OwnedReadHalf,
+    conn: &quinn::Connection,
+    key: FlowKey,
+    lanes: usize,
+    control: Arc<Mutex<SendStream>>,
+    counters: &Arc<FlowCounters>,
+    cancel: CancellationToken,
+) -> Result<(), FlowError> {
+    let (tx, rx) = mpsc::channel::<(u64, Bytes)>(lanes.max(2));
+    let rx = Arc::new(Mutex::new(rx));
+    let header = LaneHeader { sender_opened_flow: key.opened_locally, flow: key.id };
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..lanes {
+        writers.spawn(write_lane(conn.clone(), header, rx.clone(), counters.clone(), cancel.clone()));
+    }
+    let mut offset = 0u64;
+    let read_result = async {
+        loop {
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            let n = tcp.read_buf(&mut buf).await.map_err(FlowError::LocalRead)?;
+            if n == 0 {
+                return Ok::<(), FlowError>(());
+            }
+            counters.tcp_in.fetch_add(n as u64, Ordering::Relaxed);
+            if tx.send((offset, buf.freeze())).await.is_err() {
+                return Err(FlowError::Cancelled);
+            }
+            offset += n as u64;
+        }
+    }
+    .await;
+    drop(tx);
+    if let Err(e) = read_result {
+        // Abort any lane writer still waiting on QUIC.
+        cancel.cancel();
+        return Err(e);
+    }
+    while let Some(joined) = writers.join_next().await {
+        joined.map_err(|e| FlowError::Unexpected(format!("lane writer panicked: {e}")))??;
+    }
+    let mut send = control.lock().await;
+    write_message(&mut send, &Message::Fin { length: offset }).await?;
+    counters.wan_out.fetch_add(11, Ordering::Relaxed);
+    Ok(())
+}
+
+/// One lane writer: takes whichever chunk is next and writes it to its own stream, opened on
+/// first use so short flows open few streams.
+async fn write_lane(
+    conn: quinn::Connection,
+    header: LaneHeader,
+    chunks: Arc<Mutex<mpsc::Receiver<(u64, Bytes)>>>,
+    counters: Arc<FlowCounters>,
+    cancel: CancellationToken,
+) -> Result<(), FlowError> {
+    let mut stream: Option<SendStream> = None;
+    loop {
+        let next = tokio::select! {
+            next = async { chunks.lock().await.recv().await } => next,
+            _ = cancel.cancelled() => {
+                if let Some(mut s) = stream { let _ = s.reset(FLOW_ABORTED.into()); }
+                return Err(FlowError::Cancelled);
+            }
+        };
+        let Some((offset, data)) = next else { break };
+        let send = match &mut stream {
+            Some(s) => s,
+            None => {
+                let mut s = conn.open_uni().await?;
+                s.write_all(&header.encode()).await?;
+                counters.wan_out.fetch_add(LaneHeader::LEN as u64, Ordering::Relaxed);
+                stream.insert(s)
+            }
+        };
+        let chunk = ChunkHeader { offset, len: data.len() as u32 };
+        let len = data.len();
+        let mut bufs = [Bytes::copy_from_slice(&chunk.encode()), data];
+        let write = send.write_all_chunks(&mut bufs);
+        tokio::select! {
+            r = write => r?,
+            _ = cancel.cancelled() => {
+                let _ = send.reset(FLOW_ABORTED.into());
+                return Err(FlowError::Cancelled);
+            }
+        }
+        counters.wan_out.fetch_add((ChunkHeader::LEN + len) as u64, Ordering::Relaxed);
+    }
+    if let Some(mut s) = stream {
+        let _ = s.finish();
+    }
+    Ok(())
+}
+
+/// Reorder buffer → local socket; half-closes the socket after the announced length.
+async fn pump_in(
+    tcp: &mut OwnedWriteHalf,
+    inbound: &Arc<Inbound>,
+    control: Arc<Mutex<SendStream>>,
+) -> Result<(), FlowError> {
+    let mut since_ack = 0u64;
+    loop {
+        let ready = inbound.ready.notified();
+        tokio::pin!(ready);
+        ready.as_mut().enable();
+        let (data, complete, delivered) = {
+            let mut r = inbound.lock();
+            (r.take(), r.is_complete(), r.delivered())
+        };
+        if let Some(data) = data {
+            inbound.space.notify_waiters();
+            tcp.write_all(&data).await.map_err(FlowError::LocalWrite)?;
+            inbound.counters.tcp_out.fetch_add(data.len() as u64, Ordering::Relaxed);
+            since_ack += data.len() as u64;
+            if since_ack >= ACK_EVERY {
+                since_ack = 0;
+                write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
+            }
+            continue;
+        }
+        if complete {
+            tcp.shutdown().await.map_err(FlowError::LocalWrite)?;
+            write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
+            return Ok(());
+        }
+        tokio::select! {
+            _ = &mut ready => {}
+            _ = inbound.cancel.cancelled() => return Err(FlowError::Cancelled),
+        }
+    }
+}
+
+/// Flow summary for logs.
+pub fn log_summary(peer: &str, key: FlowKey, counters: &FlowCounters, started: Instant, result: &Result<(), FlowError>) {
+    let secs = started.elapsed().as_secs_f64();
+    let tcp_in = counters.tcp_in.load(Ordering::Relaxed);
+    let tcp_out = counters.tcp_out.load(Ordering::Relaxed);
+    let wan_out = counters.wan_out.load(Ordering::Relaxed);
+    let wan_in = counters.wan_in.load(Ordering::Relaxed);
+    match result {
+        Ok(()) => tracing::info!(
+            peer, flow = key.id, local = key.opened_locally, tcp_in, wan_out, tcp_out, wan_in,
+            duration_s = format_args!("{secs:.3}"),
+            rate_mbit = format_args!("{:.1}", (tcp_in.max(tcp_out) as f64 * 8.0 / 1e6) / secs.max(1e-9)),
+            "flow completed"
+        ),
+        Err(e) => tracing::warn!(
+            peer, flow = key.id, local = key.opened_locally, tcp_in, wan_out, tcp_out, wan_in,
+            duration_s = format_args!("{secs:.3}"), error = %e, "flow failed"
+        ),
+    }
+}

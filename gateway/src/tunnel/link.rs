@@ -1,0 +1,353 @@
+//! One live QUIC connection to a peer gateway: opening flows, accepting the peer's flows and
+//! lanes, and keeping per-connection ordering state.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{RecvStream, SendStream};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+
+use crate::tunnel::flow::{self, FlowCounters, FlowParts, Inbound};
+use crate::tunnel::protocol::{self, FlowKey, LaneHeader, Message, CONTROL_MAGIC};
+use crate::tunnel::{FlowError, TunnelShared};
+
+/// How long a flow waits for its predecessor in dial order before going ahead anyway.
+const ORDER_WAIT: Duration = Duration::from_secs(10);
+/// How long the egress gateway tries to connect to the target.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a lane that arrived before its flow's Open waits for it.
+const LANE_ORPHAN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Remembered ended flows (so late lanes are stopped at once); older entries are forgotten.
+const MAX_CLOSED_FLOWS: usize = 4096;
+
+/// The flows of one connection, by key, so lanes find their flow.
+#[derive(Default)]
+struct FlowRegistry {
+    slots: HashMap<FlowKey, Slot>,
+    closed_order: std::collections::VecDeque<FlowKey>,
+}
+
+enum Slot {
+    /// Lanes arrived before the flow registered.
+    Waiting(Vec<oneshot::Sender<Arc<Inbound>>>),
+    Open(Arc<Inbound>),
+    Closed,
+}
+
+/// Dial ordering per order key (see `Message::Open::order`).
+#[derive(Default)]
+struct DialOrder {
+    next: u64,
+    waiters: HashMap<u64, oneshot::Sender<()>>,
+}
+
+/// A connection to a peer gateway.
+pub struct PeerLink {
+    /// Peer site name (from its certificate).
+    pub site: String,
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    /// Whether this gateway dialed the connection.
+    pub dialed: bool,
+    next_flow: AtomicU64,
+    order_seq: Mutex<HashMap<u32, u64>>,
+    dial_order: Mutex<HashMap<u32, DialOrder>>,
+    registry: Mutex<FlowRegistry>,
+    shared: Arc<TunnelShared>,
+}
+
+impl PeerLink {
+    pub(crate) fn new(site: String, conn: quinn::Connection, dialed: bool, shared: Arc<TunnelShared>) -> Arc<Self> {
+        Arc::new(Self {
+            site,
+            conn,
+            dialed,
+            next_flow: AtomicU64::new(0),
+            order_seq: Mutex::new(HashMap::new()),
+            dial_order: Mutex::new(HashMap::new()),
+            registry: Mutex::new(FlowRegistry::default()),
+            shared,
+        })
+    }
+
+    /// Whether the connection is still usable.
+    pub fn is_alive(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
+    /// Reserves the next flow number and dial position for `order`; call in accept order.
+    pub(crate) fn reserve_flow(&self, order: u32) -> (u64, u64) {
+        let flow = self.next_flow.fetch_add(1, Ordering::Relaxed);
+        let mut seqs = lock(&self.order_seq);
+        let seq = seqs.entry(order).or_insert(0);
+        let mine = *seq;
+        *seq += 1;
+        (flow, mine)
+    }
+
+    /// Carries an accepted local TCP connection to the peer, which dials `connect`.
+    pub(crate) async fn carry(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        flow: u64,
+        order: u32,
+        seq: u64,
+        connect: SocketAddr,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        let started = Instant::now();
+        let key = FlowKey { opened_locally: true, id: flow };
+        let counters = Arc::new(FlowCounters::default());
+        let inbound = Inbound::new(self.shared.sizing.reorder_budget, counters.clone());
+        self.register(key, inbound.clone());
+        let result = async {
+            let (mut send, recv) = self.conn.open_bi().await?;
+            let mut hello = protocol::control_preamble().to_vec();
+            Message::Open { flow, order, seq, connect }.encode(&mut hello);
+            send.write_all(&hello).await?;
+            counters.wan_out.fetch_add(hello.len() as u64, Ordering::Relaxed);
+            let _ = tcp.set_nodelay(true);
+            let parts = FlowParts {
+                key,
+                conn: self.conn.clone(),
+                control_send: send,
+                control_recv: recv,
+                inbound: inbound.clone(),
+                lanes: self.shared.sizing.lanes,
+                counters: counters.clone(),
+            };
+            flow::run_flow(parts, tcp).await
+        }
+        .await;
+        inbound.cancel.cancel();
+        self.close(key);
+        self.shared.record_flow(&result);
+        flow::log_summary(&self.site, key, &counters, started, &result);
+    }
+
+    /// Serves the peer's flows and lanes until the connection closes.
+    pub(crate) async fn serve(self: Arc<Self>) {
+        let flows = {
+            let link = self.clone();
+            async move {
+                loop {
+                    let (send, recv) = match link.conn.accept_bi().await {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                    tokio::spawn(link.clone().accept_flow(send, recv));
+                }
+            }
+        };
+        let lanes = {
+            let link = self.clone();
+            async move {
+                loop {
+                    let recv = match link.conn.accept_uni().await {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                    tokio::spawn(link.clone().accept_lane(recv));
+                }
+            }
+        };
+        tokio::join!(flows, lanes);
+        let reason = self.conn.close_reason().map(|r| r.to_string()).unwrap_or_default();
+        tracing::info!(peer = %self.site, %reason, "tunnel connection closed");
+        // Fail every flow still on this connection.
+        let slots = std::mem::take(&mut lock(&self.registry).slots);
+        for slot in slots.into_values() {
+            if let Slot::Open(inbound) = slot {
+                inbound.cancel.cancel();
+            }
+        }
+    }
+
+    async fn accept_flow(self: Arc<Self>, mut send: SendStream, mut recv: RecvStream) {
+        let started = Instant::now();
+        let open = async {
+            let mut preamble = [0u8; 5];
+            recv.read_exact(&mut preamble).await.map_err(|_| FlowError::Truncated)?;
+            protocol::check_preamble(preamble, CONTROL_MAGIC)?;
+            match flow::read_message(&mut recv).await? {
+                Some(Message::Open { flow, order, seq, connect }) => Ok((flow, order, seq, connect)),
+                other => Err(FlowError::Unexpected(format!("expected Open, got {other:?}"))),
+            }
+        }
+        .await;
+        let (flow, order, seq, connect) = match open {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(peer = %self.site, error = %e, "bad flow open from peer");
+                let _ = send.reset(flow::FLOW_ABORTED.into());
+                return;
+            }
+        };
+        let key = FlowKey { opened_locally: false, id: flow };
+        let counters = Arc::new(FlowCounters::default());
+        let inbound = Inbound::new(self.shared.sizing.reorder_budget, counters.clone());
+        // Register before dialing so the ingress's early data buffers (within the budget).
+        self.register(key, inbound.clone());
+
+        let permit = self.shared.connections.clone().try_acquire_owned();
+        self.wait_turn(order, seq).await;
+        let dialed = match permit {
+            Err(_) => Err(format!("too many forwarded connections (limits.max_connections = {})", self.shared.max_connections)),
+            Ok(permit) => match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(connect)).await {
+                Ok(Ok(tcp)) => Ok((tcp, permit)),
+                Ok(Err(e)) => Err(format!("cannot connect to {connect}: {e}")),
+                Err(_) => Err(format!("cannot connect to {connect}: timed out after {DIAL_TIMEOUT:?}")),
+            },
+        };
+        self.turn_done(order, seq);
+        let result = match dialed {
+            Err(reason) => {
+                tracing::warn!(peer = %self.site, flow, %connect, %reason, "refusing flow");
+                let _ = flow::write_message(&mut send, &Message::Refused(reason.clone())).await;
+                let _ = send.finish();
+                Err(FlowError::Refused(reason))
+            }
+            Ok((tcp, _permit)) => {
+                let _ = tcp.set_nodelay(true);
+                match flow::write_message(&mut send, &Message::Opened).await {
+                    Err(e) => Err(e),
+                    Ok(()) => {
+                        let parts = FlowParts {
+                            key,
+                            conn: self.conn.clone(),
+                            control_send: send,
+                            control_recv: recv,
+                            inbound: inbound.clone(),
+                            lanes: self.shared.sizing.lanes,
+                            counters: counters.clone(),
+                        };
+                        tracing::debug!(peer = %self.site, flow, %connect, "flow connected");
+                        flow::run_flow(parts, tcp).await
+                    }
+                }
+            }
+        };
+        inbound.cancel.cancel();
+        self.close(key);
+        self.shared.record_flow(&result);
+        flow::log_summary(&self.site, key, &counters, started, &result);
+    }
+
+    async fn accept_lane(self: Arc<Self>, mut recv: RecvStream) {
+        let mut header = [0u8; LaneHeader::LEN];
+        let key = match recv.read_exact(&mut header).await {
+            Ok(()) => match LaneHeader::decode(header) {
+                Ok(h) => h.flow_key_at_receiver(),
+                Err(e) => {
+                    tracing::warn!(peer = %self.site, error = %e, "bad lane from peer");
+                    let _ = recv.stop(flow::FLOW_ABORTED.into());
+                    return;
+                }
+            },
+            Err(_) => return,
+        };
+        let Some(inbound) = self.lane_target(key).await else {
+            let _ = recv.stop(flow::FLOW_ABORTED.into());
+            return;
+        };
+        let cancel = inbound.cancel.clone();
+        if let Err(e) = inbound.read_lane(recv).await {
+            if !cancel.is_cancelled() {
+                tracing::warn!(peer = %self.site, flow = key.id, error = %e, "lane failed; aborting flow");
+                cancel.cancel();
+            }
+        }
+    }
+
+    fn register(&self, key: FlowKey, inbound: Arc<Inbound>) {
+        let mut reg = lock(&self.registry);
+        if let Some(Slot::Waiting(waiters)) = reg.slots.insert(key, Slot::Open(inbound.clone())) {
+            for w in waiters {
+                let _ = w.send(inbound.clone());
+            }
+        }
+    }
+
+    fn close(&self, key: FlowKey) {
+        let mut reg = lock(&self.registry);
+        reg.slots.insert(key, Slot::Closed);
+        reg.closed_order.push_back(key);
+        while reg.closed_order.len() > MAX_CLOSED_FLOWS {
+            if let Some(old) = reg.closed_order.pop_front() {
+                if matches!(reg.slots.get(&old), Some(Slot::Closed)) {
+                    reg.slots.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// The flow a lane belongs to, waiting briefly if its Open has not been read yet.
+    async fn lane_target(&self, key: FlowKey) -> Option<Arc<Inbound>> {
+        let rx = {
+            let mut reg = lock(&self.registry);
+            match reg.slots.get_mut(&key) {
+                Some(Slot::Open(inbound)) => return Some(inbound.clone()),
+                Some(Slot::Closed) => return None,
+                Some(Slot::Waiting(waiters)) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.push(tx);
+                    rx
+                }
+                None => {
+                    // Only the peer opens flows we have not seen; our own flows register
+                    // before any lane of theirs can exist.
+                    if key.opened_locally {
+                        return None;
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    reg.slots.insert(key, Slot::Waiting(vec![tx]));
+                    rx
+                }
+            }
+        };
+        match tokio::time::timeout(LANE_ORPHAN_TIMEOUT, rx).await {
+            Ok(Ok(inbound)) => Some(inbound),
+            _ => {
+                let mut reg = lock(&self.registry);
+                if matches!(reg.slots.get(&key), Some(Slot::Waiting(_))) {
+                    reg.slots.remove(&key);
+                }
+                None
+            }
+        }
+    }
+
+    /// Waits until the flows before `seq` in `order` have been dialed (or the wait timed out).
+    async fn wait_turn(&self, order: u32, seq: u64) {
+        let rx = {
+            let mut orders = lock(&self.dial_order);
+            let state = orders.entry(order).or_default();
+            if state.next >= seq {
+                return;
+            }
+            let (tx, rx) = oneshot::channel();
+            state.waiters.insert(seq, tx);
+            rx
+        };
+        if tokio::time::timeout(ORDER_WAIT, rx).await.is_err() {
+            tracing::warn!(peer = %self.site, order, seq, "earlier connection never arrived; dialing out of order");
+        }
+    }
+
+    fn turn_done(&self, order: u32, seq: u64) {
+        let mut orders = lock(&self.dial_order);
+        let state = orders.entry(order).or_default();
+        state.next = state.next.max(seq + 1);
+        if let Some(next) = state.waiters.remove(&state.next) {
+            let _ = next.send(());
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,123 @@
+//! The inter-site tunnel: one mutually authenticated QUIC connection per peer site, carrying
+//! forwarded TCP connections as flows.
+//!
+//! - [`protocol`]: the wire format (sans-IO).
+//! - [`reorder`]: reassembly of a flow direction striped over lanes (sans-IO).
+//! - [`transport`]: QUIC and socket sizing from the `[link]` description.
+//! - `peers`: which connection serves which peer; dialing, accepting, tie-breaking, reconnecting.
+//! - `link`: one connection: opening and accepting flows and lanes.
+//! - `flow`: pumping one flow's bytes both ways.
+
+pub mod flow;
+mod link;
+mod peers;
+pub mod protocol;
+pub mod reorder;
+pub mod transport;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
+pub use link::PeerLink;
+pub use peers::{PeerTable, Tunnel};
+use transport::LinkSizing;
+
+/// Why a flow ended without completing.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    /// The tunnel connection failed.
+    #[error("tunnel connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing to a QUIC stream failed.
+    #[error("tunnel stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// Reading from a QUIC stream failed.
+    #[error("tunnel stream read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// The peer violated the protocol.
+    #[error("protocol error from peer: {0}")]
+    Protocol(#[from] protocol::ProtocolError),
+    /// The peer sent data contradicting earlier data.
+    #[error("inconsistent data from peer: {0}")]
+    Reorder(#[from] reorder::ReorderError),
+    /// A stream ended in the middle of a record.
+    #[error("tunnel stream ended mid-record")]
+    Truncated,
+    /// Reading the local TCP socket failed.
+    #[error("local connection read failed: {0}")]
+    LocalRead(std::io::Error),
+    /// Writing the local TCP socket failed.
+    #[error("local connection write failed: {0}")]
+    LocalWrite(std::io::Error),
+    /// The peer gateway refused the flow.
+    #[error("peer refused the connection: {0}")]
+    Refused(String),
+    /// The peer gateway aborted the flow.
+    #[error("peer aborted the connection: {0}")]
+    PeerReset(String),
+    /// An out-of-place message.
+    #[error("unexpected message: {0}")]
+    Unexpected(String),
+    /// The flow was cancelled (its other half failed, or the tunnel went down).
+    #[error("flow cancelled")]
+    Cancelled,
+}
+
+/// Gateway-wide counters, readable while the gateway runs.
+#[derive(Debug, Default)]
+pub struct TunnelStats {
+    /// Flows that completed in both directions.
+    pub flows_completed: AtomicU64,
+    /// Flows that failed or were refused.
+    pub flows_failed: AtomicU64,
+    /// Incoming connections refused (bad certificate, unknown site, handshake failure).
+    pub peers_refused: AtomicU64,
+    /// Tunnel connections established (dialed or accepted, before tie-breaking).
+    pub connections_established: AtomicU64,
+}
+
+/// A snapshot of [`TunnelStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// See [`TunnelStats::flows_completed`].
+    pub flows_completed: u64,
+    /// See [`TunnelStats::flows_failed`].
+    pub flows_failed: u64,
+    /// See [`TunnelStats::peers_refused`].
+    pub peers_refused: u64,
+    /// See [`TunnelStats::connections_established`].
+    pub connections_established: u64,
+}
+
+impl TunnelStats {
+    /// Reads all counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            flows_completed: self.flows_completed.load(Ordering::Relaxed),
+            flows_failed: self.flows_failed.load(Ordering::Relaxed),
+            peers_refused: self.peers_refused.load(Ordering::Relaxed),
+            connections_established: self.connections_established.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// State shared by every connection of a gateway.
+pub struct TunnelShared {
+    /// Sizes derived from the link.
+    pub sizing: LinkSizing,
+    /// Permits for concurrently forwarded connections (both directions of forwarding).
+    pub connections: Arc<Semaphore>,
+    /// The configured bound behind `connections`.
+    pub max_connections: usize,
+    /// Counters.
+    pub stats: TunnelStats,
+}
+
+impl TunnelShared {
+    fn record_flow(&self, result: &Result<(), FlowError>) {
+        let counter = if result.is_ok() { &self.stats.flows_completed } else { &self.stats.flows_failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,94 @@
+//! The `ferry-gateway` binary: start-up errors are clear and name the key.
+
+use std::process::Command;
+
+fn gateway() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry-gateway"))
+}
+
+fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("gw.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const GOOD: &str = r#"
+site = "site-a"
+listen = "127.0.0.1:0"
+[tls]
+ca = "ca.pem"
+cert = "site-a.pem"
+key = "site-a.key"
+[link]
+bandwidth = "1gbit"
+rtt = "150ms"
+[[peer]]
+site = "site-b"
+addr = "127.0.0.1:9"
+[[forward]]
+listen = "127.0.0.1:0"
+peer = "site-b"
+connect = "127.0.0.1:9"
+"#;
+
+fn run_with(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let status = gateway()
+        .args(["certs", "--out"])
+        .arg(dir.path())
+        .args(["--site", "site-a", "--site", "site-b"])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let path = write_config(dir.path(), text);
+    let mut child = gateway().arg("run").arg("--config").arg(&path).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // A valid config keeps running; an invalid one exits at once.
+    for _ in 0..30 {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            return (status.success(), err);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    (true, String::from("still running"))
+}
+
+#[test]
+fn valid_config_starts() {
+    let (ok, out) = run_with(GOOD);
+    assert!(ok && out == "still running", "{out}");
+}
+
+#[test]
+fn typo_in_a_key_is_named() {
+    let (ok, err) = run_with(&GOOD.replace("bandwidth", "bandwidht"));
+    assert!(!ok);
+    assert!(err.contains("bandwidht"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_values_and_references_are_named() {
+    for (text, key) in [
+        (GOOD.replace("\"150ms\"", "\"150\""), "rtt"),
+        (GOOD.replace("peer = \"site-b\"", "peer = \"site-x\""), "forward[0].peer"),
+        (GOOD.replace("site-a.key", "missing.key"), "tls.key"),
+        (GOOD.replace("listen = \"127.0.0.1:0\"\n[tls]", "listen = \"localhost\"\n[tls]"), "listen"),
+    ] {
+        let (ok, err) = run_with(&text);
+        assert!(!ok, "{key}: should fail");
+        assert!(err.contains(key), "{key}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn certs_refuses_bad_site_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway().args(["certs", "--out"]).arg(dir.path()).args(["--site", "Bad_Name"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid site name"));
+}
