@@ -4,10 +4,12 @@
 //! - [`protocol`]: the wire format (sans-IO).
 //! - [`reorder`]: reassembly of a flow direction striped over lanes (sans-IO).
 //! - [`transport`]: QUIC and socket sizing from the `[link]` description.
+//! - [`congestion`]: the loss-tolerant, queue-aware congestion controller.
 //! - `peers`: which connection serves which peer; dialing, accepting, tie-breaking, reconnecting.
 //! - `link`: one connection: opening and accepting flows and lanes.
 //! - `flow`: pumping one flow's bytes both ways.
 
+pub mod congestion;
 pub mod flow;
 mod link;
 mod peers;

@@ -12,6 +12,7 @@ use quinn::{TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::LinkConfig;
+use crate::tunnel::congestion::RateModelConfig;
 use crate::tunnel::protocol::MAX_CHUNK;
 
 /// Receive window of one lane (QUIC stream). quinn-proto 0.11.17+ closes a connection when one
@@ -64,6 +65,7 @@ impl LinkSizing {
             .max_concurrent_uni_streams(VarInt::from_u32(8192))
             .max_concurrent_bidi_streams(VarInt::from_u32(2048))
             .initial_rtt(link.rtt)
+            .congestion_controller_factory(Arc::new(RateModelConfig { max_rate: link.bandwidth.bytes_per_second() }))
             .keep_alive_interval(Some(KEEP_ALIVE))
             .max_idle_timeout(Some(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).unwrap_or(VarInt::from_u32(20_000).into())));
         Arc::new(t)
