@@ -1,0 +1,218 @@
+//! Destination page store: content-addressed 4 KiB pages, bounded, shared by every migration
+//! through a gateway.
+//!
+//! [`PageStore`] is the consumer-side trait the decoder uses; [`PageCache`] is the in-memory
+//! backend (CLOCK eviction, capacity in bytes). Pages are [`Bytes`] handles, so a decoder that keeps
+//! a page in its session window shares the allocation with the cache, and eviction from the cache
+//! never invalidates a page a running session still relies on.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+use crate::codec::digest_set::{Advertisement, DigestSet};
+use crate::codec::{PageDigest, PAGE_SIZE};
+
+/// A content-addressed page store (destination side).
+pub trait PageStore: Send + Sync {
+    /// The page with this digest, if held.
+    fn get(&self, digest: &PageDigest) -> Option<Bytes>;
+    /// Stores a page. `digest` must be the blake3 of `page` (callers compute it themselves).
+    /// A store may decline (full, or write failure); that is never an error for the caller.
+    fn insert(&self, digest: PageDigest, page: Bytes);
+    /// Whether the page is held.
+    fn contains(&self, digest: &PageDigest) -> bool;
+}
+
+/// Counters of a [`PageCache`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageCacheStats {
+    /// Pages held.
+    pub pages: u64,
+    /// Capacity in pages.
+    pub capacity_pages: u64,
+    /// Successful look-ups.
+    pub hits: u64,
+    /// Failed look-ups.
+    pub misses: u64,
+    /// New pages stored.
+    pub inserts: u64,
+    /// Pages evicted.
+    pub evictions: u64,
+}
+
+struct Entry {
+    page: Bytes,
+    referenced: bool,
+}
+
+struct Inner {
+    map: HashMap<PageDigest, Entry>,
+    /// CLOCK hand order: digests in insertion order; the front is the hand.
+    ring: VecDeque<PageDigest>,
+}
+
+/// In-memory, bounded page cache with CLOCK (second chance) eviction.
+pub struct PageCache {
+    inner: Mutex<Inner>,
+    capacity_pages: usize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    inserts: AtomicU64,
+    evictions: AtomicU64,
+}
+
+impl std::fmt::Debug for PageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageCache").field("stats", &self.stats()).finish()
+    }
+}
+
+impl PageCache {
+    /// A cache holding up to `capacity_bytes` of page data (rounded down to whole pages).
+    pub fn new(capacity_bytes: usize) -> Self {
+        let capacity_pages = capacity_bytes / PAGE_SIZE;
+        Self {
+            inner: Mutex::new(Inner { map: HashMap::new(), ring: VecDeque::new() }),
+            capacity_pages,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            inserts: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the map inconsistent in a way that matters
+        // for a cache (worst case a stale ring entry), so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> PageCacheStats {
+        let pages = self.lock().map.len() as u64;
+        PageCacheStats {
+            pages,
+            capacity_pages: self.capacity_pages as u64,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            inserts: self.inserts.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Every digest held (exact set).
+    pub fn digests(&self) -> DigestSet {
+        DigestSet::from_digests(self.lock().map.keys())
+    }
+
+    /// The advertisement a destination sends at session start: up to `max_entries` digest prefixes
+    /// (most recently inserted first, as those are the likeliest to survive) and the session window
+    /// this destination accepts. See [`Advertisement`].
+    pub fn advertise(&self, max_entries: usize, session_window_pages: u64) -> Advertisement {
+        let inner = self.lock();
+        let digests = DigestSet::from_digests(inner.ring.iter().rev().take(max_entries));
+        Advertisement { session_window_pages, digests }
+    }
+}
+
+impl PageStore for PageCache {
+    fn get(&self, digest: &PageDigest) -> Option<Bytes> {
+        let mut inner = self.lock();
+        match inner.map.get_mut(digest) {
+            Some(e) => {
+                e.referenced = true;
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(e.page.clone())
+            }
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn insert(&self, digest: PageDigest, page: Bytes) {
+        if self.capacity_pages == 0 || page.len() != PAGE_SIZE {
+            return;
+        }
+        let mut inner = self.lock();
+        if let Some(e) = inner.map.get_mut(&digest) {
+            e.referenced = true;
+            return;
+        }
+        // CLOCK: give referenced pages a second chance. Bounded: each entry is passed at most
+        // once with its bit set, so this loop runs at most 2 × len times.
+        while inner.map.len() >= self.capacity_pages {
+            let Some(victim) = inner.ring.pop_front() else { break };
+            let second_chance = match inner.map.get_mut(&victim) {
+                Some(e) if e.referenced => {
+                    e.referenced = false;
+                    true
+                }
+                Some(_) => false,
+                None => continue,
+            };
+            if second_chance {
+                inner.ring.push_back(victim);
+            } else {
+                inner.map.remove(&victim);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        inner.map.insert(digest, Entry { page, referenced: false });
+        inner.ring.push_back(digest);
+        self.inserts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn contains(&self, digest: &PageDigest) -> bool {
+        self.lock().map.contains_key(digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(i: u32) -> (PageDigest, Bytes) {
+        let mut p = vec![0u8; PAGE_SIZE];
+        p[..4].copy_from_slice(&i.to_le_bytes());
+        (PageDigest::of(&p), Bytes::from(p))
+    }
+
+    #[test]
+    fn bounded_with_clock_eviction() {
+        let c = PageCache::new(4 * PAGE_SIZE);
+        for i in 0..4 {
+            let (d, p) = page(i);
+            c.insert(d, p);
+        }
+        // Touch page 0: it gets a second chance.
+        assert!(c.get(&page(0).0).is_some());
+        let (d4, p4) = page(4);
+        c.insert(d4, p4);
+        let s = c.stats();
+        assert_eq!(s.pages, 4);
+        assert_eq!(s.evictions, 1);
+        assert!(c.contains(&page(0).0));
+        assert!(!c.contains(&page(1).0));
+        assert!(c.contains(&d4));
+        assert_eq!(c.get(&page(1).0), None);
+        assert_eq!(c.stats().misses, 1);
+    }
+
+    #[test]
+    fn advertisement_lists_held_pages() {
+        let c = PageCache::new(16 * PAGE_SIZE);
+        for i in 0..10 {
+            let (d, p) = page(i);
+            c.insert(d, p);
+        }
+        let ad = c.advertise(5, 1000);
+        assert_eq!(ad.digests.len(), 5);
+        assert!(ad.digests.contains_prefix(&page(9).0.prefix()));
+        assert!(!ad.digests.contains_prefix(&page(0).0.prefix()));
+    }
+}

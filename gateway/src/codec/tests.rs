@@ -1,0 +1,860 @@
+//! Codec round-trip, split-point, cache-advertisement, corruption and fuzz tests on synthetic QEMU
+//! streams built from the grammar in `/work/shared/docs/qemu-migration-stream.md`.
+
+use std::sync::Arc;
+
+use super::frame::{put_varint, T_BATCH_ZSTD};
+use super::*;
+
+/// xorshift64*: deterministic, dependency-free test randomness.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// Page contents used by the builders.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Content {
+    Zero,
+    /// One of a small set of repeated pages.
+    Dup(u8),
+    /// Fresh random bytes.
+    Random,
+    /// Compressible text-like page, unique.
+    Text,
+}
+
+pub(crate) fn page(rng: &mut Rng, c: Content) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE_SIZE];
+    match c {
+        Content::Zero => {}
+        Content::Dup(i) => {
+            for (j, b) in p.iter_mut().enumerate() {
+                *b = (j as u8).wrapping_mul(i | 1).wrapping_add(i);
+            }
+        }
+        Content::Random => rng.fill(&mut p),
+        Content::Text => {
+            let words: [&[u8]; 6] = [b"migration ", b"page ", b"ferry ", b"qemu ", b"0x1f ", b"\n"];
+            let mut pos = 0;
+            while pos < PAGE_SIZE {
+                let w = words[rng.below(words.len())];
+                let n = w.len().min(PAGE_SIZE - pos);
+                p[pos..pos + n].copy_from_slice(&w[..n]);
+                pos += n;
+            }
+        }
+    }
+    p
+}
+
+const RAM_SID: u32 = 2;
+
+/// Builds a QEMU 7.2-style precopy main-channel stream.
+pub(crate) struct MainStream {
+    pub(crate) bytes: Vec<u8>,
+    last_block: Option<String>,
+    /// Offset of the QEMU_VM_EOF byte, once written.
+    pub(crate) eof_at: Option<usize>,
+}
+
+impl MainStream {
+    pub(crate) fn new(capabilities: &[&str]) -> Self {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"QEVM");
+        b.extend_from_slice(&3u32.to_be_bytes());
+        b.push(0x07);
+        let name = b"pc-q35-7.2";
+        b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        b.extend_from_slice(name);
+        if !capabilities.is_empty() {
+            let sub = b"configuration/capabilities";
+            b.push(0x05);
+            b.push(sub.len() as u8);
+            b.extend_from_slice(sub);
+            b.extend_from_slice(&1u32.to_be_bytes());
+            b.extend_from_slice(&(capabilities.len() as u32).to_be_bytes());
+            for c in capabilities {
+                b.push(c.len() as u8);
+                b.extend_from_slice(c.as_bytes());
+            }
+        }
+        let mut s = Self { bytes: b, last_block: None, eof_at: None };
+        s.command(1, &[]); // OPEN_RETURN_PATH
+        s.command(2, &1u32.to_be_bytes()); // PING 1
+        s
+    }
+
+    pub(crate) fn command(&mut self, cmd: u16, payload: &[u8]) {
+        self.bytes.push(0x08);
+        self.bytes.extend_from_slice(&cmd.to_be_bytes());
+        self.bytes.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        self.bytes.extend_from_slice(payload);
+    }
+
+    fn section_full_header(&mut self, t: u8, sid: u32, idstr: &str, version: u32) {
+        self.bytes.push(t);
+        self.bytes.extend_from_slice(&sid.to_be_bytes());
+        self.bytes.push(idstr.len() as u8);
+        self.bytes.extend_from_slice(idstr.as_bytes());
+        self.bytes.extend_from_slice(&0u32.to_be_bytes());
+        self.bytes.extend_from_slice(&version.to_be_bytes());
+    }
+
+    fn footer(&mut self, sid: u32) {
+        self.bytes.push(0x7e);
+        self.bytes.extend_from_slice(&sid.to_be_bytes());
+    }
+
+    /// START ram with the MEM_SIZE block list, then EOS + footer.
+    pub(crate) fn ram_start(&mut self, blocks: &[(&str, u64)], ignore_shared: bool) {
+        self.section_full_header(0x01, RAM_SID, "ram", 4);
+        let total: u64 = blocks.iter().map(|b| b.1).sum();
+        self.bytes.extend_from_slice(&(total | 0x04).to_be_bytes());
+        for (name, len) in blocks {
+            self.bytes.push(name.len() as u8);
+            self.bytes.extend_from_slice(name.as_bytes());
+            self.bytes.extend_from_slice(&len.to_be_bytes());
+            if ignore_shared {
+                self.bytes.extend_from_slice(&0x1000_0000u64.to_be_bytes());
+            }
+        }
+        self.eos();
+    }
+
+    pub(crate) fn part(&mut self) {
+        self.bytes.push(0x02);
+        self.bytes.extend_from_slice(&RAM_SID.to_be_bytes());
+    }
+
+    pub(crate) fn end(&mut self) {
+        self.bytes.push(0x03);
+        self.bytes.extend_from_slice(&RAM_SID.to_be_bytes());
+    }
+
+    pub(crate) fn eos(&mut self) {
+        self.bytes.extend_from_slice(&0x10u64.to_be_bytes());
+        self.footer(RAM_SID);
+    }
+
+    fn record_header(&mut self, block: &str, offset: u64, flag: u64) {
+        let cont = self.last_block.as_deref() == Some(block);
+        let v = offset | flag | if cont { 0x20 } else { 0 };
+        self.bytes.extend_from_slice(&v.to_be_bytes());
+        if !cont {
+            self.bytes.push(block.len() as u8);
+            self.bytes.extend_from_slice(block.as_bytes());
+            self.last_block = Some(block.to_string());
+        }
+    }
+
+    pub(crate) fn page(&mut self, block: &str, offset: u64, data: &[u8]) {
+        self.record_header(block, offset, 0x08);
+        self.bytes.extend_from_slice(data);
+    }
+
+    pub(crate) fn zero(&mut self, block: &str, offset: u64) {
+        self.record_header(block, offset, 0x02);
+        self.bytes.push(0);
+    }
+
+    pub(crate) fn multifd_flush(&mut self) {
+        self.bytes.extend_from_slice(&0x200u64.to_be_bytes());
+    }
+
+    /// Device state tail, EOF and VMDESCRIPTION.
+    pub(crate) fn finish(&mut self, rng: &mut Rng) {
+        // Device state deliberately contains bytes that look like section types and footers.
+        for (i, name) in ["timer", "cpu_common", "apic"].iter().enumerate() {
+            self.section_full_header(0x04, 10 + i as u32, name, 1);
+            let mut body = vec![0u8; 200 + rng.below(3000)];
+            rng.fill(&mut body);
+            body[0] = 0x7e;
+            body[5] = 0x00;
+            self.bytes.extend_from_slice(&body);
+            self.footer(10 + i as u32);
+        }
+        self.eof_at = Some(self.bytes.len());
+        self.bytes.push(0x00);
+        let json = br#"{"page_size": 4096, "devices": [{"name": "timer"}]}"#;
+        self.bytes.push(0x06);
+        self.bytes.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        self.bytes.extend_from_slice(json);
+    }
+}
+
+/// A main-channel stream with every record kind: several blocks, zero, duplicate, random and
+/// text pages, CONTINUE and block switches, MULTIFD_FLUSH, device sections, EOF + VMDESCRIPTION.
+pub(crate) fn sample_main_stream(seed: u64, pages: usize) -> MainStream {
+    let mut rng = Rng::new(seed);
+    let mut s = MainStream::new(&[]);
+    s.ram_start(&[("pc.ram", 64 << 20), ("pc.bios", 256 << 10), ("/rom@etc/acpi/tables", 128 << 10)], false);
+    let mut off = 0u64;
+    for round in 0..3 {
+        s.part();
+        for i in 0..pages / 3 {
+            let block = if i % 17 == 5 { "pc.bios" } else { "pc.ram" };
+            let c = match rng.below(10) {
+                0..=2 => Content::Zero,
+                3..=5 => Content::Dup(rng.below(8) as u8),
+                6..=7 => Content::Random,
+                _ => Content::Text,
+            };
+            if i % 5 == 0 {
+                s.zero(block, off);
+            } else {
+                let p = page(&mut rng, c);
+                s.page(block, off, &p);
+            }
+            off = (off + PAGE_SIZE as u64) % (64 << 20);
+        }
+        if round == 1 {
+            s.multifd_flush();
+        }
+        s.eos();
+    }
+    s.end();
+    let p = page(&mut rng, Content::Random);
+    s.page("pc.ram", 0, &p);
+    s.eos();
+    s.finish(&mut rng);
+    s
+}
+
+/// Builds a multifd channel: init packet, then packets of raw pages (7.2 layout), with a
+/// SYNC packet carrying a stale `next_packet_size` and no payload.
+pub(crate) fn sample_multifd_stream(seed: u64, packets: usize, contents: &[Content]) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let mut b = Vec::new();
+    b.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+    b.extend_from_slice(&1u32.to_be_bytes());
+    b.extend_from_slice(&[0xab; 16]);
+    b.push(1);
+    b.extend_from_slice(&[0; 39]);
+    for n in 0..packets {
+        let normal = if n % 4 == 3 { 0 } else { 1 + rng.below(128) as u32 };
+        let flags: u32 = if n % 4 == 3 { 1 } else { 0 };
+        let mut h = vec![0u8; 1344];
+        h[0..4].copy_from_slice(&0x1122_3344u32.to_be_bytes());
+        h[4..8].copy_from_slice(&1u32.to_be_bytes());
+        h[8..12].copy_from_slice(&flags.to_be_bytes());
+        h[12..16].copy_from_slice(&128u32.to_be_bytes());
+        h[16..20].copy_from_slice(&normal.to_be_bytes());
+        let next = if normal == 0 { 25854 } else { normal * 4096 };
+        h[20..24].copy_from_slice(&next.to_be_bytes());
+        h[24..32].copy_from_slice(&(n as u64 * 2).to_be_bytes());
+        h[64..70].copy_from_slice(b"pc.ram");
+        for i in 0..normal as usize {
+            h[320 + 8 * i..328 + 8 * i].copy_from_slice(&((n * 128 + i) as u64 * 4096).to_be_bytes());
+        }
+        b.extend_from_slice(&h);
+        for _ in 0..normal {
+            let c = contents[rng.below(contents.len())];
+            b.extend_from_slice(&page(&mut rng, c));
+        }
+    }
+    b
+}
+
+pub(crate) fn encode_with(input: &[u8], cfg: EncoderConfig, index: Arc<dyn DestinationIndex>, splits: &mut dyn FnMut(usize) -> usize) -> (Vec<u8>, CodecStats) {
+    let mut enc = Encoder::new(cfg, index);
+    let mut wire = Vec::new();
+    let mut pos = 0;
+    while pos < input.len() {
+        let n = splits(input.len() - pos).clamp(1, input.len() - pos);
+        enc.push(&input[pos..pos + n], &mut wire);
+        pos += n;
+    }
+    enc.finish(&mut wire);
+    (wire, enc.stats())
+}
+
+pub(crate) fn decode_with(wire: &[u8], cache: Arc<dyn PageStore>, splits: &mut dyn FnMut(usize) -> usize) -> Result<Vec<u8>, (DecodeError, Vec<u8>)> {
+    let mut dec = Decoder::new(cache);
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < wire.len() {
+        let n = splits(wire.len() - pos).clamp(1, wire.len() - pos);
+        if let Err(e) = dec.push(&wire[pos..pos + n], &mut out) {
+            return Err((e, out));
+        }
+        pos += n;
+    }
+    match dec.finish(&mut out) {
+        Ok(()) => Ok(out),
+        Err(e) => Err((e, out)),
+    }
+}
+
+fn whole(n: usize) -> usize {
+    n
+}
+
+pub(crate) fn round_trip(input: &[u8]) -> (Vec<u8>, CodecStats) {
+    let (wire, stats) = encode_with(input, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
+    let out = decode_with(&wire, Arc::new(PageCache::new(64 << 20)), &mut whole).expect("decode");
+    assert_eq!(blake3::hash(&out), blake3::hash(input), "round trip must be byte-identical");
+    assert_eq!(out.len(), input.len());
+    (wire, stats)
+}
+
+#[test]
+fn main_channel_round_trip() {
+    let s = sample_main_stream(1, 600);
+    let (wire, st) = round_trip(&s.bytes);
+    assert_eq!(st.mode, StreamMode::MainTail, "{st:?}");
+    assert_eq!(st.opaque_reason, None);
+    assert!(st.zero_pages > 50, "{st:?}");
+    assert!(st.window_refs > 50, "{st:?}");
+    assert!(st.literal_pages > 100, "{st:?}");
+    assert_eq!(st.bytes_in, s.bytes.len() as u64);
+    assert_eq!(st.wire_bytes_out, wire.len() as u64);
+    assert!(wire.len() < s.bytes.len(), "{} vs {}", wire.len(), s.bytes.len());
+}
+
+#[test]
+fn main_channel_with_x_ignore_shared_and_no_footers_of_config() {
+    let mut rng = Rng::new(9);
+    let mut s = MainStream::new(&["x-ignore-shared"]);
+    s.ram_start(&[("pc.ram", 1 << 20), ("pc.rom", 128 << 10)], true);
+    s.part();
+    for i in 0..20 {
+        let p = page(&mut rng, Content::Dup((i % 3) as u8));
+        s.page("pc.ram", i * 4096, &p);
+    }
+    s.eos();
+    s.end();
+    s.eos();
+    s.finish(&mut rng);
+    let (_, st) = round_trip(&s.bytes);
+    assert_eq!(st.mode, StreamMode::MainTail, "{st:?}");
+    assert_eq!(st.literal_pages, 3);
+    assert_eq!(st.window_refs, 17);
+}
+
+#[test]
+fn multifd_round_trip() {
+    let b = sample_multifd_stream(2, 12, &[Content::Random, Content::Dup(1), Content::Dup(2), Content::Zero, Content::Text]);
+    let (_, st) = round_trip(&b);
+    assert_eq!(st.mode, StreamMode::Multifd, "{st:?}");
+    assert_eq!(st.opaque_reason, None);
+    assert!(st.literal_pages > 0 && st.window_refs > 0 && st.zero_pages > 0, "{st:?}");
+}
+
+#[test]
+fn opaque_round_trip() {
+    let mut rng = Rng::new(3);
+    let mut b = vec![0u8; 300_000];
+    rng.fill(&mut b[..100_000]);
+    for (i, x) in b[100_000..].iter_mut().enumerate() {
+        *x = b"hello opaque world "[i % 19];
+    }
+    let (wire, st) = round_trip(&b);
+    assert_eq!(st.mode, StreamMode::Opaque);
+    assert_eq!(st.opaque_reason.as_deref(), Some("no QEMU magic"));
+    assert!(wire.len() < 120_000);
+    for n in 0..6 {
+        round_trip(&b"QEVM\x00\x00"[..n]);
+        round_trip(&[0x11, 0x22, 0x33, 0x44, 0x00][..n]);
+    }
+}
+
+#[test]
+fn opaque_triggers_keep_round_trip_exact() {
+    let mut rng = Rng::new(4);
+    // XBZRLE record in a PART.
+    let mut s = MainStream::new(&[]);
+    s.ram_start(&[("pc.ram", 1 << 20)], false);
+    s.part();
+    let p = page(&mut rng, Content::Random);
+    s.page("pc.ram", 0, &p);
+    s.bytes.extend_from_slice(&(4096u64 | 0x40 | 0x20).to_be_bytes());
+    s.bytes.extend_from_slice(&[1, 0, 3, 1, 2, 3]);
+    let p2 = page(&mut rng, Content::Random);
+    s.page("pc.ram", 8192, &p2);
+    s.eos();
+    let (_, st) = round_trip(&s.bytes);
+    assert_eq!(st.mode, StreamMode::Opaque);
+    assert!(st.opaque_reason.as_deref().unwrap().contains("XBZRLE"), "{st:?}");
+    assert_eq!(st.literal_pages, 1);
+
+    // Another iterable section.
+    let mut s = MainStream::new(&[]);
+    s.section_full_header(0x01, 7, "dirty-bitmap", 1);
+    s.bytes.extend_from_slice(&[1, 2, 3]);
+    let (_, st) = round_trip(&s.bytes);
+    assert!(st.opaque_reason.as_deref().unwrap().contains("dirty-bitmap"), "{st:?}");
+
+    // Postcopy.
+    let mut s = MainStream::new(&[]);
+    s.command(3, &[0; 16]);
+    s.ram_start(&[("pc.ram", 1 << 20)], false);
+    let (_, st) = round_trip(&s.bytes);
+    assert!(st.opaque_reason.as_deref().unwrap().contains("postcopy"), "{st:?}");
+
+    // Multifd with QEMU-side zstd.
+    let mut b = sample_multifd_stream(5, 3, &[Content::Random]);
+    b[64 + 11] |= 0x04;
+    let (_, st) = round_trip(&b);
+    assert!(st.opaque_reason.as_deref().unwrap().contains("compression"), "{st:?}");
+
+    // Target page size other than 4 KiB.
+    let mut b = Vec::new();
+    b.extend_from_slice(b"QEVM\x00\x00\x00\x03\x07\x00\x00\x00\x04virt\x05");
+    let sub = b"configuration/target-page-bits";
+    b.push(sub.len() as u8);
+    b.extend_from_slice(sub);
+    b.extend_from_slice(&1u32.to_be_bytes());
+    b.extend_from_slice(&16u32.to_be_bytes());
+    let (_, st) = round_trip(&b);
+    assert!(st.opaque_reason.as_deref().unwrap().contains("page bits"), "{st:?}");
+}
+
+#[test]
+fn every_split_point_small_streams() {
+    let mut rng = Rng::new(5);
+    let mut s = MainStream::new(&[]);
+    s.ram_start(&[("pc.ram", 1 << 20)], false);
+    s.part();
+    let a = page(&mut rng, Content::Random);
+    s.page("pc.ram", 0, &a);
+    s.zero("pc.ram", 4096);
+    s.page("pc.ram", 8192, &a);
+    s.page("pc.ram", 12288, &[0; 4096]);
+    s.eos();
+    s.end();
+    s.eos();
+    s.finish(&mut rng);
+    let multifd = sample_multifd_stream(6, 2, &[Content::Dup(1), Content::Random]);
+    for input in [&s.bytes[..], &multifd[..4096 * 3]] {
+        let (ref_wire, _) = encode_with(input, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
+        for cut in 0..=input.len() {
+            let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex));
+            let mut wire = Vec::new();
+            enc.push(&input[..cut], &mut wire);
+            enc.push(&input[cut..], &mut wire);
+            enc.finish(&mut wire);
+            assert!(wire == ref_wire, "encoder output depends on split at {cut}");
+        }
+        let mut one = |_n: usize| 1;
+        let (wire1, _) = encode_with(input, EncoderConfig::default(), Arc::new(NoIndex), &mut one);
+        assert!(wire1 == ref_wire, "byte-at-a-time encoding differs");
+        for cut in 0..=ref_wire.len() {
+            let mut dec = Decoder::new(Arc::new(PageCache::new(1 << 20)));
+            let mut out = Vec::new();
+            dec.push(&ref_wire[..cut], &mut out).unwrap();
+            dec.push(&ref_wire[cut..], &mut out).unwrap();
+            dec.finish(&mut out).unwrap();
+            assert!(out == input, "decoder split at {cut}");
+        }
+        let out = decode_with(&ref_wire, Arc::new(PageCache::new(1 << 20)), &mut one).unwrap();
+        assert!(out == input);
+    }
+}
+
+#[test]
+fn random_split_sizes_large_streams() {
+    let main = sample_main_stream(7, 900).bytes;
+    let multifd = sample_multifd_stream(8, 10, &[Content::Random, Content::Dup(3), Content::Zero]);
+    let mut rng = Rng::new(99);
+    for input in [&main, &multifd] {
+        let (ref_wire, _) = encode_with(input, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
+        for _ in 0..4 {
+            let mut sizes = |left: usize| match rng.below(4) {
+                0 => 1 + rng.below(16),
+                1 => 1 + rng.below(5000),
+                2 => 1 + rng.below(70_000),
+                _ => left,
+            };
+            let (wire, _) = encode_with(input, EncoderConfig::default(), Arc::new(NoIndex), &mut sizes);
+            assert!(wire == ref_wire);
+            let out = decode_with(&wire, Arc::new(PageCache::new(64 << 20)), &mut sizes).unwrap();
+            assert_eq!(blake3::hash(&out), blake3::hash(input));
+        }
+    }
+}
+
+#[test]
+fn second_migration_with_advertisement_sends_far_less() {
+    // A "VM" of 2000 mostly unique pages, migrated twice (the second time with a few changes).
+    let mut rng = Rng::new(10);
+    let pages: Vec<Vec<u8>> =
+        (0..2000).map(|i| page(&mut rng, if i % 3 == 0 { Content::Random } else { Content::Text })).collect();
+    let build = |pages: &[Vec<u8>], rng: &mut Rng| {
+        let mut s = MainStream::new(&[]);
+        s.ram_start(&[("pc.ram", 2000 * 4096)], false);
+        s.part();
+        for (i, p) in pages.iter().enumerate() {
+            s.page("pc.ram", i as u64 * 4096, p);
+        }
+        s.eos();
+        s.end();
+        s.eos();
+        s.finish(rng);
+        s.bytes
+    };
+    let first = build(&pages, &mut rng);
+    let cache = Arc::new(PageCache::new(64 << 20));
+    let (wire1, st1) = encode_with(&first, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
+    let out = decode_with(&wire1, cache.clone(), &mut whole).unwrap();
+    assert!(out == first);
+    assert_eq!(st1.literal_pages, 2000);
+
+    // Destination advertises; the advert crosses the wire encoded.
+    let ad = Advertisement::decode(&cache.advertise(1 << 20, 65536).encode()).unwrap();
+    assert_eq!(ad.digests.len(), 2000);
+    let mut pages2 = pages.clone();
+    for p in pages2.iter_mut().step_by(50) {
+        rng.fill(&mut p[..64]);
+    }
+    let second = build(&pages2, &mut rng);
+    let cfg = EncoderConfig { session_window_pages: ad.session_window_pages, ..EncoderConfig::default() };
+    let (wire2, st2) = encode_with(&second, cfg, Arc::new(ad.digests), &mut whole);
+    let out2 = decode_with(&wire2, cache.clone(), &mut whole).unwrap();
+    assert!(out2 == second);
+    assert_eq!(st2.literal_pages, 40);
+    assert_eq!(st2.advertised_refs, 1960);
+    let ratio = wire2.len() as f64 / wire1.len() as f64;
+    assert!(ratio < 0.1, "second migration ratio {ratio:.3} ({} vs {} bytes)", wire2.len(), wire1.len());
+}
+
+#[test]
+fn evicted_advertised_page_is_a_clean_missing_page_error() {
+    let mut rng = Rng::new(11);
+    let p = page(&mut rng, Content::Random);
+    let mut s = MainStream::new(&[]);
+    s.ram_start(&[("pc.ram", 1 << 20)], false);
+    s.part();
+    s.page("pc.ram", 0, &p);
+    s.eos();
+    s.end();
+    s.eos();
+    s.finish(&mut rng);
+    // The source believes the destination holds `p`, but the destination's cache is empty.
+    let idx = DigestSet::from_digests(&[PageDigest::of(&p)]);
+    let (wire, st) = encode_with(&s.bytes, EncoderConfig::default(), Arc::new(idx), &mut whole);
+    assert_eq!(st.advertised_refs, 1);
+    let (err, released) = decode_with(&wire, Arc::new(PageCache::new(1 << 20)), &mut whole).unwrap_err();
+    assert!(matches!(err, DecodeError::MissingPage(d) if d == PageDigest::of(&p)), "{err}");
+    assert!(released.is_empty(), "nothing of a main channel may be released before verification");
+}
+
+#[test]
+fn session_window_survives_cache_eviction() {
+    // The cache holds 2 pages; the window guarantees later references still resolve.
+    let mut rng = Rng::new(12);
+    let pages: Vec<Vec<u8>> = (0..50).map(|_| page(&mut rng, Content::Random)).collect();
+    let mut input = sample_multifd_stream(1, 0, &[Content::Zero]);
+    for round in 0..3 {
+        let mut h = vec![0u8; 1344];
+        h[0..4].copy_from_slice(&0x1122_3344u32.to_be_bytes());
+        h[4..8].copy_from_slice(&1u32.to_be_bytes());
+        h[12..16].copy_from_slice(&128u32.to_be_bytes());
+        h[16..20].copy_from_slice(&50u32.to_be_bytes());
+        h[20..24].copy_from_slice(&(50u32 * 4096).to_be_bytes());
+        h[24..32].copy_from_slice(&(round as u64).to_be_bytes());
+        input.extend_from_slice(&h);
+        for p in &pages {
+            input.extend_from_slice(p);
+        }
+    }
+    let (wire, st) = encode_with(&input, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
+    assert_eq!((st.literal_pages, st.window_refs), (50, 100));
+    let out = decode_with(&wire, Arc::new(PageCache::new(2 * PAGE_SIZE)), &mut whole).unwrap();
+    assert!(out == input);
+
+    // A window smaller than the working set: the encoder re-sends, never dangles.
+    let cfg = EncoderConfig { session_window_pages: 10, ..EncoderConfig::default() };
+    let (wire, st) = encode_with(&input, cfg, Arc::new(NoIndex), &mut whole);
+    assert_eq!(st.literal_pages, 150);
+    let out = decode_with(&wire, Arc::new(PageCache::new(0)), &mut whole).unwrap();
+    assert!(out == input);
+}
+
+#[test]
+fn window_larger_than_decoder_limit_is_refused() {
+    let cfg = EncoderConfig { session_window_pages: 1 << 20, ..EncoderConfig::default() };
+    let (wire, _) = encode_with(b"hello", cfg, Arc::new(NoIndex), &mut whole);
+    let err = decode_with(&wire, Arc::new(PageCache::new(0)), &mut whole).unwrap_err().0;
+    assert!(matches!(err, DecodeError::WindowTooLarge { .. }), "{err}");
+}
+
+#[test]
+fn main_channel_end_is_held_until_verified() {
+    let s = sample_main_stream(13, 300);
+    let eof = s.eof_at.unwrap();
+    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex));
+    let mut wire = Vec::new();
+    enc.push(&s.bytes, &mut wire);
+    // Without a flush/finish the decoder can't release anything of a short main channel.
+    let mut dec = Decoder::new(Arc::new(PageCache::new(1 << 20)));
+    let mut out = Vec::new();
+    dec.push(&wire, &mut out).unwrap();
+    assert!(out.len() <= eof);
+    // Idle flush → checkpoint → everything verified so far is released.
+    let mut more = Vec::new();
+    enc.flush(&mut more);
+    dec.push(&more, &mut out).unwrap();
+    assert!(out == s.bytes);
+    assert_eq!(dec.held_back(), 0);
+    // A second flush without new input writes nothing.
+    let mut none = Vec::new();
+    enc.flush(&mut none);
+    assert!(none.is_empty());
+    let mut tail = Vec::new();
+    enc.finish(&mut tail);
+    dec.push(&tail, &mut out).unwrap();
+    dec.finish(&mut out).unwrap();
+    assert!(out == s.bytes);
+
+    // Each full batch is verified and released on its own, long before the trailer.
+    let m = sample_multifd_stream(14, 8, &[Content::Random]);
+    let mut enc = Encoder::new(EncoderConfig { batch_pages: 64, ..EncoderConfig::default() }, Arc::new(NoIndex));
+    let mut wire = Vec::new();
+    enc.push(&m, &mut wire);
+    let mut dec = Decoder::new(Arc::new(PageCache::new(1 << 20)));
+    let mut out = Vec::new();
+    dec.push(&wire, &mut out).unwrap();
+    assert!(out.len() > m.len() / 2 && out[..] == m[..out.len()]);
+    let mut more = Vec::new();
+    enc.flush(&mut more);
+    dec.push(&more, &mut out).unwrap();
+    assert!(out == m);
+}
+
+/// Decodes in one push, returning what was released even on error.
+fn decode_gated(wire: &[u8]) -> (Result<(), DecodeError>, Vec<u8>) {
+    let cfg = DecoderConfig { max_unverified_bytes: 4 << 20, ..DecoderConfig::default() };
+    let mut dec = Decoder::with_config(cfg, Arc::new(PageCache::new(1 << 20)));
+    let mut out = Vec::new();
+    let r = dec.push(wire, &mut out).and_then(|()| dec.finish(&mut out));
+    (r, out)
+}
+
+#[test]
+fn corrupted_wire_is_rejected_and_eof_never_released() {
+    let s = sample_main_stream(15, 240);
+    let eof = s.eof_at.unwrap();
+    let cfg = EncoderConfig { batch_pages: 16, ..EncoderConfig::default() };
+    let (wire, _) = encode_with(&s.bytes, cfg, Arc::new(NoIndex), &mut whole);
+    let (r, out) = decode_gated(&wire);
+    r.unwrap();
+    assert!(out == s.bytes);
+    let mut rng = Rng::new(16);
+    let mut errors = 0;
+    // Every byte of the first 2 KiB and the last 2 KiB, and a random sample in between.
+    let mut positions: Vec<usize> = (0..2048.min(wire.len())).chain(wire.len().saturating_sub(2048)..wire.len()).collect();
+    positions.extend((0..2000).map(|_| rng.below(wire.len())));
+    for pos in positions {
+        let mut bad = wire.clone();
+        bad[pos] ^= 1 << rng.below(8);
+        let (r, out) = decode_gated(&bad);
+        match r {
+            Ok(()) => assert_eq!(out, s.bytes, "flip at {pos} accepted with different output"),
+            Err(_) => {
+                errors += 1;
+                assert!(out[..] == s.bytes[..out.len()], "flip at {pos}: released bytes must be a verified prefix");
+                // EOF goes out only inside a verified batch: then the whole stream was verified
+                // and the flip hit the closing checkpoint/trailer frames.
+                assert!(
+                    out.len() <= eof || (out == s.bytes && pos >= wire.len() - 90),
+                    "flip at {pos}: {} bytes released, EOF at {eof}",
+                    out.len()
+                );
+            }
+        }
+    }
+    assert!(errors > 3000, "{errors}");
+}
+
+#[test]
+fn hostile_lengths_fail_without_allocating() {
+    let mut w = Vec::new();
+    frame::Preamble { mode: 0, session_window_pages: 0 }.encode(&mut w);
+    w.push(T_BATCH_ZSTD);
+    put_varint(&mut w, 0);
+    put_varint(&mut w, 0);
+    put_varint(&mut w, 10);
+    put_varint(&mut w, 1);
+    put_varint(&mut w, 4 << 30);
+    let mut dec = Decoder::new(Arc::new(PageCache::new(0)));
+    let mut out = Vec::new();
+    let e = dec.push(&w, &mut out).unwrap_err();
+    assert!(matches!(e, DecodeError::Frame { .. }), "{e}");
+    assert!(matches!(dec.push(b"x", &mut out), Err(DecodeError::Poisoned)));
+    // A zero run of 2^40 pages.
+    let mut w = Vec::new();
+    frame::Preamble { mode: 0, session_window_pages: 0 }.encode(&mut w);
+    let mut ops = vec![frame::OP_ZERO];
+    put_varint(&mut ops, 1 << 40);
+    frame::BatchHeader { compressed: false, stream_offset: 0, n_literal: 0, verbatim_len: 0, ops_len: ops.len(), body_len: ops.len() }
+        .encode(&mut w);
+    w.extend_from_slice(&ops);
+    let mut dec = Decoder::new(Arc::new(PageCache::new(0)));
+    assert!(dec.push(&w, &mut out).is_err());
+    assert!(out.is_empty());
+}
+
+#[test]
+fn fuzz_decoder_never_panics() {
+    let s = sample_main_stream(17, 120);
+    let m = sample_multifd_stream(18, 3, &[Content::Random, Content::Dup(1), Content::Zero]);
+    let mut rng = Rng::new(18);
+    for input in [&s.bytes, &m] {
+        let (wire, _) = encode_with(input, EncoderConfig { batch_pages: 8, ..EncoderConfig::default() }, Arc::new(NoIndex), &mut whole);
+        for _ in 0..1500 {
+            let mut bad = wire.clone();
+            match rng.below(4) {
+                0 => {
+                    for _ in 0..1 + rng.below(8) {
+                        let p = rng.below(bad.len());
+                        bad[p] = rng.next() as u8;
+                    }
+                }
+                1 => bad.truncate(rng.below(bad.len())),
+                2 => {
+                    let p = rng.below(bad.len());
+                    let mut junk = vec![0u8; 1 + rng.below(64)];
+                    rng.fill(&mut junk);
+                    bad.splice(p..p, junk);
+                }
+                _ => {
+                    let p = rng.below(bad.len());
+                    let n = rng.below(bad.len() - p);
+                    bad.drain(p..p + n);
+                }
+            }
+            let mut sizes = |left: usize| 1 + rng.below(left.min(3000));
+            if let Ok(out) = decode_with(&bad, Arc::new(PageCache::new(1 << 20)), &mut sizes) {
+                assert!(&out == input, "a mutated wire decoded to different bytes without error");
+            }
+        }
+    }
+    // Pure noise, with and without a valid preamble.
+    for i in 0..300 {
+        let mut noise = vec![0u8; rng.below(5000)];
+        rng.fill(&mut noise);
+        if i % 2 == 0 {
+            let mut w = Vec::new();
+            frame::Preamble { mode: 0, session_window_pages: 16 }.encode(&mut w);
+            w.extend_from_slice(&noise);
+            noise = w;
+        }
+        assert!(decode_with(&noise, Arc::new(PageCache::new(1 << 20)), &mut whole).is_err());
+    }
+}
+
+#[test]
+fn fuzz_encoder_mutated_qemu_streams_round_trip() {
+    let s = sample_main_stream(19, 90);
+    let m = sample_multifd_stream(20, 3, &[Content::Random, Content::Dup(1)]);
+    let mut rng = Rng::new(21);
+    for i in 0..400 {
+        let base = if i % 2 == 0 { &s.bytes } else { &m };
+        let mut input = base.clone();
+        match rng.below(3) {
+            0 => {
+                for _ in 0..1 + rng.below(4) {
+                    // Mutate mostly near structure: the first 600 bytes hold headers.
+                    let p = if rng.below(2) == 0 { rng.below(600) } else { rng.below(input.len()) };
+                    input[p] = rng.next() as u8;
+                }
+            }
+            1 => input.truncate(rng.below(input.len())),
+            _ => {
+                let mut junk = vec![0u8; rng.below(10_000)];
+                rng.fill(&mut junk);
+                input = junk;
+            }
+        }
+        let mut sizes = |left: usize| 1 + rng.below(left.min(9000));
+        let (wire, _) = encode_with(&input, EncoderConfig::default(), Arc::new(NoIndex), &mut sizes);
+        let out = decode_with(&wire, Arc::new(PageCache::new(1 << 20)), &mut whole).unwrap();
+        assert!(out == input);
+    }
+}
+
+/// Throughput of encode and decode (run: `cargo test -p ferry-gateway --release --lib codec::tests::bench -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_throughput() {
+    fn stream(kind: &str, mib: usize) -> Vec<u8> {
+        let mut rng = Rng::new(22);
+        let pages = mib * 256;
+        let dups: Vec<Vec<u8>> = (0..64).map(|_| page(&mut rng, Content::Random)).collect();
+        let mut s = MainStream::new(&[]);
+        s.ram_start(&[("pc.ram", (pages * 4096) as u64)], false);
+        s.part();
+        for i in 0..pages {
+            let off = (i * 4096) as u64;
+            match kind {
+                "zero" => s.page("pc.ram", off, &[0; 4096]),
+                "dup" => s.page("pc.ram", off, &dups[i % 64]),
+                _ => {
+                    let p = page(&mut rng, Content::Random);
+                    s.page("pc.ram", off, &p)
+                }
+            }
+        }
+        s.eos();
+        s.end();
+        s.eos();
+        s.finish(&mut rng);
+        s.bytes
+    }
+    for kind in ["zero", "dup", "random"] {
+        let input = stream(kind, 256);
+        // Output buffers are reused per call, as a socket writer would: the bench measures the
+        // codec, not first-touch page faults of a 256 MiB Vec.
+        let t = std::time::Instant::now();
+        let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex));
+        let mut wire = Vec::with_capacity(input.len() / 2);
+        let mut buf = Vec::with_capacity(8 << 20);
+        for c in input.chunks(64 << 10) {
+            enc.push(c, &mut buf);
+            wire.extend_from_slice(&buf);
+            buf.clear();
+        }
+        enc.finish(&mut buf);
+        wire.extend_from_slice(&buf);
+        let te = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let mut dec = Decoder::new(Arc::new(PageCache::new(512 << 20)));
+        let mut out = Vec::with_capacity(32 << 20);
+        let mut total = 0;
+        for c in wire.chunks(64 << 10) {
+            dec.push(c, &mut out).unwrap();
+            total += out.len();
+            out.clear();
+        }
+        dec.finish(&mut out).unwrap();
+        total += out.len();
+        let td = t.elapsed().as_secs_f64();
+        assert_eq!(total, input.len());
+        let mb = input.len() as f64 / 1e6;
+        println!(
+            "{kind:>6}: {mb:.0} MB stream -> {:.1} MB wire; encode {:.0} MB/s, decode {:.0} MB/s",
+            wire.len() as f64 / 1e6,
+            mb / te,
+            mb / td
+        );
+    }
+}

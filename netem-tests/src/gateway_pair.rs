@@ -1,0 +1,135 @@
+//! Two real Ferry gateways, one in each site of a [`Wan`], for end-to-end tests and benchmarks.
+//!
+//! Each gateway runs on its own OS thread inside its site's namespace, with its own tokio
+//! runtime, configured through the real TOML parser with certificates from the real
+//! `ferry-gateway certs` code. Site A forwards `127.0.0.1:<port>` (in A's namespace) to
+//! `connect` in site B. Dropping the pair stops both gateways and joins their threads.
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ferry_gateway::{certs, Config, Gateway};
+
+use crate::wan::{Site, Wan};
+
+/// Errors starting the pair.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    /// Certificates or config could not be created.
+    #[error("gateway setup failed: {0}")]
+    Setup(String),
+    /// A gateway failed to start or connect.
+    #[error("gateway at {site} failed: {message}")]
+    Gateway {
+        /// Which site.
+        site: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Link description handed to both gateways' `[link]`.
+#[derive(Clone, Debug)]
+pub struct PairLink {
+    /// `link.bandwidth`, e.g. `"1gbit"`.
+    pub bandwidth: String,
+    /// `link.rtt`, e.g. `"150ms"`.
+    pub rtt: String,
+}
+
+/// A running gateway pair.
+pub struct GatewayPair {
+    /// Site A's forward listener (an address inside site A's namespace).
+    pub forward_addr: SocketAddr,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<JoinHandle<()>>,
+    pki: tempfile::TempDir,
+}
+
+const QUIC_PORT: u16 = 4433;
+
+fn site_config(name: &str, me: &Site, peer: (&str, &Site), link: &PairLink, forward: Option<SocketAddr>) -> String {
+    let mut text = format!(
+        "site = \"{name}\"\nlisten = \"{}:{QUIC_PORT}\"\n[tls]\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\
+         [link]\nbandwidth = \"{}\"\nrtt = \"{}\"\n[[peer]]\nsite = \"{}\"\naddr = \"{}:{QUIC_PORT}\"\n",
+        me.addr(), link.bandwidth, link.rtt, peer.0, peer.1.addr()
+    );
+    if let Some(connect) = forward {
+        text += &format!("[[forward]]\nlisten = \"127.0.0.1:0\"\npeer = \"{}\"\nconnect = \"{connect}\"\n", peer.0);
+    }
+    text
+}
+
+impl GatewayPair {
+    /// Starts gateways in both sites of `wan`; A forwards to `connect` (an address in site B).
+    /// Returns once both report a live tunnel connection.
+    pub fn start(wan: &Wan, link: PairLink, connect: SocketAddr) -> Result<Self, PairError> {
+        let pki = tempfile::tempdir().map_err(|e| PairError::Setup(e.to_string()))?;
+        certs::generate(pki.path(), &["site-a".into(), "site-b".into()]).map_err(|e| PairError::Setup(e.to_string()))?;
+        let a_text = site_config("site-a", wan.site_a(), ("site-b", wan.site_b()), &link, Some(connect));
+        let b_text = site_config("site-b", wan.site_b(), ("site-a", wan.site_a()), &link, None);
+        let mut pair = Self { forward_addr: SocketAddr::from(([127, 0, 0, 1], 0)), stops: Vec::new(), threads: Vec::new(), pki };
+        pair.spawn("site-b", wan.site_b(), &b_text, None)?;
+        let a_forwards = pair.spawn("site-a", wan.site_a(), &a_text, Some("site-b"))?;
+        pair.forward_addr = *a_forwards.first().ok_or_else(|| PairError::Setup("no forward at site A".into()))?;
+        Ok(pair)
+    }
+
+    /// Starts one gateway in `site_ns`; with `wait_for`, ready means connected to that peer.
+    fn spawn(&mut self, site: &'static str, site_ns: &Site, text: &str, wait_for: Option<&'static str>) -> Result<Vec<SocketAddr>, PairError> {
+        let path = self.pki.path().join(format!("{site}.toml"));
+        std::fs::write(&path, text).map_err(|e| PairError::Setup(e.to_string()))?;
+        let config = Config::load(&path).map_err(|e| PairError::Setup(e.to_string()))?;
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<SocketAddr>, String>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = site_ns
+            .spawn_thread(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let gateway = match Gateway::start(config).await {
+                        Ok(g) => g,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("{e:#}")));
+                            return;
+                        }
+                    };
+                    if let Some(peer) = wait_for {
+                        if !gateway.wait_connected(peer, Duration::from_secs(30)).await {
+                            let _ = ready_tx.send(Err(format!("no tunnel to {peer} within 30 s")));
+                            return;
+                        }
+                    }
+                    let _ = ready_tx.send(Ok(gateway.forward_addrs().to_vec()));
+                    let _ = stop_rx.await;
+                    drop(gateway);
+                });
+            })
+            .map_err(|e| PairError::Gateway { site, message: e.to_string() })?;
+        self.threads.push(thread);
+        self.stops.push(stop_tx);
+        let forwards = ready_rx
+            .recv_timeout(Duration::from_secs(40))
+            .map_err(|_| PairError::Gateway { site, message: "did not start".into() })?
+            .map_err(|message| PairError::Gateway { site, message })?;
+        Ok(forwards)
+    }
+}
+
+impl Drop for GatewayPair {
+    fn drop(&mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! A QEMU process running the test guest.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::serial::SerialLog;
+use super::{qemu_binary, GuestConfig, GuestImage, QemuError, QmpClient, Result, VerifyReport};
+
+/// How the VM waits for an incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// `-incoming defer`: start listening later with
+    /// [`QmpClient::migrate_incoming`] (lets you set capabilities first).
+    Defer,
+    /// `-incoming URI`, e.g. `tcp:127.0.0.1:4444`.
+    Uri(String),
+}
+
+/// How to start a VM.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// Name, used in logs and `-name`.
+    pub name: String,
+    /// Guest RAM, MiB (`-m`).
+    pub memory_mib: u32,
+    /// Machine type (`-machine`), `pc` by default.
+    pub machine: String,
+    /// What the guest does (its multiboot command line).
+    pub guest: GuestConfig,
+    /// Wait for an incoming migration instead of booting.
+    pub incoming: Option<Incoming>,
+    /// Extra QEMU arguments, appended last.
+    pub extra_args: Vec<String>,
+    /// Timeout for QMP connect and each QMP reply.
+    pub qmp_timeout: Duration,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            name: "guest".into(),
+            memory_mib: 64,
+            machine: "pc".into(),
+            guest: GuestConfig::default(),
+            incoming: None,
+            extra_args: Vec::new(),
+            qmp_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl QemuConfig {
+    /// Sets the name.
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets `-incoming defer`.
+    pub fn incoming_defer(mut self) -> Self {
+        self.incoming = Some(Incoming::Defer);
+        self
+    }
+
+    /// The QEMU command line (without the binary and netns prefix).
+    pub fn args(&self, image: &GuestImage, qmp_socket: &Path) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "-name",
+            &self.name,
+            "-accel",
+            "tcg",
+            "-machine",
+            &self.machine,
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(["-m".into(), format!("{}M", self.memory_mib)]);
+        a.extend([
+            "-chardev".into(),
+            "stdio,id=ser0,signal=off".into(),
+            "-serial".into(),
+            "chardev:ser0".into(),
+        ]);
+        a.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp_socket.display()),
+        ]);
+        a.extend([
+            "-kernel".into(),
+            image.path().display().to_string(),
+            "-append".into(),
+            self.guest.cmdline(),
+        ]);
+        match &self.incoming {
+            None => {}
+            Some(Incoming::Defer) => a.extend(["-incoming".into(), "defer".into()]),
+            Some(Incoming::Uri(u)) => a.extend(["-incoming".into(), u.clone()]),
+        }
+        a.extend(self.extra_args.iter().cloned());
+        a
+    }
+}
+
+/// A running QEMU with the test guest. Dropping it kills QEMU (SIGKILL) and
+/// removes its temporary directory, also during a panic.
+#[derive(Debug)]
+pub struct Qemu {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    serial: SerialLog,
+    stderr: Arc<Mutex<Vec<String>>>,
+    qmp: QmpClient,
+    qmp_path: PathBuf,
+    // Dropped after `child` is killed (see Drop).
+    dir: tempfile::TempDir,
+}
+
+impl Qemu {
+    /// Starts QEMU (in network namespace `netns` if given, through
+    /// `ip netns exec NS`) and connects QMP. Does not wait for the guest to
+    /// boot: use [`SerialLog::wait_for_tick`] on [`Qemu::serial`].
+    pub fn spawn(image: &GuestImage, config: &QemuConfig, netns: Option<&str>) -> Result<Qemu> {
+        let bin = qemu_binary().ok_or_else(|| QemuError::ToolMissing {
+            tool: "qemu-system-x86_64".into(),
+            reason: "not on PATH (install Debian package qemu-system-x86, or set FERRY_QEMU)"
+                .into(),
+        })?;
+        if u64::from(config.memory_mib) << 20 < config.guest.min_ram_bytes() {
+            return Err(QemuError::Protocol(format!(
+                "guest layout needs {} MiB of RAM but the VM has {} MiB",
+                config.guest.min_ram_bytes() >> 20,
+                config.memory_mib
+            )));
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-qemu-")
+            .tempdir()
+            .map_err(|e| QemuError::io("creating a temp dir for QEMU", e))?;
+        let qmp_path = dir.path().join("qmp.sock");
+        let args = config.args(image, &qmp_path);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        tracing::info!(vm = %config.name, netns = ?netns, "starting {} {}", bin.display(), args.join(" "));
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| QemuError::io(format!("spawning {}", bin.display()), e))?;
+        match attach(&mut child, config, &qmp_path) {
+            Ok((stdin, serial, stderr, qmp)) => Ok(Qemu {
+                name: config.name.clone(),
+                child,
+                stdin,
+                serial,
+                stderr,
+                qmp,
+                qmp_path,
+                dir,
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The QMP session.
+    pub fn qmp(&mut self) -> &mut QmpClient {
+        &mut self.qmp
+    }
+
+    /// Path of the QMP socket (a second client can connect to it only after
+    /// this one is gone: QEMU serves one QMP client per socket).
+    pub fn qmp_path(&self) -> &Path {
+        &self.qmp_path
+    }
+
+    /// This VM's temporary directory (removed on drop).
+    pub fn workdir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The guest's serial console output.
+    pub fn serial(&self) -> &SerialLog {
+        &self.serial
+    }
+
+    /// What QEMU printed on stderr so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sends one line to the guest's serial input. The guest understands
+    /// `dN` (set dirty rate to N pages/tick) and `v` (verify at next tick).
+    /// Only send after the guest printed `ready` (it resets its UART at boot).
+    pub fn send_serial(&mut self, line: &str) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| QemuError::Protocol("QEMU stdin closed".into()))?;
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(|e| QemuError::io("writing to the guest serial port", e))
+    }
+
+    /// Sets the guest's dirty rate (pages per ~100 ms tick) and waits for the
+    /// guest to acknowledge it.
+    pub fn set_dirty_rate(&mut self, pages_per_tick: u32, timeout: Duration) -> Result<()> {
+        let from = self.serial.len();
+        self.send_serial(&format!("d{pages_per_tick}"))?;
+        let want = format!("dirty set {pages_per_tick}");
+        self.serial
+            .wait_line_from(from, &want, timeout, |l| l == want)?;
+        Ok(())
+    }
+
+    /// Asks the guest to verify its memory at its next tick and returns the
+    /// report.
+    pub fn request_verify(&mut self, timeout: Duration) -> Result<VerifyReport> {
+        let from = self.serial.len();
+        self.send_serial("v")?;
+        self.serial.wait_verify_from(from, timeout)
+    }
+
+    /// Returns QEMU's exit status if it has exited.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        self.child
+            .try_wait()
+            .map_err(|e| QemuError::io("checking the QEMU process", e))
+    }
+
+    /// Kills QEMU now (SIGKILL) and reaps it. Idempotent.
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            tracing::debug!(vm = %self.name, pid = self.child.id(), "killing QEMU");
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+type Attached = (
+    Option<ChildStdin>,
+    SerialLog,
+    Arc<Mutex<Vec<String>>>,
+    QmpClient,
+);
+
+/// Starts the stdout/stderr readers and connects QMP.
+fn attach(child: &mut Child, config: &QemuConfig, qmp_path: &Path) -> Result<Attached> {
+    let stdin = child.stdin.take();
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let serial = match child.stdout.take() {
+        Some(out) => SerialLog::spawn_reader(&config.name, out)?,
+        None => return Err(QemuError::Protocol("QEMU stdout not captured".into())),
+    };
+    if let Some(err) = child.stderr.take() {
+        let sink = Arc::clone(&stderr);
+        let vm = config.name.clone();
+        std::thread::Builder::new()
+            .name(format!("stderr-{}", config.name))
+            .spawn(move || {
+                for line in BufReader::new(err).lines().map_while(|l| l.ok()) {
+                    tracing::debug!(vm = %vm, "qemu stderr: {line}");
+                    let mut v = sink.lock().unwrap_or_else(|e| e.into_inner());
+                    if v.len() < 1000 {
+                        v.push(line);
+                    }
+                }
+            })
+            .map_err(|e| QemuError::io("spawning the stderr reader thread", e))?;
+    }
+    match connect_qmp(qmp_path, config.qmp_timeout, child) {
+        Ok(qmp) => Ok((stdin, serial, stderr, qmp)),
+        Err(QemuError::Exited { status, .. }) => {
+            // Give the stderr thread a moment so the error says why.
+            std::thread::sleep(Duration::from_millis(200));
+            let tail = stderr.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+            Err(QemuError::Exited {
+                name: config.name.clone(),
+                status,
+                stderr: tail,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn connect_qmp(path: &Path, timeout: Duration, child: &mut Child) -> Result<QmpClient> {
+    let deadline = Instant::now() + timeout;
+    // Wait for the socket to appear, noticing an early exit (bad arguments).
+    while !path.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(QemuError::Exited {
+                name: String::new(),
+                status: status.to_string(),
+                stderr: String::new(),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(QemuError::timeout(
+                format!("QMP socket {}", path.display()),
+                timeout,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    QmpClient::connect(path, timeout)
+}

@@ -1,0 +1,353 @@
+//! Tests with real QEMU (TCG): boot the test guest, migrate it locally (main
+//! channel and multifd), and capture raw migration streams.
+//!
+//! Each test skips (passes with a message) when `qemu-system-x86_64` is not
+//! installed. nasm is installed on demand by `GuestImage::build`.
+
+use std::time::{Duration, Instant};
+
+use ferry_netem::qemu::{
+    self, capture_migration_stream, GuestConfig, GuestImage, MigrationMode, MultifdCompression,
+    Qemu, QemuConfig, VerifyReport,
+};
+
+const BOOT: Duration = Duration::from_secs(60);
+const MIGRATE: Duration = Duration::from_secs(120);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// The guest image, or `None` (test skipped) without QEMU.
+fn setup(test: &str) -> Option<GuestImage> {
+    init_tracing();
+    if !qemu::qemu_available() {
+        eprintln!(
+            "SKIP {test}: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
+        );
+        return None;
+    }
+    match GuestImage::build() {
+        Ok(i) => Some(i),
+        Err(e) => panic!("building the test guest failed: {e}"),
+    }
+}
+
+#[test]
+fn guest_boots_and_ticks() {
+    let Some(image) = setup("guest_boots_and_ticks") else {
+        return;
+    };
+    let t0 = Instant::now();
+    let config = QemuConfig {
+        guest: GuestConfig {
+            verify_every_ticks: 5,
+            ..GuestConfig::default()
+        },
+        ..QemuConfig::default()
+    }
+    .named("boot");
+    let mut vm = Qemu::spawn(&image, &config, None).expect("start QEMU");
+    let banner = vm
+        .serial()
+        .wait_line_from(0, "the banner", BOOT, |l| l.starts_with("ferry-guest"))
+        .expect("banner")
+        .1;
+    assert!(banner.contains("dirty=64"), "{banner}");
+    let first = vm.serial().wait_for_tick(1, BOOT).expect("first tick");
+    let booted = t0.elapsed();
+    let later = vm
+        .serial()
+        .wait_for_tick(first + 5, BOOT)
+        .expect("more ticks");
+    assert!(later >= first + 5);
+    let report = vm
+        .serial()
+        .wait_verify_from(0, BOOT)
+        .expect("periodic verify");
+    assert!(matches!(report, VerifyReport::Ok { .. }), "{report:?}");
+
+    // Serial commands: stop dirtying, then two verifies must agree on the sum.
+    vm.set_dirty_rate(0, BOOT).expect("set dirty rate");
+    let a = vm.request_verify(BOOT).expect("verify a");
+    let b = vm.request_verify(BOOT).expect("verify b");
+    match (a, b) {
+        (VerifyReport::Ok { sum: sa, tick: ta }, VerifyReport::Ok { sum: sb, tick: tb }) => {
+            assert_eq!(sa, sb, "sum changed while dirtying was off");
+            assert!(tb > ta);
+        }
+        other => panic!("verify failed: {other:?}"),
+    }
+    let st = vm.qmp().query_status().expect("query-status");
+    assert!(st.running && st.status == "running", "{st:?}");
+    vm.qmp().stop().expect("stop");
+    assert_eq!(
+        vm.qmp().query_status().expect("query-status").status,
+        "paused"
+    );
+    vm.qmp().cont().expect("cont");
+    eprintln!(
+        "guest_boots_and_ticks: first tick after {booted:?}, total {:?}",
+        t0.elapsed()
+    );
+}
+
+/// Boots a source, migrates it into a fresh destination and checks the guest
+/// carries on where it was with intact memory.
+fn local_migration(test: &str, mode: MigrationMode) {
+    let Some(image) = setup(test) else { return };
+    let t0 = Instant::now();
+    let guest = GuestConfig {
+        dirty_pages_per_tick: 200,
+        verify_every_ticks: 0,
+        ..GuestConfig::default()
+    };
+    let src_cfg = QemuConfig {
+        guest: guest.clone(),
+        ..QemuConfig::default()
+    }
+    .named("src");
+    let dst_cfg = QemuConfig {
+        guest,
+        ..QemuConfig::default()
+    }
+    .named("dst")
+    .incoming_defer();
+    let mut src = Qemu::spawn(&image, &src_cfg, None).expect("start source");
+    let mut dst = Qemu::spawn(&image, &dst_cfg, None).expect("start destination");
+    src.serial().wait_for_tick(5, BOOT).expect("source ticks");
+    assert_eq!(
+        dst.qmp().query_status().expect("dst status").status,
+        "inmigrate"
+    );
+    assert!(
+        dst.serial().is_empty(),
+        "destination guest must not run before migration"
+    );
+
+    // 32 MiB/s: the ~13 MiB of non-zero pages take ~0.4 s, so the guest
+    // dirties pages during the migration and QEMU needs several passes.
+    src.qmp()
+        .migrate_set_parameters(serde_json::json!({ "max-bandwidth": 32u64 << 20 }))
+        .expect("max-bandwidth");
+    let before = src.serial().last_tick().unwrap_or(0);
+    let info = qemu::migrate_local(&mut src, &mut dst, &mode, MIGRATE).expect("migration");
+    let src_last = src.serial().last_tick().unwrap_or(0);
+    assert_eq!(info.status, "completed");
+    assert_eq!(
+        src.qmp().query_status().expect("src status").status,
+        "postmigrate"
+    );
+    assert!(dst.qmp().query_status().expect("dst status").running);
+    let ram = info.ram.clone().unwrap_or_default();
+    assert!(
+        ram.dirty_sync_count >= 2,
+        "expected several passes over RAM: {ram:?}"
+    );
+    if let MigrationMode::Multifd { .. } = mode {
+        assert!(ram.multifd_bytes > 0, "no bytes went over multifd: {ram:?}");
+    }
+
+    // The destination continues the source's counter.
+    let next = dst
+        .serial()
+        .wait_next_tick_from(0, BOOT)
+        .expect("destination ticks");
+    assert!(
+        next > before && next >= src_last,
+        "destination restarted: first tick {next}, source was at {src_last}"
+    );
+    dst.serial()
+        .wait_for_tick(next + 3, BOOT)
+        .expect("destination keeps ticking");
+    match dst.request_verify(BOOT).expect("verify on destination") {
+        VerifyReport::Ok { .. } => {}
+        bad => panic!("memory corrupted by migration: {bad:?}"),
+    }
+    assert!(!dst
+        .serial()
+        .lines()
+        .iter()
+        .any(|l| l.contains("FAIL") || l.contains("panic")));
+    eprintln!(
+        "{test}: source tick {src_last} -> destination tick {next}; migration {:?} ms, downtime {:?} ms, {} bytes \
+         ({} multifd), {} dirty syncs; test {:?}",
+        info.total_time_ms,
+        info.downtime_ms,
+        ram.transferred,
+        ram.multifd_bytes,
+        ram.dirty_sync_count,
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn migrate_main_channel() {
+    local_migration("migrate_main_channel", MigrationMode::Main);
+}
+
+#[test]
+fn migrate_multifd_3_channels() {
+    local_migration("migrate_multifd_3_channels", MigrationMode::multifd(3));
+}
+
+#[test]
+fn capture_main_stream() {
+    if setup("capture_main_stream").is_none() {
+        return;
+    }
+    let t0 = Instant::now();
+    let streams = capture_migration_stream(MigrationMode::Main).expect("capture");
+    assert_eq!(streams.len(), 1);
+    let main = &streams[0];
+    assert_eq!(&main[..8], &[b'Q', b'E', b'V', b'M', 0, 0, 0, 3]);
+    // Configuration record naming the machine type, then a ram START section.
+    assert_eq!(main[8], 0x07, "QEMU_VM_CONFIGURATION");
+    let window = &main[..main.len().min(256)];
+    assert!(
+        window.windows(2).any(|w| w == b"pc"),
+        "machine name in configuration"
+    );
+    assert!(
+        window.windows(3).any(|w| w == b"ram"),
+        "ram section early in the stream"
+    );
+    assert!(
+        main.len() > 1 << 20,
+        "64 MiB guest with ~12 MiB of non-zero pages sent only {} bytes",
+        main.len()
+    );
+    eprintln!(
+        "capture_main_stream: {} bytes in {:?}",
+        main.len(),
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn capture_multifd_streams() {
+    if setup("capture_multifd_streams").is_none() {
+        return;
+    }
+    let t0 = Instant::now();
+    let mode = MigrationMode::Multifd {
+        channels: 2,
+        compression: MultifdCompression::None,
+    };
+    let streams = capture_migration_stream(mode).expect("capture");
+    assert_eq!(streams.len(), 3);
+    assert_eq!(&streams[0][..4], b"QEVM");
+    for (id, ch) in streams[1..].iter().enumerate() {
+        assert!(
+            ch.len() >= 64 + 1344,
+            "multifd channel {id} too short: {}",
+            ch.len()
+        );
+        assert_eq!(&ch[..4], &[0x11, 0x22, 0x33, 0x44], "MULTIFD_MAGIC");
+        assert_eq!(&ch[4..8], &[0, 0, 0, 1], "MULTIFD_VERSION");
+        assert_eq!(usize::from(ch[24]), id, "channel id");
+        // First packet header right after the 64-byte init packet.
+        assert_eq!(&ch[64..68], &[0x11, 0x22, 0x33, 0x44]);
+    }
+    let multifd: usize = streams[1..].iter().map(Vec::len).sum();
+    assert!(
+        multifd > 1 << 20,
+        "pages should travel on multifd channels, got {multifd} bytes"
+    );
+    eprintln!(
+        "capture_multifd_streams: sizes {:?} in {:?}",
+        streams.iter().map(Vec::len).collect::<Vec<_>>(),
+        t0.elapsed()
+    );
+}
+
+/// Deletes the network namespace on drop.
+struct NetnsGuard(String);
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn guest_runs_in_netns() {
+    let Some(image) = setup("guest_runs_in_netns") else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let has_ip = std::process::Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !root || !has_ip {
+        eprintln!("SKIP guest_runs_in_netns: needs root and iproute2");
+        return;
+    }
+    let ns = format!("fqemu-{}", std::process::id());
+    let ok = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "ip netns add {ns}");
+    let _guard = NetnsGuard(ns.clone());
+    let mut vm = Qemu::spawn(&image, &QemuConfig::default().named("netns"), Some(&ns))
+        .expect("start QEMU in netns");
+    vm.serial().wait_for_tick(2, BOOT).expect("ticks in netns");
+    let theirs = std::fs::read_link(format!("/proc/{}/ns/net", vm.pid())).expect("qemu netns");
+    let ours = std::fs::read_link("/proc/self/ns/net").expect("own netns");
+    assert_ne!(theirs, ours, "QEMU should run in netns {ns}");
+    assert!(vm.qmp().query_status().expect("query-status").running);
+}
+
+#[test]
+fn capture_multifd_zstd_streams() {
+    if setup("capture_multifd_zstd_streams").is_none() {
+        return;
+    }
+    let t0 = Instant::now();
+    let mode = MigrationMode::Multifd {
+        channels: 2,
+        compression: MultifdCompression::Zstd,
+    };
+    let streams = capture_migration_stream(mode).expect("capture");
+    assert_eq!(streams.len(), 3);
+    assert_eq!(&streams[0][..4], b"QEVM");
+    for ch in &streams[1..] {
+        assert_eq!(&ch[..4], &[0x11, 0x22, 0x33, 0x44]);
+        // Walk the 7.2 packets: 1344-byte header, then `next_packet_size`
+        // bytes of payload only if normal_pages > 0 (SYNC packets may carry none).
+        let be32 = |o: usize| u32::from_be_bytes([ch[o], ch[o + 1], ch[o + 2], ch[o + 3]]);
+        let mut off = 64;
+        let mut first_data = None;
+        while off + 1344 <= ch.len() {
+            assert_eq!(be32(off), 0x1122_3344, "packet magic at {off}");
+            let (flags, normal, size) = (be32(off + 8), be32(off + 16), be32(off + 20) as usize);
+            if normal > 0 {
+                assert_eq!(flags & 0x0e, 0x04, "ZSTD flag on a packet with pages");
+                first_data.get_or_insert(off + 1344);
+                off += 1344 + size;
+            } else {
+                off += 1344;
+            }
+        }
+        assert_eq!(off, ch.len(), "packets cover the whole channel");
+        let data = first_data.expect("a packet with pages");
+        assert_eq!(
+            &ch[data..data + 4],
+            &[0x28, 0xb5, 0x2f, 0xfd],
+            "zstd frame magic starts the channel's stream"
+        );
+    }
+    let multifd: usize = streams[1..].iter().map(Vec::len).sum();
+    eprintln!(
+        "capture_multifd_zstd_streams: {multifd} multifd bytes, {:?}",
+        t0.elapsed()
+    );
+}
