@@ -61,6 +61,8 @@ pub struct Config {
     pub forwards: Vec<ForwardConfig>,
     /// Resource bounds.
     pub limits: LimitsConfig,
+    /// Destination page cache.
+    pub cache: CacheConfig,
 }
 
 /// PEM files for mutual TLS.
@@ -113,6 +115,37 @@ pub struct ForwardConfig {
     pub peer: String,
     /// TCP address the peer gateway dials for each connection.
     pub connect: SocketAddr,
+    /// Whether the page codec encodes this forward's connections (towards the peer).
+    #[serde(default)]
+    pub codec: CodecMode,
+}
+
+/// Page codec use on a forward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CodecMode {
+    /// Detect QEMU migration streams and encode their pages; compress anything else.
+    #[default]
+    Auto,
+    /// Forward bytes unchanged.
+    Off,
+}
+
+/// The destination page cache.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Memory for cached pages, shared by every migration arriving through this gateway.
+    pub size: ByteSize,
+    /// Most page digests advertised to a source per migration connection (16 bytes each on the
+    /// WAN); the most recently cached pages are advertised first.
+    pub advertise_max_pages: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { size: ByteSize(1 << 30), advertise_max_pages: 1 << 20 }
+    }
 }
 
 /// Bounds on what a gateway may hold in memory.
@@ -146,6 +179,8 @@ struct RawConfig {
     forwards: Vec<ForwardConfig>,
     #[serde(default)]
     limits: LimitsConfig,
+    #[serde(default)]
+    cache: CacheConfig,
 }
 
 impl Config {
@@ -217,6 +252,7 @@ impl Config {
             peers: raw.peers,
             forwards: raw.forwards,
             limits: raw.limits,
+            cache: raw.cache,
         })
     }
 }
@@ -300,6 +336,19 @@ connect = "127.0.0.2:4444"
         std::fs::remove_file(dir.path().join("site-a.key")).unwrap();
         let err = parse(&sample(""), dir.path()).unwrap_err().to_string();
         assert!(err.contains("tls.key"), "{err}");
+    }
+
+    #[test]
+    fn cache_and_codec_keys() {
+        let dir = dir_with_certs();
+        let cfg = parse(&sample("[cache]\nsize = \"256MiB\"\n"), dir.path()).unwrap();
+        assert_eq!(cfg.cache.size, ByteSize(256 << 20));
+        assert_eq!(cfg.forwards[0].codec, CodecMode::Auto);
+        let text = sample("").replace("connect = \"127.0.0.2:4444\"", "connect = \"127.0.0.2:4444\"\ncodec = \"off\"");
+        assert_eq!(parse(&text, dir.path()).unwrap().forwards[0].codec, CodecMode::Off);
+        let text = sample("").replace("connect = \"127.0.0.2:4444\"", "connect = \"127.0.0.2:4444\"\ncodec = \"maybe\"");
+        let err = parse(&text, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("codec") && err.contains("maybe"), "{err}");
     }
 
     #[test]

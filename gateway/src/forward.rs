@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::config::ForwardConfig;
+use crate::config::{CodecMode, ForwardConfig};
 use crate::tunnel::Tunnel;
 
 /// How long an accepted connection waits for the tunnel to its peer before it is dropped.
@@ -58,7 +58,8 @@ impl Forward {
             };
             let (flow, seq) = link.reserve_flow(self.index);
             tracing::debug!(%remote, %peer, flow, seq, "carrying connection");
-            tokio::spawn(link.carry(tcp, flow, self.index, seq, self.config.connect, permit));
+            let codec = self.config.codec == CodecMode::Auto;
+            tokio::spawn(link.carry(tcp, flow, self.index, seq, self.config.connect, codec, permit));
         }
     }
 }

@@ -7,7 +7,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::forward::Forward;
-use crate::tunnel::{StatsSnapshot, Tunnel};
+use crate::tunnel::{FlowLog, StatsSnapshot, Tunnel};
 
 /// A gateway running on the current tokio runtime; dropping it shuts it down.
 pub struct Gateway {
@@ -57,6 +57,11 @@ impl Gateway {
     /// Counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.tunnel.stats().snapshot()
+    }
+
+    /// The most recent finished flows (a live handle: it keeps filling).
+    pub fn flow_log(&self) -> FlowLog {
+        self.tunnel.shared.flow_log.clone()
     }
 
     /// Stops listening and closes the tunnel.

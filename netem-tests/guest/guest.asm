@@ -31,7 +31,7 @@
 ;     per tick, `v` runs a verify pass at the next tick.
 ;
 ; Random page i (4 KiB) content: dword0 = seed, dword1 = i, dwords 2..1023 =
-; xorshift32 stream starting from seed. The seed is also stored in the seed
+; xorshift32 stream starting from seed * 0x9E3779B1. The seed is also stored in the seed
 ; table (a different page), so a stale or lost page after migration is caught.
 
 bits 32
@@ -551,7 +551,10 @@ write_rand_page:
     mov [edi + 4], ebx
     add edi, 8
     mov ecx, 1022
-    mov eax, edx
+    ; Start the stream from a multiplied seed: seeds are consecutive outputs of the same
+    ; xorshift, so streaming from the seed itself would make each page its neighbour shifted
+    ; by one dword, which any compressor folds away.
+    imul eax, edx, 0x9E3779B1
 .l:
     mov ebx, eax
     shl ebx, 13
@@ -654,6 +657,7 @@ verify:
     imul ebp, ebp, 16777619
     lea edi, [esi + 8]
     mov ecx, 1022
+    imul eax, eax, 0x9E3779B1          ; same stream start as write_rand_page
 .gen:
     mov ebx, eax
     shl ebx, 13

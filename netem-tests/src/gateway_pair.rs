@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use ferry_gateway::tunnel::FlowLog;
 use ferry_gateway::{certs, Config, Gateway};
 
 use crate::wan::{Site, Wan};
@@ -43,6 +44,10 @@ pub struct PairLink {
 pub struct GatewayPair {
     /// Site A's forward listener (an address inside site A's namespace).
     pub forward_addr: SocketAddr,
+    /// Finished flows at site A's gateway (live handle).
+    pub flows_a: FlowLog,
+    /// Finished flows at site B's gateway (live handle).
+    pub flows_b: FlowLog,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
     threads: Vec<JoinHandle<()>>,
     pki: tempfile::TempDir,
@@ -70,19 +75,28 @@ impl GatewayPair {
         certs::generate(pki.path(), &["site-a".into(), "site-b".into()]).map_err(|e| PairError::Setup(e.to_string()))?;
         let a_text = site_config("site-a", wan.site_a(), ("site-b", wan.site_b()), &link, Some(connect));
         let b_text = site_config("site-b", wan.site_b(), ("site-a", wan.site_a()), &link, None);
-        let mut pair = Self { forward_addr: SocketAddr::from(([127, 0, 0, 1], 0)), stops: Vec::new(), threads: Vec::new(), pki };
-        pair.spawn("site-b", wan.site_b(), &b_text, None)?;
-        let a_forwards = pair.spawn("site-a", wan.site_a(), &a_text, Some("site-b"))?;
+        let mut pair = Self {
+            forward_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            flows_a: FlowLog::default(),
+            flows_b: FlowLog::default(),
+            stops: Vec::new(),
+            threads: Vec::new(),
+            pki,
+        };
+        let (_, flows_b) = pair.spawn("site-b", wan.site_b(), &b_text, None)?;
+        let (a_forwards, flows_a) = pair.spawn("site-a", wan.site_a(), &a_text, Some("site-b"))?;
+        pair.flows_a = flows_a;
+        pair.flows_b = flows_b;
         pair.forward_addr = *a_forwards.first().ok_or_else(|| PairError::Setup("no forward at site A".into()))?;
         Ok(pair)
     }
 
     /// Starts one gateway in `site_ns`; with `wait_for`, ready means connected to that peer.
-    fn spawn(&mut self, site: &'static str, site_ns: &Site, text: &str, wait_for: Option<&'static str>) -> Result<Vec<SocketAddr>, PairError> {
+    fn spawn(&mut self, site: &'static str, site_ns: &Site, text: &str, wait_for: Option<&'static str>) -> Result<(Vec<SocketAddr>, FlowLog), PairError> {
         let path = self.pki.path().join(format!("{site}.toml"));
         std::fs::write(&path, text).map_err(|e| PairError::Setup(e.to_string()))?;
         let config = Config::load(&path).map_err(|e| PairError::Setup(e.to_string()))?;
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<SocketAddr>, String>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(Vec<SocketAddr>, FlowLog), String>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = site_ns
             .spawn_thread(move || {
@@ -107,7 +121,7 @@ impl GatewayPair {
                             return;
                         }
                     }
-                    let _ = ready_tx.send(Ok(gateway.forward_addrs().to_vec()));
+                    let _ = ready_tx.send(Ok((gateway.forward_addrs().to_vec(), gateway.flow_log())));
                     let _ = stop_rx.await;
                     drop(gateway);
                 });

@@ -40,6 +40,7 @@ mod migrate;
 mod qmp;
 mod serial;
 mod vm;
+mod wan_migration;
 
 use std::io;
 use std::path::PathBuf;
@@ -51,6 +52,7 @@ pub use migrate::{migrate_local, MigrationMode, MultifdCompression};
 pub use qmp::{MigrationInfo, QmpClient, RamStats, RunStatus};
 pub use serial::{SerialLog, VerifyReport};
 pub use vm::{Incoming, Qemu, QemuConfig};
+pub use wan_migration::{migrate_over_wan, WanMigrationReport, WanRoute, UNLIMITED_BANDWIDTH};
 
 /// Errors of the QEMU test harness.
 #[derive(Debug, thiserror::Error)]

@@ -36,6 +36,37 @@ impl DestinationIndex for NoIndex {
     }
 }
 
+/// A destination index that starts empty and is filled when the destination's advertisement
+/// arrives, one round trip after the connection opened; until then only the session window yields
+/// references.
+#[derive(Debug, Default)]
+pub struct AdvertisedIndex {
+    set: std::sync::RwLock<DigestSet>,
+}
+
+impl AdvertisedIndex {
+    /// Installs the destination's advertisement.
+    pub fn install(&self, advertisement: Advertisement) {
+        *self.set.write().unwrap_or_else(|e| e.into_inner()) = advertisement.digests;
+    }
+
+    /// Number of advertised pages.
+    pub fn len(&self) -> usize {
+        self.set.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether nothing was advertised (yet).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl DestinationIndex for AdvertisedIndex {
+    fn may_contain(&self, digest: &PageDigest) -> bool {
+        self.set.read().unwrap_or_else(|e| e.into_inner()).contains_prefix(&digest.prefix())
+    }
+}
+
 /// A set of 16-byte digest prefixes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DigestSet {

@@ -302,6 +302,12 @@ impl Encoder {
         }
         let start = out.len();
         self.ensure_preamble(out);
+        if matches!(self.kind, Kind::Detect) && !self.pending.is_empty() {
+            // A QEMU stream writes its magic in one go; a source that pauses before 4 bytes
+            // (a request/response protocol, say) must not be held back waiting for them.
+            self.go_opaque("source paused before sending 4 bytes".into());
+            self.drain_pending_verbatim(out);
+        }
         self.flush_batch(out);
         self.checkpoint(out);
         self.stats.wire_bytes_out += (out.len() - start) as u64;
@@ -324,18 +330,23 @@ impl Encoder {
         let start = out.len();
         self.ensure_preamble(out);
         if !self.pending.is_empty() {
-            let pend = std::mem::take(&mut self.pending);
             if matches!(self.kind, Kind::Detect) {
                 self.go_opaque("stream shorter than 4 bytes".into());
             }
-            let mut hashed = 0;
-            self.add_verbatim(&pend, 0, pend.len(), &mut hashed, out);
-            self.hasher.update(&pend[hashed..]);
+            self.drain_pending_verbatim(out);
         }
         self.flush_batch(out);
         encode_digest_frame(out, true, self.emitted, self.hasher.finalize().as_bytes());
         self.finished = true;
         self.stats.wire_bytes_out += (out.len() - start) as u64;
+    }
+
+    /// Emits the held partial record (or undecided first bytes) as a verbatim run.
+    fn drain_pending_verbatim(&mut self, out: &mut Vec<u8>) {
+        let pend = std::mem::take(&mut self.pending);
+        let mut hashed = 0;
+        self.add_verbatim(&pend, 0, pend.len(), &mut hashed, out);
+        self.hasher.update(&pend[hashed..]);
     }
 
     fn ensure_preamble(&mut self, out: &mut Vec<u8>) {

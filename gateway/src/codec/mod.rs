@@ -91,7 +91,7 @@ pub mod qemu;
 mod tests;
 
 pub use decoder::{DecodeError, Decoder, DecoderConfig};
-pub use digest_set::{Advertisement, AdvertisementError, DestinationIndex, DigestSet, NoIndex};
+pub use digest_set::{Advertisement, AdvertisementError, AdvertisedIndex, DestinationIndex, DigestSet, NoIndex};
 pub use encoder::{CodecStats, Encoder, EncoderConfig, StreamMode};
 pub use page_cache::{PageCache, PageCacheStats, PageStore};
 

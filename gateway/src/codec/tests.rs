@@ -378,6 +378,25 @@ fn opaque_round_trip() {
 }
 
 #[test]
+fn flush_releases_bytes_held_for_detection() {
+    // A source that sends 1 byte and waits for an answer must not stall in the encoder.
+    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex));
+    let mut dec = Decoder::new(Arc::new(PageCache::new(1 << 20)));
+    let (mut wire, mut out) = (Vec::new(), Vec::new());
+    enc.push(b"Q", &mut wire);
+    enc.flush(&mut wire);
+    dec.push(&wire, &mut out).unwrap();
+    assert_eq!(out, b"Q");
+    assert_eq!(enc.stats().mode, StreamMode::Opaque);
+    wire.clear();
+    enc.push(b"EVM more", &mut wire);
+    enc.finish(&mut wire);
+    dec.push(&wire, &mut out).unwrap();
+    dec.finish(&mut out).unwrap();
+    assert_eq!(out, b"QEVM more");
+}
+
+#[test]
 fn opaque_triggers_keep_round_trip_exact() {
     let mut rng = Rng::new(4);
     // XBZRLE record in a PART.

@@ -18,12 +18,20 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::tunnel::protocol::{ChunkHeader, FlowKey, LaneHeader, Message, MESSAGE_HEADER_LEN};
+use crate::codec::{Advertisement, CodecStats, Decoder, Encoder};
+use crate::tunnel::protocol::{
+    ChunkHeader, FlowKey, LaneHeader, LaneKind, Message, ProtocolError, CONNECTION_FLOW, MAX_ADVERT, MESSAGE_HEADER_LEN,
+};
 use crate::tunnel::reorder::{Admission, Reassembler};
 use crate::tunnel::FlowError;
 
 /// Bytes read from the local socket per chunk.
 const READ_CHUNK: usize = 64 << 10;
+/// An encoder holding unsent input flushes after the source was quiet this long: long enough
+/// to batch a busy stream, short against a WAN round trip.
+const IDLE_FLUSH: Duration = Duration::from_millis(2);
+/// Encoded output goes to the lanes in pieces of at most this size.
+const WIRE_PIECE: usize = 256 << 10;
 /// The receiver acknowledges delivered bytes at least this often (see `Message::Ack`).
 const ACK_EVERY: u64 = 4 << 20;
 /// How long a finished flow waits for the peer to close its control stream.
@@ -45,6 +53,72 @@ pub struct FlowCounters {
     pub wan_in: AtomicU64,
     /// Bytes of our direction the peer acknowledged as delivered.
     pub acked: AtomicU64,
+    /// blake3 of every byte read from the local socket.
+    tcp_in_digest: std::sync::Mutex<blake3::Hasher>,
+    /// blake3 of every byte written to the local socket.
+    tcp_out_digest: std::sync::Mutex<blake3::Hasher>,
+    /// Encoder statistics of a codec flow's outbound direction, set when it ends.
+    pub codec: std::sync::Mutex<Option<CodecStats>>,
+}
+
+impl FlowCounters {
+    fn hash_in(&self, data: &[u8]) {
+        self.tcp_in_digest.lock().unwrap_or_else(|e| e.into_inner()).update(data);
+    }
+
+    fn hash_out(&self, data: &[u8]) {
+        self.tcp_out_digest.lock().unwrap_or_else(|e| e.into_inner()).update(data);
+    }
+
+    /// A record of the flow as it stands.
+    pub fn record(&self, peer: &str, key: FlowKey, started: Instant, result: &Result<(), FlowError>) -> FlowRecord {
+        let digest = |h: &std::sync::Mutex<blake3::Hasher>| *h.lock().unwrap_or_else(|e| e.into_inner()).finalize().as_bytes();
+        FlowRecord {
+            peer: peer.to_owned(),
+            flow: key.id,
+            opened_locally: key.opened_locally,
+            error: result.as_ref().err().map(|e| e.to_string()),
+            tcp_in: self.tcp_in.load(Ordering::Relaxed),
+            tcp_out: self.tcp_out.load(Ordering::Relaxed),
+            wan_in: self.wan_in.load(Ordering::Relaxed),
+            wan_out: self.wan_out.load(Ordering::Relaxed),
+            tcp_in_digest: digest(&self.tcp_in_digest),
+            tcp_out_digest: digest(&self.tcp_out_digest),
+            duration: started.elapsed(),
+            codec: self.codec.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+}
+
+/// What a finished flow did; gateways keep the most recent ones (see `Gateway::flow_records`).
+/// The digests let tests and operators check end to end that the destination received exactly
+/// what the source sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// Peer site.
+    pub peer: String,
+    /// Flow number (the opener's).
+    pub flow: u64,
+    /// Whether this gateway accepted the TCP connection (ingress) rather than dialing (egress).
+    pub opened_locally: bool,
+    /// Why it failed; `None` if it completed.
+    pub error: Option<String>,
+    /// Bytes read from the local socket.
+    pub tcp_in: u64,
+    /// Bytes written to the local socket.
+    pub tcp_out: u64,
+    /// Bytes received from the WAN for this flow (payload + framing).
+    pub wan_in: u64,
+    /// Bytes sent on the WAN for this flow (payload + framing).
+    pub wan_out: u64,
+    /// blake3 of the bytes read from the local socket.
+    pub tcp_in_digest: [u8; 32],
+    /// blake3 of the bytes written to the local socket.
+    pub tcp_out_digest: [u8; 32],
+    /// Lifetime of the flow.
+    pub duration: Duration,
+    /// Encoder statistics, at the ingress of a codec flow.
+    pub codec: Option<CodecStats>,
 }
 
 /// The receiving half of one flow direction, shared with the lane readers.
@@ -170,6 +244,10 @@ pub struct FlowParts {
     pub lanes: usize,
     /// Counters, shared with `inbound`.
     pub counters: Arc<FlowCounters>,
+    /// Encodes our direction (ingress of a codec flow).
+    pub encoder: Option<Encoder>,
+    /// Decodes the peer's direction (egress of a codec flow).
+    pub decoder: Option<Decoder>,
 }
 
 /// Runs a flow until both directions completed or it failed. On failure the local TCP
@@ -178,14 +256,14 @@ pub struct FlowParts {
 /// The ingress side calls this right after sending Open, so data starts flowing without waiting
 /// a round trip; the peer's Opened or Refused arrives on the control stream meanwhile.
 pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError> {
-    let FlowParts { key, conn, control_send, mut control_recv, inbound, lanes, counters } = parts;
+    let FlowParts { key, conn, control_send, mut control_recv, inbound, lanes, counters, encoder, decoder } = parts;
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let control = Arc::new(Mutex::new(control_send));
     let cancel = inbound.cancel.clone();
 
     let result = {
-        let outbound = pump_out(&mut tcp_read, &conn, key, lanes, control.clone(), &counters, cancel.clone());
-        let inbound_pump = pump_in(&mut tcp_write, &inbound, control.clone());
+        let outbound = pump_out(&mut tcp_read, &conn, key, lanes, control.clone(), &counters, cancel.clone(), encoder);
+        let inbound_pump = pump_in(&mut tcp_write, &inbound, control.clone(), decoder);
         let control_reader = async {
             loop {
                 match read_message(&mut control_recv).await? {
@@ -241,7 +319,8 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
     result
 }
 
-/// Local socket → lanes. Ends with a Fin carrying the exact length.
+/// Local socket → (encoder →) lanes. Ends with a Fin carrying the exact length sent.
+#[allow(clippy::too_many_arguments)]
 async fn pump_out(
     tcp: &mut OwnedReadHalf,
     conn: &quinn::Connection,
@@ -250,31 +329,63 @@ async fn pump_out(
     control: Arc<Mutex<SendStream>>,
     counters: &Arc<FlowCounters>,
     cancel: CancellationToken,
+    mut encoder: Option<Encoder>,
 ) -> Result<(), FlowError> {
     let (tx, rx) = mpsc::channel::<(u64, Bytes)>(lanes.max(2));
     let rx = Arc::new(Mutex::new(rx));
-    let header = LaneHeader { sender_opened_flow: key.opened_locally, flow: key.id };
+    let header = LaneHeader { kind: LaneKind::Data, sender_opened_flow: key.opened_locally, flow: key.id };
     let mut writers = tokio::task::JoinSet::new();
     for _ in 0..lanes {
         writers.spawn(write_lane(conn.clone(), header, rx.clone(), counters.clone(), cancel.clone()));
     }
-    let mut offset = 0u64;
+    let mut sender = ChunkSender { tx, offset: 0 };
     let read_result = async {
+        let mut wire = Vec::new();
+        // Whether the encoder holds input it has not flushed yet.
+        let mut unflushed = false;
         loop {
             let mut buf = BytesMut::with_capacity(READ_CHUNK);
-            let n = tcp.read_buf(&mut buf).await.map_err(FlowError::LocalRead)?;
+            let read = if unflushed {
+                match tokio::time::timeout(IDLE_FLUSH, tcp.read_buf(&mut buf)).await {
+                    Ok(r) => Some(r),
+                    Err(_) => None,
+                }
+            } else {
+                Some(tcp.read_buf(&mut buf).await)
+            };
+            let Some(read) = read else {
+                // The source went quiet: ship what the encoder holds.
+                if let Some(enc) = encoder.as_mut() {
+                    enc.flush(&mut wire);
+                }
+                unflushed = false;
+                sender.send_all(&mut wire).await?;
+                continue;
+            };
+            let n = read.map_err(FlowError::LocalRead)?;
             if n == 0 {
+                if let Some(enc) = encoder.as_mut() {
+                    enc.finish(&mut wire);
+                    sender.send_all(&mut wire).await?;
+                    *counters.codec.lock().unwrap_or_else(|e| e.into_inner()) = Some(enc.stats());
+                }
                 return Ok::<(), FlowError>(());
             }
             counters.tcp_in.fetch_add(n as u64, Ordering::Relaxed);
-            if tx.send((offset, buf.freeze())).await.is_err() {
-                return Err(FlowError::Cancelled);
+            counters.hash_in(&buf);
+            match encoder.as_mut() {
+                Some(enc) => {
+                    enc.push(&buf, &mut wire);
+                    unflushed = true;
+                    sender.send_all(&mut wire).await?;
+                }
+                None => sender.send(buf.freeze()).await?,
             }
-            offset += n as u64;
         }
     }
     .await;
-    drop(tx);
+    let length = sender.offset;
+    drop(sender);
     if let Err(e) = read_result {
         // Abort any lane writer still waiting on QUIC.
         cancel.cancel();
@@ -284,9 +395,33 @@ async fn pump_out(
         joined.map_err(|e| FlowError::Unexpected(format!("lane writer panicked: {e}")))??;
     }
     let mut send = control.lock().await;
-    write_message(&mut send, &Message::Fin { length: offset }).await?;
+    write_message(&mut send, &Message::Fin { length }).await?;
     counters.wan_out.fetch_add(11, Ordering::Relaxed);
     Ok(())
+}
+
+/// Hands chunks to the lane writers, numbering them by offset in the direction's byte stream.
+struct ChunkSender {
+    tx: mpsc::Sender<(u64, Bytes)>,
+    offset: u64,
+}
+
+impl ChunkSender {
+    async fn send(&mut self, data: Bytes) -> Result<(), FlowError> {
+        let len = data.len() as u64;
+        self.tx.send((self.offset, data)).await.map_err(|_| FlowError::Cancelled)?;
+        self.offset += len;
+        Ok(())
+    }
+
+    /// Sends and clears `wire`, in pieces small enough to spread over the lanes.
+    async fn send_all(&mut self, wire: &mut Vec<u8>) -> Result<(), FlowError> {
+        for piece in wire.chunks(WIRE_PIECE) {
+            self.send(Bytes::copy_from_slice(piece)).await?;
+        }
+        wire.clear();
+        Ok(())
+    }
 }
 
 /// One lane writer: takes whichever chunk is next and writes it to its own stream, opened on
@@ -336,13 +471,17 @@ async fn write_lane(
     Ok(())
 }
 
-/// Reorder buffer → local socket; half-closes the socket after the announced length.
+/// Reorder buffer → (decoder →) local socket; half-closes the socket after the announced
+/// length. With a decoder, only bytes the decoder verified reach the socket, and a decode error
+/// fails the flow before the destination sees the stream's end.
 async fn pump_in(
     tcp: &mut OwnedWriteHalf,
     inbound: &Arc<Inbound>,
     control: Arc<Mutex<SendStream>>,
+    mut decoder: Option<Decoder>,
 ) -> Result<(), FlowError> {
     let mut since_ack = 0u64;
+    let mut decoded = Vec::new();
     loop {
         let ready = inbound.ready.notified();
         tokio::pin!(ready);
@@ -353,8 +492,14 @@ async fn pump_in(
         };
         if let Some(data) = data {
             inbound.space.notify_waiters();
-            tcp.write_all(&data).await.map_err(FlowError::LocalWrite)?;
-            inbound.counters.tcp_out.fetch_add(data.len() as u64, Ordering::Relaxed);
+            match decoder.as_mut() {
+                Some(dec) => {
+                    dec.push(&data, &mut decoded)?;
+                    write_local(tcp, &decoded, &inbound.counters).await?;
+                    decoded.clear();
+                }
+                None => write_local(tcp, &data, &inbound.counters).await?,
+            }
             since_ack += data.len() as u64;
             if since_ack >= ACK_EVERY {
                 since_ack = 0;
@@ -363,6 +508,10 @@ async fn pump_in(
             continue;
         }
         if complete {
+            if let Some(dec) = decoder.as_mut() {
+                dec.finish(&mut decoded)?;
+                write_local(tcp, &decoded, &inbound.counters).await?;
+            }
             tcp.shutdown().await.map_err(FlowError::LocalWrite)?;
             write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
             return Ok(());
@@ -374,23 +523,70 @@ async fn pump_in(
     }
 }
 
-/// Flow summary for logs.
-pub fn log_summary(peer: &str, key: FlowKey, counters: &FlowCounters, started: Instant, result: &Result<(), FlowError>) {
-    let secs = started.elapsed().as_secs_f64();
-    let tcp_in = counters.tcp_in.load(Ordering::Relaxed);
-    let tcp_out = counters.tcp_out.load(Ordering::Relaxed);
-    let wan_out = counters.wan_out.load(Ordering::Relaxed);
-    let wan_in = counters.wan_in.load(Ordering::Relaxed);
-    match result {
-        Ok(()) => tracing::info!(
-            peer, flow = key.id, local = key.opened_locally, tcp_in, wan_out, tcp_out, wan_in,
-            duration_s = format_args!("{secs:.3}"),
-            rate_mbit = format_args!("{:.1}", (tcp_in.max(tcp_out) as f64 * 8.0 / 1e6) / secs.max(1e-9)),
+async fn write_local(tcp: &mut OwnedWriteHalf, data: &[u8], counters: &FlowCounters) -> Result<(), FlowError> {
+    tcp.write_all(data).await.map_err(FlowError::LocalWrite)?;
+    counters.tcp_out.fetch_add(data.len() as u64, Ordering::Relaxed);
+    counters.hash_out(data);
+    Ok(())
+}
+
+/// Logs a finished flow.
+pub fn log_record(r: &FlowRecord) {
+    let secs = r.duration.as_secs_f64();
+    let rate_mbit = r.tcp_in.max(r.tcp_out) as f64 * 8.0 / 1e6 / secs.max(1e-9);
+    let (peer, flow, local) = (&r.peer, r.flow, r.opened_locally);
+    let (tcp_in, wan_out, tcp_out, wan_in) = (r.tcp_in, r.wan_out, r.tcp_out, r.wan_in);
+    if let Some(c) = &r.codec {
+        tracing::info!(
+            peer, flow, mode = ?c.mode, bytes_in = c.bytes_in, wire_bytes = c.wire_bytes_out,
+            zero_pages = c.zero_pages, window_refs = c.window_refs, advertised_refs = c.advertised_refs,
+            literal_pages = c.literal_pages, opaque_reason = c.opaque_reason.as_deref().unwrap_or("-"),
+            "flow codec"
+        );
+    }
+    match &r.error {
+        None => tracing::info!(
+            peer, flow, local, tcp_in, wan_out, tcp_out, wan_in,
+            duration_s = format_args!("{secs:.3}"), rate_mbit = format_args!("{rate_mbit:.1}"),
             "flow completed"
         ),
-        Err(e) => tracing::warn!(
-            peer, flow = key.id, local = key.opened_locally, tcp_in, wan_out, tcp_out, wan_in,
-            duration_s = format_args!("{secs:.3}"), error = %e, "flow failed"
+        Some(error) => tracing::warn!(
+            peer, flow, local, tcp_in, wan_out, tcp_out, wan_in,
+            duration_s = format_args!("{secs:.3}"), error, "flow failed"
         ),
     }
+}
+
+/// Sends this gateway's page-cache advertisement to the peer on a new lane; returns the bytes
+/// sent.
+pub async fn send_advert(conn: &quinn::Connection, advertisement: &Advertisement) -> Result<u64, FlowError> {
+    let body = advertisement.encode();
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|l| *l <= MAX_ADVERT)
+        .ok_or(ProtocolError::TooLong { what: "advertisement", len: body.len() as u64, max: MAX_ADVERT.into() })?;
+    let header = LaneHeader { kind: LaneKind::Advert, sender_opened_flow: true, flow: CONNECTION_FLOW };
+    let mut send = conn.open_uni().await?;
+    send.write_all(&header.encode()).await?;
+    send.write_all(&len.to_be_bytes()).await?;
+    send.write_all(&body).await?;
+    let _ = send.finish();
+    Ok((LaneHeader::LEN + 4 + body.len()) as u64)
+}
+
+/// Reads the peer's page-cache advertisement from an advert lane (after its header).
+pub async fn read_advert(mut lane: RecvStream) -> Result<Advertisement, FlowError> {
+    let mut len = [0u8; 4];
+    if !read_exact_or_eof(&mut lane, &mut len).await? {
+        return Err(FlowError::Truncated);
+    }
+    let len = u32::from_be_bytes(len);
+    if len > MAX_ADVERT {
+        return Err(ProtocolError::TooLong { what: "advertisement", len: len.into(), max: MAX_ADVERT.into() }.into());
+    }
+    let mut body = vec![0u8; len as usize];
+    if !read_exact_or_eof(&mut lane, &mut body).await? && len > 0 {
+        return Err(FlowError::Truncated);
+    }
+    Advertisement::decode(&body).map_err(|e| FlowError::Unexpected(format!("bad advertisement: {e}")))
 }

@@ -12,7 +12,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use crate::tunnel::flow::{self, FlowCounters, FlowParts, Inbound};
-use crate::tunnel::protocol::{self, FlowKey, LaneHeader, Message, CONTROL_MAGIC};
+use crate::codec::{AdvertisedIndex, Decoder, DecoderConfig, Encoder, EncoderConfig};
+use crate::tunnel::protocol::{self, FlowKey, LaneHeader, LaneKind, Message, CONTROL_MAGIC};
 use crate::tunnel::{FlowError, TunnelShared};
 
 /// How long a flow waits for its predecessor in dial order before going ahead anyway.
@@ -21,6 +22,12 @@ const ORDER_WAIT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a lane that arrived before its flow's Open waits for it.
 const LANE_ORPHAN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest pause between two cache advertisements.
+const ADVERT_MIN_INTERVAL: Duration = Duration::from_millis(500);
+/// Without news from local flows, the cache is re-checked this often (concurrent migrations).
+const ADVERT_IDLE_INTERVAL: Duration = Duration::from_secs(2);
+/// Average WAN bytes per second cache advertisements may use.
+const ADVERT_MAX_RATE: f64 = 512.0 * 1024.0;
 /// Remembered ended flows (so late lanes are stopped at once); older entries are forgotten.
 const MAX_CLOSED_FLOWS: usize = 4096;
 
@@ -58,6 +65,10 @@ pub struct PeerLink {
     dial_order: Mutex<HashMap<u32, DialOrder>>,
     registry: Mutex<FlowRegistry>,
     shared: Arc<TunnelShared>,
+    /// What the peer's page cache holds, per its latest advertisement; used by our encoders.
+    advertised: Arc<AdvertisedIndex>,
+    /// Poked when our page cache learned pages, so the advertiser sends an update.
+    cache_changed: tokio::sync::Notify,
 }
 
 impl PeerLink {
@@ -71,6 +82,8 @@ impl PeerLink {
             dial_order: Mutex::new(HashMap::new()),
             registry: Mutex::new(FlowRegistry::default()),
             shared,
+            advertised: Arc::new(AdvertisedIndex::default()),
+            cache_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -90,6 +103,7 @@ impl PeerLink {
     }
 
     /// Carries an accepted local TCP connection to the peer, which dials `connect`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn carry(
         self: Arc<Self>,
         tcp: TcpStream,
@@ -97,17 +111,19 @@ impl PeerLink {
         order: u32,
         seq: u64,
         connect: SocketAddr,
+        codec: bool,
         _permit: OwnedSemaphorePermit,
     ) {
         let started = Instant::now();
         let key = FlowKey { opened_locally: true, id: flow };
         let counters = Arc::new(FlowCounters::default());
+        let encoder = codec.then(|| Encoder::new(EncoderConfig::default(), self.advertised.clone()));
         let inbound = Inbound::new(self.shared.sizing.reorder_budget, counters.clone());
         self.register(key, inbound.clone());
         let result = async {
             let (mut send, recv) = self.conn.open_bi().await?;
             let mut hello = protocol::control_preamble().to_vec();
-            Message::Open { flow, order, seq, connect }.encode(&mut hello);
+            Message::Open { flow, order, seq, codec, connect }.encode(&mut hello);
             send.write_all(&hello).await?;
             counters.wan_out.fetch_add(hello.len() as u64, Ordering::Relaxed);
             let _ = tcp.set_nodelay(true);
@@ -119,14 +135,15 @@ impl PeerLink {
                 inbound: inbound.clone(),
                 lanes: self.shared.sizing.lanes,
                 counters: counters.clone(),
+                encoder,
+                decoder: None,
             };
             flow::run_flow(parts, tcp).await
         }
         .await;
         inbound.cancel.cancel();
         self.close(key);
-        self.shared.record_flow(&result);
-        flow::log_summary(&self.site, key, &counters, started, &result);
+        self.shared.record_flow(counters.record(&self.site, key, started, &result));
     }
 
     /// Serves the peer's flows and lanes until the connection closes.
@@ -155,7 +172,14 @@ impl PeerLink {
                 }
             }
         };
-        tokio::join!(flows, lanes);
+        let advertiser = {
+            let link = self.clone();
+            async move { link.advertise_cache().await }
+        };
+        tokio::select! {
+            _ = async { tokio::join!(flows, lanes) } => {}
+            _ = advertiser => {}
+        }
         let reason = self.conn.close_reason().map(|r| r.to_string()).unwrap_or_default();
         tracing::info!(peer = %self.site, %reason, "tunnel connection closed");
         // Fail every flow still on this connection.
@@ -174,12 +198,12 @@ impl PeerLink {
             recv.read_exact(&mut preamble).await.map_err(|_| FlowError::Truncated)?;
             protocol::check_preamble(preamble, CONTROL_MAGIC)?;
             match flow::read_message(&mut recv).await? {
-                Some(Message::Open { flow, order, seq, connect }) => Ok((flow, order, seq, connect)),
+                Some(Message::Open { flow, order, seq, codec, connect }) => Ok((flow, order, seq, codec, connect)),
                 other => Err(FlowError::Unexpected(format!("expected Open, got {other:?}"))),
             }
         }
         .await;
-        let (flow, order, seq, connect) = match open {
+        let (flow, order, seq, codec, connect) = match open {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(peer = %self.site, error = %e, "bad flow open from peer");
@@ -216,6 +240,7 @@ impl PeerLink {
                 match flow::write_message(&mut send, &Message::Opened).await {
                     Err(e) => Err(e),
                     Ok(()) => {
+                        let decoder = codec.then(|| Decoder::new(self.shared.page_cache.clone()));
                         let parts = FlowParts {
                             key,
                             conn: self.conn.clone(),
@@ -224,6 +249,8 @@ impl PeerLink {
                             inbound: inbound.clone(),
                             lanes: self.shared.sizing.lanes,
                             counters: counters.clone(),
+                            encoder: None,
+                            decoder,
                         };
                         tracing::debug!(peer = %self.site, flow, %connect, "flow connected");
                         flow::run_flow(parts, tcp).await
@@ -233,15 +260,18 @@ impl PeerLink {
         };
         inbound.cancel.cancel();
         self.close(key);
-        self.shared.record_flow(&result);
-        flow::log_summary(&self.site, key, &counters, started, &result);
+        self.shared.record_flow(counters.record(&self.site, key, started, &result));
+        if codec {
+            // The cache just learned this flow's pages; tell the peer soon.
+            self.cache_changed.notify_one();
+        }
     }
 
     async fn accept_lane(self: Arc<Self>, mut recv: RecvStream) {
         let mut header = [0u8; LaneHeader::LEN];
-        let key = match recv.read_exact(&mut header).await {
+        let (key, kind) = match recv.read_exact(&mut header).await {
             Ok(()) => match LaneHeader::decode(header) {
-                Ok(h) => h.flow_key_at_receiver(),
+                Ok(h) => (h.flow_key_at_receiver(), h.kind),
                 Err(e) => {
                     tracing::warn!(peer = %self.site, error = %e, "bad lane from peer");
                     let _ = recv.stop(flow::FLOW_ABORTED.into());
@@ -250,6 +280,20 @@ impl PeerLink {
             },
             Err(_) => return,
         };
+        if kind == LaneKind::Advert {
+            if key.id != protocol::CONNECTION_FLOW {
+                let _ = recv.stop(flow::FLOW_ABORTED.into());
+                return;
+            }
+            match flow::read_advert(recv).await {
+                Ok(ad) => {
+                    tracing::debug!(peer = %self.site, pages = ad.digests.len(), "peer advertised its page cache");
+                    self.advertised.install(ad);
+                }
+                Err(e) => tracing::warn!(peer = %self.site, error = %e, "bad cache advertisement from peer"),
+            }
+            return;
+        }
         let Some(inbound) = self.lane_target(key).await else {
             let _ = recv.stop(flow::FLOW_ABORTED.into());
             return;
@@ -260,6 +304,36 @@ impl PeerLink {
                 tracing::warn!(peer = %self.site, flow = key.id, error = %e, "lane failed; aborting flow");
                 cancel.cancel();
             }
+        }
+    }
+
+    /// Keeps the peer informed of what our page cache holds: on connect, after codec flows end,
+    /// and while the cache changes, at most once per [`ADVERT_MIN_INTERVAL`] and never more than
+    /// [`ADVERT_MAX_RATE`] bytes per second on average (a full advertisement each time; the
+    /// cache's most recently inserted pages first).
+    async fn advertise_cache(&self) {
+        let cache = &self.shared.page_cache;
+        let mut last_version = None;
+        loop {
+            let stats = cache.stats();
+            let version = (stats.inserts, stats.evictions);
+            let mut pause = ADVERT_MIN_INTERVAL;
+            if last_version != Some(version) {
+                let ad = cache.advertise(self.shared.advertise_max_pages, DecoderConfig::default().max_session_window_pages);
+                match flow::send_advert(&self.conn, &ad).await {
+                    Ok(bytes) => {
+                        tracing::debug!(peer = %self.site, pages = ad.digests.len(), bytes, "advertised page cache");
+                        last_version = Some(version);
+                        pause = pause.max(Duration::from_secs_f64(bytes as f64 / ADVERT_MAX_RATE));
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %self.site, error = %e, "could not advertise page cache");
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+            let _ = tokio::time::timeout(ADVERT_IDLE_INTERVAL, self.cache_changed.notified()).await;
         }
     }
 

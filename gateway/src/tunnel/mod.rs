@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+pub use flow::FlowRecord;
 pub use link::PeerLink;
 pub use peers::{PeerTable, Tunnel};
 use transport::LinkSizing;
@@ -59,6 +60,9 @@ pub enum FlowError {
     /// The peer gateway aborted the flow.
     #[error("peer aborted the connection: {0}")]
     PeerReset(String),
+    /// The codec rejected the peer's stream (corrupt, or a page it cannot resolve).
+    #[error("codec: {0}")]
+    Decode(#[from] crate::codec::DecodeError),
     /// An out-of-place message.
     #[error("unexpected message: {0}")]
     Unexpected(String),
@@ -115,11 +119,43 @@ pub struct TunnelShared {
     pub max_connections: usize,
     /// Counters.
     pub stats: TunnelStats,
+    /// Recently finished flows.
+    pub flow_log: FlowLog,
+    /// Destination page cache, shared by every decoder of this gateway.
+    pub page_cache: Arc<crate::codec::PageCache>,
+    /// Most pages advertised per codec flow.
+    pub advertise_max_pages: usize,
 }
 
 impl TunnelShared {
-    fn record_flow(&self, result: &Result<(), FlowError>) {
-        let counter = if result.is_ok() { &self.stats.flows_completed } else { &self.stats.flows_failed };
+    fn record_flow(&self, record: FlowRecord) {
+        let counter = if record.error.is_none() { &self.stats.flows_completed } else { &self.stats.flows_failed };
         counter.fetch_add(1, Ordering::Relaxed);
+        flow::log_record(&record);
+        self.flow_log.push(record);
+    }
+}
+
+/// The most recent finished flows of a gateway, newest last. Cheap to clone; bounded.
+#[derive(Clone, Debug, Default)]
+pub struct FlowLog {
+    records: Arc<std::sync::Mutex<std::collections::VecDeque<FlowRecord>>>,
+}
+
+impl FlowLog {
+    /// Records kept.
+    pub const CAPACITY: usize = 1024;
+
+    fn push(&self, record: FlowRecord) {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        if records.len() == Self::CAPACITY {
+            records.pop_front();
+        }
+        records.push_back(record);
+    }
+
+    /// A copy of the records.
+    pub fn records(&self) -> Vec<FlowRecord> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
     }
 }

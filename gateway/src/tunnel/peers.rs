@@ -18,7 +18,7 @@ use crate::config::{Config, PeerConfig};
 use crate::tls::{self, TunnelTls};
 use crate::tunnel::link::PeerLink;
 use crate::tunnel::transport::{self, LinkSizing};
-use crate::tunnel::{TunnelShared, TunnelStats};
+use crate::tunnel::{FlowLog, TunnelShared, TunnelStats};
 
 /// Close code: this connection duplicates a preferred one.
 const CLOSE_DUPLICATE: u32 = 1;
@@ -136,6 +136,9 @@ impl Tunnel {
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             max_connections: config.limits.max_connections,
             stats: TunnelStats::default(),
+            flow_log: FlowLog::default(),
+            page_cache: Arc::new(crate::codec::PageCache::new(usize::try_from(config.cache.size.0).unwrap_or(usize::MAX))),
+            advertise_max_pages: config.cache.advertise_max_pages,
         });
         let tunnel = Arc::new(Self {
             local_site: config.site.clone(),

@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! ingress gateway (site A)                              egress gateway (site B)
-//!   TCP accept ─ control: Open{flow, order, seq, connect} ──▶ wait for turn (order, seq)
+//!   TCP accept ─ control: Open{flow, order, seq, codec, connect} ▶ wait for turn (order, seq)
+//!   (any time)  ◀─ advert lane: page-cache advertisement, on connect and when it changed
 //!   read TCP ──── lanes: Chunk{offset,len}+bytes ─────────▶ reorder ─▶ TCP dial + write
 //!              ◀─ control: Opened | Refused{reason} ────────
 //!              ◀─ lanes (return path): chunks ───────────── read TCP
@@ -34,8 +35,15 @@ use std::net::SocketAddr;
 pub const VERSION: u8 = 1;
 /// First bytes of a control stream.
 pub const CONTROL_MAGIC: [u8; 4] = *b"FRYC";
-/// First bytes of a lane.
+/// First bytes of a data lane.
 pub const LANE_MAGIC: [u8; 4] = *b"FRYL";
+/// First bytes of an advertisement lane: the sending gateway's page-cache advertisement (one u32
+/// length + the encoded `codec::Advertisement`), for the whole connection ([`CONNECTION_FLOW`]).
+pub const ADVERT_MAGIC: [u8; 4] = *b"FRYP";
+/// Flow number of lanes that belong to the connection rather than to a flow.
+pub const CONNECTION_FLOW: u64 = u64::MAX;
+/// Largest advertisement accepted (16 bytes per advertised page: 4 M pages = 16 GiB of cache).
+pub const MAX_ADVERT: u32 = 64 << 20;
 /// Largest chunk payload a sender may put in one record; larger values are refused as corrupt.
 pub const MAX_CHUNK: u32 = 1 << 20;
 /// Largest control message body.
@@ -90,6 +98,8 @@ pub enum Message {
         order: u32,
         /// Position in that order, starting at 0 on each QUIC connection.
         seq: u64,
+        /// Whether the ingress→egress direction is encoded by the page codec.
+        codec: bool,
         /// TCP address the egress gateway dials.
         connect: SocketAddr,
     },
@@ -127,10 +137,11 @@ impl Message {
         let start = out.len();
         out.extend_from_slice(&[0, 0, 0]);
         let ty = match self {
-            Self::Open { flow, order, seq, connect } => {
+            Self::Open { flow, order, seq, codec, connect } => {
                 out.extend_from_slice(&flow.to_be_bytes());
                 out.extend_from_slice(&order.to_be_bytes());
                 out.extend_from_slice(&seq.to_be_bytes());
+                out.push(u8::from(*codec));
                 let text = connect.to_string();
                 out.extend_from_slice(text.as_bytes());
                 T_OPEN
@@ -181,11 +192,16 @@ impl Message {
                 let order = body.get(8..12).ok_or(ProtocolError::Malformed("open"))?;
                 let order = u32::from_be_bytes([order[0], order[1], order[2], order[3]]);
                 let seq = u64_at(12, "open")?;
-                let connect = std::str::from_utf8(&body[20..])
+                let codec = match body.get(20) {
+                    Some(0) => false,
+                    Some(1) => true,
+                    _ => return Err(ProtocolError::Malformed("open")),
+                };
+                let connect = std::str::from_utf8(&body[21..])
                     .ok()
                     .and_then(|s| s.parse().ok())
                     .ok_or(ProtocolError::Malformed("open"))?;
-                Ok(Self::Open { flow, order, seq, connect })
+                Ok(Self::Open { flow, order, seq, codec, connect })
             }
             T_OPENED if body.is_empty() => Ok(Self::Opened),
             T_OPENED => Err(ProtocolError::Malformed("opened")),
@@ -229,9 +245,20 @@ pub fn check_preamble(preamble: [u8; 5], magic: [u8; 4]) -> Result<(), ProtocolE
     Ok(())
 }
 
-/// First bytes of a lane: which flow it belongs to.
+/// What a unidirectional stream carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LaneKind {
+    /// Chunks of a flow direction.
+    Data,
+    /// The page-cache advertisement for a codec flow.
+    Advert,
+}
+
+/// First bytes of a lane: what it carries and which flow it belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaneHeader {
+    /// Data or advertisement.
+    pub kind: LaneKind,
     /// True if the lane's sender opened the flow (so the receiver sees it as remotely opened).
     pub sender_opened_flow: bool,
     /// The opener's flow number.
@@ -245,7 +272,10 @@ impl LaneHeader {
     /// Encodes magic, version, opener flag and flow number.
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0; Self::LEN];
-        b[..4].copy_from_slice(&LANE_MAGIC);
+        b[..4].copy_from_slice(match self.kind {
+            LaneKind::Data => &LANE_MAGIC,
+            LaneKind::Advert => &ADVERT_MAGIC,
+        });
         b[4] = VERSION;
         b[5] = u8::from(self.sender_opened_flow);
         b[6..].copy_from_slice(&self.flow.to_be_bytes());
@@ -254,7 +284,13 @@ impl LaneHeader {
 
     /// Decodes a lane header.
     pub fn decode(b: [u8; Self::LEN]) -> Result<Self, ProtocolError> {
-        check_preamble([b[0], b[1], b[2], b[3], b[4]], LANE_MAGIC)?;
+        let preamble = [b[0], b[1], b[2], b[3], b[4]];
+        let kind = if check_preamble(preamble, ADVERT_MAGIC).is_ok() {
+            LaneKind::Advert
+        } else {
+            check_preamble(preamble, LANE_MAGIC)?;
+            LaneKind::Data
+        };
         let sender_opened_flow = match b[5] {
             0 => false,
             1 => true,
@@ -262,7 +298,7 @@ impl LaneHeader {
         };
         let mut flow = [0; 8];
         flow.copy_from_slice(&b[6..]);
-        Ok(Self { sender_opened_flow, flow: u64::from_be_bytes(flow) })
+        Ok(Self { kind, sender_opened_flow, flow: u64::from_be_bytes(flow) })
     }
 
     /// The flow this lane belongs to, seen from the receiving gateway.
@@ -322,8 +358,8 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        round_trip(Message::Open { flow: 7, order: 2, seq: 9, connect: "10.0.0.1:4444".parse().unwrap() });
-        round_trip(Message::Open { flow: 1, order: 0, seq: 0, connect: "[::1]:80".parse().unwrap() });
+        round_trip(Message::Open { flow: 7, order: 2, seq: 9, codec: true, connect: "10.0.0.1:4444".parse().unwrap() });
+        round_trip(Message::Open { flow: 1, order: 0, seq: 0, codec: false, connect: "[::1]:80".parse().unwrap() });
         round_trip(Message::Opened);
         round_trip(Message::Refused("connection refused".into()));
         round_trip(Message::Fin { length: 1 << 40 });
@@ -336,13 +372,16 @@ mod tests {
         assert_eq!(Message::decode_body(99, &[]), Err(ProtocolError::UnknownMessage(99)));
         assert!(Message::decode_body(T_FIN, &[1, 2, 3]).is_err());
         assert!(Message::decode_body(T_OPEN, &[0; 20]).is_err());
+        assert!(Message::decode_body(T_OPEN, &[2; 30]).is_err());
         assert!(Message::decode_body(T_OPEN, &[0; 5]).is_err());
         assert!(Message::decode_body(T_REFUSED, &[0xff, 0xfe]).is_err());
         assert!(Message::decode_header([1, 0xff, 0xff]).is_err());
         assert!(ChunkHeader::decode(ChunkHeader { offset: 0, len: 0 }.encode()).is_err());
         assert!(ChunkHeader::decode(ChunkHeader { offset: 0, len: MAX_CHUNK + 1 }.encode()).is_err());
         assert!(ChunkHeader::decode(ChunkHeader { offset: u64::MAX, len: 2 }.encode()).is_err());
-        let mut lane = LaneHeader { sender_opened_flow: true, flow: 3 }.encode();
+        let advert = LaneHeader { kind: LaneKind::Advert, sender_opened_flow: false, flow: 4 };
+        assert_eq!(LaneHeader::decode(advert.encode()).unwrap(), advert);
+        let mut lane = LaneHeader { kind: LaneKind::Data, sender_opened_flow: true, flow: 3 }.encode();
         assert_eq!(LaneHeader::decode(lane).unwrap().flow_key_at_receiver(), FlowKey { opened_locally: false, id: 3 });
         lane[4] = 9;
         assert_eq!(LaneHeader::decode(lane), Err(ProtocolError::Version(9)));

@@ -1,0 +1,259 @@
+//! Live-migration cost across an emulated WAN: QEMU alone vs. through the Ferry gateways.
+//!
+//! On one emulated link (default 150 ms RTT, 1 Gbit/s, no loss) it migrates the same test
+//! guest (128 MiB VM, TCG, dirtying memory during the migration):
+//!   (a) directly between the sites, multifd + zstd (QEMU's strongest WAN setup on its own),
+//!   (b) through the gateway pair, multifd with compression none,
+//!   (c) a second guest of the same image (same seed) through the same gateways.
+//! WAN bytes are the IP bytes the emulated link delivered in both directions during the
+//! migration (userspace backend's counters; with the netem backend, which has none, QEMU's
+//! own `transferred` is used instead and the table says so). For the gateway runs the
+//! gateways' own per-flow WAN counters (wan_out + wan_in at A) are shown too.
+//!
+//! Run (root): `cargo bench -p ferry-netem --bench migration_wan`
+//! Environment: FERRY_BENCH_RTT_MS (150), FERRY_BENCH_RATE (Mbit/s, 1000), FERRY_BENCH_LOSS
+//! (percent, 0), FERRY_BENCH_CHANNELS (multifd channels, 4), FERRY_BENCH_RAND_MIB (MiB of
+//! random guest pages, 32), FERRY_BENCH_DIRTY (pages per guest tick, 200).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_netem::gateway_pair::{GatewayPair, PairLink};
+use ferry_netem::qemu::{
+    self, migrate_over_wan, GuestConfig, GuestImage, MigrationMode, MultifdCompression, Qemu,
+    QemuConfig, VerifyReport, WanMigrationReport, WanRoute,
+};
+use ferry_netem::{Backend, Wan};
+
+const BOOT: Duration = Duration::from_secs(120);
+const MIGRATE: Duration = Duration::from_secs(300);
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Run {
+    name: String,
+    report: WanMigrationReport,
+}
+
+impl Run {
+    /// WAN bytes and where they came from.
+    fn wan_bytes(&self) -> (u64, &'static str) {
+        match self.report.link_bytes() {
+            Some(b) => (b, "link"),
+            None => (self.report.ram.transferred, "QEMU transferred"),
+        }
+    }
+}
+
+fn migrate_one(
+    wan: &Wan,
+    image: &GuestImage,
+    guest: &GuestConfig,
+    tag: &str,
+    route: WanRoute<'_>,
+    mode: MigrationMode,
+) -> Result<WanMigrationReport, String> {
+    let mib = (guest.min_ram_bytes() >> 20).max(128) as u32;
+    let cfg = |name: String| {
+        QemuConfig {
+            memory_mib: mib,
+            guest: guest.clone(),
+            ..QemuConfig::default()
+        }
+        .named(&name)
+    };
+    let mut src = Qemu::spawn(
+        image,
+        &cfg(format!("src-{tag}")),
+        Some(wan.site_a().netns()),
+    )
+    .map_err(|e| format!("source: {e}"))?;
+    let mut dst = Qemu::spawn(
+        image,
+        &cfg(format!("dst-{tag}")).incoming_defer(),
+        Some(wan.site_b().netns()),
+    )
+    .map_err(|e| format!("destination: {e}"))?;
+    // Let the guest fill its memory and run a little.
+    src.serial()
+        .wait_for_tick(5, BOOT)
+        .map_err(|e| format!("source boot: {e}"))?;
+    let report = migrate_over_wan(&mut src, &mut dst, wan, route, &mode, MIGRATE)
+        .map_err(|e| format!("migration: {e}"))?;
+    match dst
+        .request_verify(BOOT)
+        .map_err(|e| format!("verify: {e}"))?
+    {
+        VerifyReport::Ok { .. } => {}
+        bad => return Err(format!("guest memory corrupted: {bad:?}")),
+    }
+    if let WanRoute::Gateways { .. } = route {
+        report.check_flows(mode.connections())?;
+    }
+    eprintln!("{tag}: {}", report.summary());
+    Ok(report)
+}
+
+fn main() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    if !ferry_netem::netns::is_root() {
+        println!("skipping migration_wan: needs root (network namespaces)");
+        return;
+    }
+    if !qemu::qemu_available() {
+        println!("skipping migration_wan: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)");
+        return;
+    }
+    let rtt_ms = env_f64("FERRY_BENCH_RTT_MS", 150.0);
+    let rate_mbit = env_f64("FERRY_BENCH_RATE", 1000.0);
+    let loss_pct = env_f64("FERRY_BENCH_LOSS", 0.0);
+    let channels = env_f64("FERRY_BENCH_CHANNELS", 4.0) as u8;
+    let guest = GuestConfig {
+        dirty_pages_per_tick: env_f64("FERRY_BENCH_DIRTY", 200.0) as u32,
+        verify_every_ticks: 0,
+        rand_mib: env_f64("FERRY_BENCH_RAND_MIB", 32.0) as u32,
+        ..GuestConfig::default()
+    };
+    let image = match GuestImage::build() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("cannot build the test guest: {e}");
+            std::process::exit(1);
+        }
+    };
+    let rtt = Duration::from_secs_f64(rtt_ms / 1000.0);
+    let wan = match Wan::builder()
+        .rtt(rtt)
+        .rate_bps((rate_mbit * 1e6) as u64)
+        .loss(loss_pct / 100.0)
+        .backend(Backend::Auto)
+        .up()
+    {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("cannot bring up the WAN: {e}");
+            std::process::exit(1);
+        }
+    };
+    let b = wan.site_b().addr();
+
+    let mut runs: Vec<Result<Run, String>> = Vec::new();
+    let direct_mode = MigrationMode::Multifd {
+        channels,
+        compression: MultifdCompression::Zstd,
+    };
+    let direct = migrate_one(
+        &wan,
+        &image,
+        &guest,
+        "direct",
+        WanRoute::Direct {
+            listen: SocketAddr::from((b, 5555)),
+        },
+        direct_mode,
+    );
+    runs.push(direct.map(|report| Run {
+        name: format!("(a) QEMU direct, multifd {channels} + zstd"),
+        report,
+    }));
+
+    let connect = SocketAddr::from((b, 4444));
+    let link = PairLink {
+        bandwidth: format!("{rate_mbit}mbit"),
+        rtt: format!("{}us", ((rtt_ms * 1000.0) as u64).max(1000)),
+    };
+    match GatewayPair::start(&wan, link, connect) {
+        Ok(pair) => {
+            let mode = MigrationMode::multifd(channels);
+            for (tag, name) in [
+                ("gw-1", "(b) gateways, multifd {c}, first guest"),
+                (
+                    "gw-2",
+                    "(c) gateways, multifd {c}, second guest, same image",
+                ),
+            ] {
+                let r = migrate_one(
+                    &wan,
+                    &image,
+                    &guest,
+                    tag,
+                    WanRoute::Gateways {
+                        pair: &pair,
+                        connect,
+                    },
+                    mode,
+                );
+                runs.push(r.map(|report| Run {
+                    name: name.replace("{c}", &channels.to_string()),
+                    report,
+                }));
+            }
+            drop(pair);
+        }
+        Err(e) => {
+            runs.push(Err(format!("gateways: {e}")));
+        }
+    }
+
+    let base = runs.first().and_then(|r| r.as_ref().ok()).map(|r| {
+        (
+            r.wan_bytes().0,
+            r.report.total_time_ms.unwrap_or(0),
+            r.report.wall_time,
+        )
+    });
+    println!();
+    println!(
+        "Live migration across an emulated WAN: {rtt_ms} ms RTT, {rate_mbit} Mbit/s, {loss_pct} % loss, backend {:?}; guest {} MiB VM, {} MiB random + {} MiB duplicate pages, dirtying {} pages/tick",
+        wan.backend(),
+        (guest.min_ram_bytes() >> 20).max(128),
+        guest.rand_mib,
+        guest.dup_mib,
+        guest.dirty_pages_per_tick
+    );
+    println!();
+    println!("| setup | WAN bytes (MB) | source | gateway flows wan_out+wan_in (MB) | QEMU transferred (MB) | QEMU total time (ms) | downtime (ms) | wall (s) | WAN bytes / direct | time / direct |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mb = |b: u64| format!("{:.1}", b as f64 / 1e6);
+    for run in &runs {
+        match run {
+            Ok(run) => {
+                let r = &run.report;
+                let (bytes, source) = run.wan_bytes();
+                let flows = if r.flows_a.is_empty() {
+                    "-".to_string()
+                } else {
+                    mb(r.wan_out_a() + r.wan_in_a())
+                };
+                let (ratio, tratio) = match base {
+                    Some((bb, bt, _)) if bb > 0 && bt > 0 => (
+                        format!("{:.2}", bytes as f64 / bb as f64),
+                        format!("{:.2}", r.total_time_ms.unwrap_or(0) as f64 / bt as f64),
+                    ),
+                    _ => ("-".into(), "-".into()),
+                };
+                println!(
+                    "| {} | {} | {source} | {flows} | {} | {} | {} | {:.1} | {ratio} | {tratio} |",
+                    run.name,
+                    mb(bytes),
+                    mb(r.ram.transferred),
+                    r.total_time_ms.map_or("-".into(), |t| t.to_string()),
+                    r.downtime_ms.map_or("-".into(), |t| t.to_string()),
+                    r.wall_time.as_secs_f64(),
+                );
+            }
+            Err(e) => println!("| error: {e} | | | | | | | | | |"),
+        }
+    }
+    if runs.iter().any(Result::is_err) {
+        std::process::exit(1);
+    }
+}
