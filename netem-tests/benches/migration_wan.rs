@@ -169,6 +169,7 @@ fn main() {
     let link = PairLink {
         bandwidth: format!("{rate_mbit}mbit"),
         rtt: format!("{}us", ((rtt_ms * 1000.0) as u64).max(1000)),
+        codec: true,
     };
     match GatewayPair::start(&wan, link, connect) {
         Ok(pair) => {

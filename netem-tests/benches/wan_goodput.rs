@@ -77,6 +77,7 @@ fn main() {
             let link = PairLink {
                 bandwidth: format!("{}mbit", rate_mbit),
                 rtt: format!("{}us", ((rtt_ms * 1000.0) as u64).max(1000)),
+                codec: false,
             };
             let gateway = match GatewayPair::start(&wan, link, gw_target) {
                 Ok(pair) => {

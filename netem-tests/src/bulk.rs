@@ -30,29 +30,45 @@ impl Received {
     }
 }
 
-/// Fills `buf` with the payload bytes at stream position `pos` for `seed` (xorshift per 8 bytes,
-/// keyed by position, so any slice can be regenerated independently).
-fn fill(buf: &mut [u8], seed: u64, mut pos: u64) {
-    for chunk in buf.chunks_mut(8) {
-        let mut x = seed ^ (pos / 8).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+/// The payload repeats with this period: long enough that zstd (window ≤ 8 MiB at the levels
+/// Ferry uses) finds no repeats, short enough to generate once per transfer, so the sender spends
+/// its CPU on sending rather than on generating data.
+const PATTERN_LEN: usize = 16 << 20;
+
+/// The payload pattern of `seed` (xorshift64*, 8 bytes per step).
+fn pattern(seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; PATTERN_LEN];
+    let mut x = seed | 1;
+    for chunk in out.chunks_exact_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        x = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        let bytes = x.to_le_bytes();
-        chunk.copy_from_slice(&bytes[..chunk.len()]);
-        pos += 8;
+        chunk.copy_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out
+}
+
+/// Fills `buf` with the payload bytes at stream position `pos`.
+fn fill(buf: &mut [u8], pattern: &[u8], mut pos: u64) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let at = (pos % pattern.len() as u64) as usize;
+        let n = (pattern.len() - at).min(buf.len() - filled);
+        buf[filled..filled + n].copy_from_slice(&pattern[at..at + n]);
+        filled += n;
+        pos += n as u64;
     }
 }
 
 /// blake3 of the first `len` payload bytes of `seed`.
 pub fn payload_digest(seed: u64, len: u64) -> [u8; 32] {
+    let pattern = pattern(seed);
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
     while pos < len {
         let n = (len - pos).min(buf.len() as u64) as usize;
-        fill(&mut buf[..n], seed, pos);
+        fill(&mut buf[..n], &pattern, pos);
         hasher.update(&buf[..n]);
         pos += n as u64;
     }
@@ -63,14 +79,14 @@ pub fn payload_digest(seed: u64, len: u64) -> [u8; 32] {
 /// then half-closes. Returns the bytes sent.
 pub fn send(site: &Site, to: SocketAddr, seed: u64, len: u64, duration: Duration) -> std::io::Result<u64> {
     site.run(move || {
+        let pattern = pattern(seed);
         let mut tcp = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
         let deadline = Instant::now() + duration;
-        let mut buf = vec![0u8; 256 << 10];
         let mut pos = 0u64;
         while pos < len && Instant::now() < deadline {
-            let n = (len - pos).min(buf.len() as u64) as usize;
-            fill(&mut buf[..n], seed, pos);
-            tcp.write_all(&buf[..n])?;
+            let at = (pos % PATTERN_LEN as u64) as usize;
+            let n = (len - pos).min((PATTERN_LEN - at).min(256 << 10) as u64) as usize;
+            tcp.write_all(&pattern[at..at + n])?;
             pos += n as u64;
         }
         tcp.shutdown(std::net::Shutdown::Write)?;
@@ -157,11 +173,13 @@ mod tests {
 
     #[test]
     fn payload_is_position_keyed() {
+        let p = pattern(7);
         let mut whole = vec![0u8; 100];
-        fill(&mut whole, 7, 0);
+        fill(&mut whole, &p, PATTERN_LEN as u64 - 50);
         let mut tail = vec![0u8; 60];
-        fill(&mut tail, 7, 40);
+        fill(&mut tail, &p, PATTERN_LEN as u64 - 10);
         assert_eq!(&whole[40..], &tail[..]);
+        assert_eq!(&whole[50..], &p[..50]);
         assert_ne!(payload_digest(7, 100), payload_digest(8, 100));
     }
 }

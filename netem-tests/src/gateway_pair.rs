@@ -38,6 +38,8 @@ pub struct PairLink {
     pub bandwidth: String,
     /// `link.rtt`, e.g. `"150ms"`.
     pub rtt: String,
+    /// Whether site A's forward runs the page codec (`codec = "auto"`) or forwards raw bytes.
+    pub codec: bool,
 }
 
 /// A running gateway pair.
@@ -62,7 +64,8 @@ fn site_config(name: &str, me: &Site, peer: (&str, &Site), link: &PairLink, forw
         me.addr(), link.bandwidth, link.rtt, peer.0, peer.1.addr()
     );
     if let Some(connect) = forward {
-        text += &format!("[[forward]]\nlisten = \"127.0.0.1:0\"\npeer = \"{}\"\nconnect = \"{connect}\"\n", peer.0);
+        let codec = if link.codec { "auto" } else { "off" };
+        text += &format!("[[forward]]\nlisten = \"127.0.0.1:0\"\npeer = \"{}\"\nconnect = \"{connect}\"\ncodec = \"{codec}\"\n", peer.0);
     }
     text
 }

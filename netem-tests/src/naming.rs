@@ -65,6 +65,14 @@ impl SubnetLease {
     }
 }
 
+impl Drop for SubnetLease {
+    fn drop(&mut self) {
+        // Unlink while still holding the lock (see `try_lease` for why that is safe), so that
+        // tests leave no files behind.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 fn lock_dir() -> Result<PathBuf> {
     let mut last = None;
     for dir in LOCK_DIRS {
@@ -92,6 +100,16 @@ fn try_lease(dir: &Path, index: u8) -> Result<Option<SubnetLease>> {
     // SAFETY: flock on a file descriptor we own for the duration of the call.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
+        // A previous holder unlinks the file on drop; if that happened between our open and our
+        // lock, we hold a lock on a file nobody else can find, so the block is not ours.
+        use std::os::unix::fs::MetadataExt;
+        let same = match (file.metadata(), std::fs::metadata(&path)) {
+            (Ok(held), Ok(named)) => held.ino() == named.ino() && held.dev() == named.dev(),
+            _ => false,
+        };
+        if !same {
+            return Ok(None);
+        }
         return Ok(Some(SubnetLease {
             index,
             path,

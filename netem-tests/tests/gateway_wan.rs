@@ -21,7 +21,7 @@ fn bulk_256mib_crosses_150ms_1pct_loss_byte_identical() {
         .up()
         .expect("WAN up");
     let target = SocketAddr::from((wan.site_b().addr(), 5003));
-    let pair = GatewayPair::start(&wan, PairLink { bandwidth: "1gbit".into(), rtt: "150ms".into() }, target).expect("gateways");
+    let pair = GatewayPair::start(&wan, PairLink { bandwidth: "1gbit".into(), rtt: "150ms".into(), codec: false }, target).expect("gateways");
     let len = 256u64 << 20;
     let receiver = Receiver::start(wan.site_b(), target, Duration::ZERO, Duration::from_secs(240)).expect("receiver");
     let started = std::time::Instant::now();

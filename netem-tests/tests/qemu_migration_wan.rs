@@ -66,6 +66,7 @@ fn setup(test: &str) -> Option<Setup> {
         PairLink {
             bandwidth: "1gbit".into(),
             rtt: "150ms".into(),
+            codec: true,
         },
         connect,
     )

@@ -51,6 +51,10 @@ const BW_WINDOW_ROUNDS: usize = 10;
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 /// Rounds are at least this long, so rate samples on very short paths average over enough ACKs.
 const MIN_ROUND: Duration = Duration::from_millis(10);
+/// Floor for the RTT the window is sized from. On sub-millisecond paths the delay is dominated
+/// by host scheduling and ACK batching rather than the wire; sizing for at least this long keeps
+/// the pipe full there, at the cost of at most this much standing queue.
+const MIN_BDP_RTT: Duration = Duration::from_millis(4);
 /// Smallest window, in datagrams.
 const MIN_WINDOW_PACKETS: u64 = 16;
 /// Window before the first rate sample, in datagrams (as quinn's BBR).
@@ -101,6 +105,8 @@ pub struct RateModel {
     probe_index: usize,
     /// Multiplier (≤ 1) applied to the bottleneck after congestion signals.
     ceiling: f64,
+    /// Send-time span of the latest round that sent above the estimated rate.
+    probe_sent: Option<(Instant, Instant)>,
 }
 
 impl RateModel {
@@ -125,6 +131,7 @@ impl RateModel {
             rounds_without_growth: 0,
             probe_index: 0,
             ceiling: 1.0,
+            probe_sent: None,
         }
     }
 
@@ -153,10 +160,10 @@ impl RateModel {
         if bottleneck == 0 {
             return;
         }
-        let bdp = bottleneck as f64 * min_rtt.as_secs_f64();
+        let bdp = bottleneck as f64 * min_rtt.max(MIN_BDP_RTT).as_secs_f64();
         let model = (self.gain() * bdp * HEADROOM) as u64 + 4 * self.mtu;
         // The operator cap is a rate: never let more than cap × rtt be in flight.
-        let cap = (self.max_rate as f64 * self.smoothed_rtt.max(min_rtt).as_secs_f64() * HEADROOM) as u64;
+        let cap = (self.max_rate as f64 * self.smoothed_rtt.max(min_rtt).max(MIN_BDP_RTT).as_secs_f64() * HEADROOM) as u64;
         let window = match self.phase {
             // In startup the window must not shrink below the initial window while samples are
             // still small.
@@ -216,6 +223,14 @@ impl RateModel {
             }
         }
 
+        // Remember when we last sent above the estimated rate (see `lost`).
+        if probing {
+            let from = match self.probe_sent {
+                Some((from, to)) if to == self.round_start => from,
+                _ => self.round_start,
+            };
+            self.probe_sent = Some((from, now));
+        }
         self.round_start = now;
         self.round_acked_start = self.acked_total;
         self.round_lost = 0;
@@ -252,8 +267,13 @@ impl RateModel {
     }
 
     /// Packets were declared lost.
-    pub fn lost(&mut self, now: Instant, lost_bytes: u64, is_persistent_congestion: bool) {
-        self.round_lost += lost_bytes;
+    pub fn lost(&mut self, now: Instant, sent: Instant, lost_bytes: u64, is_persistent_congestion: bool) {
+        // Loss of packets sent while probing for more bandwidth (or in startup) is what probing
+        // is expected to cause once it overshoots the bottleneck queue; the rate filter already
+        // learns from it. Only loss at the steady rate says the path itself is congested.
+        if !self.probe_sent.is_some_and(|(from, to)| sent >= from && sent < to) {
+            self.round_lost += lost_bytes;
+        }
         if is_persistent_congestion {
             // Everything in flight was lost for a while (an outage): start over.
             *self = Self::new(self.max_rate, now, self.mtu as u16);
@@ -279,8 +299,8 @@ impl Controller for RateModel {
         self.end_acks(now);
     }
 
-    fn on_congestion_event(&mut self, now: Instant, _sent: Instant, is_persistent_congestion: bool, lost_bytes: u64) {
-        self.lost(now, lost_bytes, is_persistent_congestion);
+    fn on_congestion_event(&mut self, now: Instant, sent: Instant, is_persistent_congestion: bool, lost_bytes: u64) {
+        self.lost(now, sent, lost_bytes, is_persistent_congestion);
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
@@ -329,7 +349,7 @@ mod tests {
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
                 if (rng % 10_000) as f64 / 10_000.0 < loss {
-                    model.lost(now, MTU as u64, false);
+                    model.lost(now, now - rtt, MTU as u64, false);
                 } else {
                     model.ack(now, now - rtt, MTU as u64, false, rtt);
                 }
