@@ -4,5 +4,7 @@
 //! Orchestration (QMP, convergence, MAC re-announcement) arrives with later issues; this crate
 //! currently only provides the binary skeleton so the workspace has its final shape.
 
+pub mod announce;
+
 /// Version string reported by `ferry-host --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -128,6 +128,7 @@ fn try_lease(dir: &Path, index: u8) -> Result<Option<SubnetLease>> {
 /// from the pid and a counter so concurrent processes rarely contend.
 pub fn lease_subnet() -> Result<SubnetLease> {
     let dir = lock_dir()?;
+    sweep_stale_leases(&dir);
     let seed =
         (std::process::id() as u64).wrapping_mul(7919) + COUNTER.load(Ordering::Relaxed) * 31;
     // Block 0 is left out: 10.77.0.x looks too much like a network address.
@@ -140,6 +141,24 @@ pub fn lease_subnet() -> Result<SubnetLease> {
     Err(Error::InvalidConfig(
         "all 255 address blocks 10.77.1-255.0/24 are in use".into(),
     ))
+}
+
+/// Removes lease files nobody holds (left by a process that died, or a test that leaked its
+/// `Wan` on purpose): taking the lease and dropping it unlinks the file.
+fn sweep_stale_leases(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let index = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("subnet-"))
+            .and_then(|n| n.strip_suffix(".lock"))
+            .and_then(|n| n.parse::<u8>().ok());
+        if let Some(index) = index {
+            // Held leases answer Ok(None); a free one is taken and dropped at once.
+            let _ = try_lease(dir, index);
+        }
+    }
 }
 
 /// The pid encoded in an auto name `fnetem-<pid>-<n>-{a,b,probe}`, if it is one.

@@ -116,10 +116,8 @@ impl PeerLink {
     ) {
         let started = Instant::now();
         let key = FlowKey { opened_locally: true, id: flow };
-        let counters = Arc::new(FlowCounters::default());
         let encoder = codec.then(|| Encoder::new(EncoderConfig::default(), self.advertised.clone()));
-        let inbound = Inbound::new(self.shared.sizing.reorder_budget, counters.clone());
-        self.register(key, inbound.clone());
+        let (counters, inbound) = self.begin_flow(key);
         let result = async {
             let (mut send, recv) = self.conn.open_bi().await?;
             let mut hello = protocol::control_preamble().to_vec();
@@ -127,23 +125,11 @@ impl PeerLink {
             send.write_all(&hello).await?;
             counters.wan_out.fetch_add(hello.len() as u64, Ordering::Relaxed);
             let _ = tcp.set_nodelay(true);
-            let parts = FlowParts {
-                key,
-                conn: self.conn.clone(),
-                control_send: send,
-                control_recv: recv,
-                inbound: inbound.clone(),
-                lanes: self.shared.sizing.lanes,
-                counters: counters.clone(),
-                encoder,
-                decoder: None,
-            };
+            let parts = self.flow_parts(key, (send, recv), &inbound, &counters, encoder, None);
             flow::run_flow(parts, tcp).await
         }
         .await;
-        inbound.cancel.cancel();
-        self.close(key);
-        self.shared.record_flow(counters.record(&self.site, key, started, &result));
+        self.end_flow(key, &inbound, &counters, started, &result);
     }
 
     /// Serves the peer's flows and lanes until the connection closes.
@@ -212,10 +198,8 @@ impl PeerLink {
             }
         };
         let key = FlowKey { opened_locally: false, id: flow };
-        let counters = Arc::new(FlowCounters::default());
-        let inbound = Inbound::new(self.shared.sizing.reorder_budget, counters.clone());
         // Register before dialing so the ingress's early data buffers (within the budget).
-        self.register(key, inbound.clone());
+        let (counters, inbound) = self.begin_flow(key);
 
         let permit = self.shared.connections.clone().try_acquire_owned();
         self.wait_turn(order, seq).await;
@@ -241,26 +225,14 @@ impl PeerLink {
                     Err(e) => Err(e),
                     Ok(()) => {
                         let decoder = codec.then(|| Decoder::new(self.shared.page_cache.clone()));
-                        let parts = FlowParts {
-                            key,
-                            conn: self.conn.clone(),
-                            control_send: send,
-                            control_recv: recv,
-                            inbound: inbound.clone(),
-                            lanes: self.shared.sizing.lanes,
-                            counters: counters.clone(),
-                            encoder: None,
-                            decoder,
-                        };
+                        let parts = self.flow_parts(key, (send, recv), &inbound, &counters, None, decoder);
                         tracing::debug!(peer = %self.site, flow, %connect, "flow connected");
                         flow::run_flow(parts, tcp).await
                     }
                 }
             }
         };
-        inbound.cancel.cancel();
-        self.close(key);
-        self.shared.record_flow(counters.record(&self.site, key, started, &result));
+        self.end_flow(key, &inbound, &counters, started, &result);
         if codec {
             // The cache just learned this flow's pages; tell the peer soon.
             self.cache_changed.notify_one();
@@ -335,6 +307,43 @@ impl PeerLink {
             tokio::time::sleep(pause).await;
             let _ = tokio::time::timeout(ADVERT_IDLE_INTERVAL, self.cache_changed.notified()).await;
         }
+    }
+
+    /// Counters and the registered receiving half of a new flow.
+    fn begin_flow(&self, key: FlowKey) -> (Arc<FlowCounters>, Arc<Inbound>) {
+        let counters = Arc::new(FlowCounters::default());
+        let inbound = Inbound::new(self.shared.sizing.reorder_budget, counters.clone());
+        self.register(key, inbound.clone());
+        (counters, inbound)
+    }
+
+    fn flow_parts(
+        &self,
+        key: FlowKey,
+        (control_send, control_recv): (SendStream, RecvStream),
+        inbound: &Arc<Inbound>,
+        counters: &Arc<FlowCounters>,
+        encoder: Option<Encoder>,
+        decoder: Option<Decoder>,
+    ) -> FlowParts {
+        FlowParts {
+            key,
+            conn: self.conn.clone(),
+            control_send,
+            control_recv,
+            inbound: inbound.clone(),
+            lanes: self.shared.sizing.lanes,
+            counters: counters.clone(),
+            encoder,
+            decoder,
+        }
+    }
+
+    /// Stops the flow's lane readers, forgets it, and records how it went.
+    fn end_flow(&self, key: FlowKey, inbound: &Inbound, counters: &FlowCounters, started: Instant, result: &Result<(), FlowError>) {
+        inbound.cancel.cancel();
+        self.close(key);
+        self.shared.record_flow(counters.record(&self.site, key, started, result));
     }
 
     fn register(&self, key: FlowKey, inbound: Arc<Inbound>) {

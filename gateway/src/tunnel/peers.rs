@@ -129,7 +129,8 @@ impl Tunnel {
         tracing::info!(
             max_connections = config.limits.max_connections,
             reorder_memory_bound_mib = (config.limits.max_connections as u64 * 2 * sizing.reorder_budget) >> 20,
-            "memory bound for flow buffers"
+            page_cache_mib = config.cache.size.0 >> 20,
+            "memory bounds: flow reorder buffers, page cache"
         );
         let shared = Arc::new(TunnelShared {
             sizing,

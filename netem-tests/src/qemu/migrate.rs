@@ -113,7 +113,19 @@ pub fn migrate_local(
         })?;
     let uri = format!("tcp:127.0.0.1:{port}");
     tracing::info!(src = src.name(), dst = dst.name(), %uri, ?mode, "migrating");
-    src.qmp().migrate(&uri)?;
+    let info = migrate_and_wait(src, dst, &uri, timeout)?;
+    tracing::info!(
+        total_ms = ?info.total_time_ms,
+        downtime_ms = ?info.downtime_ms,
+        transferred = info.ram.as_ref().map(|r| r.transferred),
+        "migration completed"
+    );
+    Ok(info)
+}
+
+/// Starts `src`'s migration to `uri` and waits until it completed and `dst` runs.
+pub(crate) fn migrate_and_wait(src: &mut Qemu, dst: &mut Qemu, uri: &str, timeout: Duration) -> Result<MigrationInfo> {
+    src.qmp().migrate(uri)?;
     let info = src.qmp().wait_migration(timeout)?;
     if info.status != "completed" {
         return Err(QemuError::Protocol(format!(
@@ -123,11 +135,5 @@ pub fn migrate_local(
         )));
     }
     dst.qmp().wait_status("running", timeout)?;
-    tracing::info!(
-        total_ms = ?info.total_time_ms,
-        downtime_ms = ?info.downtime_ms,
-        transferred = info.ram.as_ref().map(|r| r.transferred),
-        "migration completed"
-    );
     Ok(info)
 }

@@ -288,16 +288,7 @@ pub fn migrate_over_wan(
     let link0 = wan.stats();
     tracing::info!(src = src.name(), dst = dst.name(), %uri, ?route, ?mode, "migrating across the WAN");
     let started = Instant::now();
-    src.qmp().migrate(&uri)?;
-    let info = src.qmp().wait_migration(timeout)?;
-    if info.status != "completed" {
-        return Err(QemuError::Protocol(format!(
-            "migration {}: {}",
-            info.status,
-            info.error_desc.as_deref().unwrap_or("no error-desc")
-        )));
-    }
-    dst.qmp().wait_status("running", timeout)?;
+    let info = super::migrate::migrate_and_wait(src, dst, &uri, timeout)?;
     let wall_time = started.elapsed();
     let src_last_tick = src.serial().last_tick();
     let dst_first_tick = dst.serial().wait_next_tick_from(0, timeout)?;
