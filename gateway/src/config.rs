@@ -137,14 +137,16 @@ pub enum CodecMode {
 pub struct CacheConfig {
     /// Memory for cached pages, shared by every migration arriving through this gateway.
     pub size: ByteSize,
-    /// Most page digests advertised to a source per migration connection (16 bytes each on the
-    /// WAN); the most recently cached pages are advertised first.
+    /// Most page digests advertised to a peer (16 bytes each on the WAN); the most recently
+    /// cached pages are advertised first.
     pub advertise_max_pages: usize,
+    /// Directory the cache is persisted in (relative to the config file); `None`: memory only.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { size: ByteSize(1 << 30), advertise_max_pages: 1 << 20 }
+        Self { size: ByteSize(1 << 30), advertise_max_pages: 1 << 20, dir: None }
     }
 }
 
@@ -252,7 +254,7 @@ impl Config {
             peers: raw.peers,
             forwards: raw.forwards,
             limits: raw.limits,
-            cache: raw.cache,
+            cache: CacheConfig { dir: raw.cache.dir.as_ref().map(|d| base.join(d)), ..raw.cache },
         })
     }
 }
@@ -341,8 +343,9 @@ connect = "127.0.0.2:4444"
     #[test]
     fn cache_and_codec_keys() {
         let dir = dir_with_certs();
-        let cfg = parse(&sample("[cache]\nsize = \"256MiB\"\n"), dir.path()).unwrap();
+        let cfg = parse(&sample("[cache]\nsize = \"256MiB\"\ndir = \"pages\"\n"), dir.path()).unwrap();
         assert_eq!(cfg.cache.size, ByteSize(256 << 20));
+        assert_eq!(cfg.cache.dir, Some(dir.path().join("pages")));
         assert_eq!(cfg.forwards[0].codec, CodecMode::Auto);
         let text = sample("").replace("connect = \"127.0.0.2:4444\"", "connect = \"127.0.0.2:4444\"\ncodec = \"off\"");
         assert_eq!(parse(&text, dir.path()).unwrap().forwards[0].codec, CodecMode::Off);

@@ -85,6 +85,7 @@ pub mod digest_set;
 pub mod encoder;
 pub mod frame;
 pub mod page_cache;
+pub mod page_dir;
 pub mod qemu;
 
 #[cfg(test)]
@@ -94,6 +95,7 @@ pub use decoder::{DecodeError, Decoder, DecoderConfig};
 pub use digest_set::{Advertisement, AdvertisementError, AdvertisedIndex, DestinationIndex, DigestSet, NoIndex};
 pub use encoder::{CodecStats, Encoder, EncoderConfig, StreamMode};
 pub use page_cache::{PageCache, PageCacheStats, PageStore};
+pub use page_dir::{PageDir, PageDirError};
 
 /// Size of a page frame: the x86 target page size.
 pub const PAGE_SIZE: usize = 4096;

@@ -12,7 +12,10 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
+use std::path::Path;
+
 use crate::codec::digest_set::{Advertisement, DigestSet};
+use crate::codec::page_dir::{PageDir, PageDirError, PageDirStats};
 use crate::codec::{PageDigest, PAGE_SIZE};
 
 /// A content-addressed page store (destination side).
@@ -57,6 +60,8 @@ struct Inner {
 /// In-memory, bounded page cache with CLOCK (second chance) eviction.
 pub struct PageCache {
     inner: Mutex<Inner>,
+    /// Optional write-behind copy on disk.
+    dir: Option<PageDir>,
     capacity_pages: usize,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -76,12 +81,35 @@ impl PageCache {
         let capacity_pages = capacity_bytes / PAGE_SIZE;
         Self {
             inner: Mutex::new(Inner { map: HashMap::new(), ring: VecDeque::new() }),
+            dir: None,
             capacity_pages,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             inserts: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         }
+    }
+
+    /// A cache of `capacity_bytes` persisted in `dir`: pages found there are loaded (the most
+    /// recent first to survive if they do not all fit), new pages are written behind, evicted ones
+    /// removed.
+    pub fn with_dir(capacity_bytes: usize, dir: &Path) -> Result<Self, PageDirError> {
+        let (page_dir, found) = PageDir::open(dir)?;
+        let mut cache = Self::new(capacity_bytes);
+        // Attached first so pages that do not fit are removed from disk too; re-storing a loaded
+        // page finds its file and writes nothing.
+        cache.dir = Some(page_dir);
+        let loaded = found.len();
+        for (digest, page) in found {
+            cache.insert(digest, page);
+        }
+        tracing::info!(dir = %dir.display(), loaded, held = cache.stats().pages, "page cache loaded from disk");
+        Ok(cache)
+    }
+
+    /// The disk copy's counters, if the cache is persisted.
+    pub fn dir_stats(&self) -> Option<&PageDirStats> {
+        self.dir.as_ref().map(PageDir::stats)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -160,7 +188,13 @@ impl PageStore for PageCache {
             } else {
                 inner.map.remove(&victim);
                 self.evictions.fetch_add(1, Ordering::Relaxed);
+                if let Some(dir) = &self.dir {
+                    dir.remove(victim);
+                }
             }
+        }
+        if let Some(dir) = &self.dir {
+            dir.store(digest, page.clone());
         }
         inner.map.insert(digest, Entry { page, referenced: false });
         inner.ring.push_back(digest);
@@ -201,6 +235,27 @@ mod tests {
         assert!(c.contains(&d4));
         assert_eq!(c.get(&page(1).0), None);
         assert_eq!(c.stats().misses, 1);
+    }
+
+    #[test]
+    fn persisted_cache_reloads_within_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = PageCache::with_dir(8 * PAGE_SIZE, dir.path()).unwrap();
+            for i in 0..6 {
+                let (d, p) = page(i);
+                c.insert(d, p);
+            }
+        }
+        // A restart with a smaller cache keeps the most recent pages and prunes the disk.
+        {
+            let c = PageCache::with_dir(4 * PAGE_SIZE, dir.path()).unwrap();
+            assert_eq!(c.stats().pages, 4);
+            assert!(c.contains(&page(5).0));
+            assert_eq!(c.get(&page(5).0).unwrap(), page(5).1);
+        }
+        let c = PageCache::with_dir(16 * PAGE_SIZE, dir.path()).unwrap();
+        assert_eq!(c.stats().pages, 4);
     }
 
     #[test]

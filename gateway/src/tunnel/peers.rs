@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::codec::PageCache;
 use crate::config::{Config, PeerConfig};
 use crate::tls::{self, TunnelTls};
 use crate::tunnel::link::PeerLink;
@@ -80,6 +81,9 @@ pub enum TunnelError {
     /// TLS material unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The page cache directory is unusable.
+    #[error("key `cache.dir`: {0}")]
+    CacheDir(#[from] crate::codec::PageDirError),
     /// The UDP socket could not be bound.
     #[error("key `listen`: cannot bind UDP {addr}: {source}")]
     Bind {
@@ -132,13 +136,18 @@ impl Tunnel {
             page_cache_mib = config.cache.size.0 >> 20,
             "memory bounds: flow reorder buffers, page cache"
         );
+        let cache_bytes = usize::try_from(config.cache.size.0).unwrap_or(usize::MAX);
+        let page_cache = Arc::new(match &config.cache.dir {
+            Some(dir) => PageCache::with_dir(cache_bytes, dir).map_err(TunnelError::CacheDir)?,
+            None => PageCache::new(cache_bytes),
+        });
         let shared = Arc::new(TunnelShared {
             sizing,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             max_connections: config.limits.max_connections,
             stats: TunnelStats::default(),
             flow_log: FlowLog::default(),
-            page_cache: Arc::new(crate::codec::PageCache::new(usize::try_from(config.cache.size.0).unwrap_or(usize::MAX))),
+            page_cache,
             advertise_max_pages: config.cache.advertise_max_pages,
         });
         let tunnel = Arc::new(Self {
