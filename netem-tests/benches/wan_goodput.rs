@@ -31,7 +31,7 @@ fn env_f64(name: &str, default: f64) -> f64 {
 
 /// One transfer of at most `seconds` + warm-up; returns goodput in Mbit/s.
 fn measure(wan: &Wan, target: SocketAddr, via: SocketAddr, warmup: Duration, seconds: Duration) -> Result<f64, String> {
-    let receiver = Receiver::start(wan.site_b(), target, warmup, warmup + seconds + Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let receiver = Receiver::start(wan.site_b(), target, warmup, warmup + seconds + Duration::from_secs(5), false).map_err(|e| e.to_string())?;
     let sent = bulk::send(wan.site_a(), via, 1, u64::MAX, warmup + seconds).map_err(|e| format!("send: {e}"))?;
     let got = receiver.finish().map_err(|e| format!("receive: {e}"))?;
     if got.bytes != sent {

@@ -19,8 +19,8 @@ pub struct Received {
     pub measured_bytes: u64,
     /// Time from the warm-up's end to the last byte (or the end of the run).
     pub measured: Duration,
-    /// blake3 of everything received.
-    pub digest: [u8; 32],
+    /// blake3 of everything received (`None` when the receiver was started without hashing).
+    pub digest: Option<[u8; 32]>,
 }
 
 impl Received {
@@ -107,8 +107,9 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// Listens on `addr` inside `site`.
-    pub fn start(site: &Site, addr: SocketAddr, warmup: Duration, limit: Duration) -> std::io::Result<Self> {
+    /// Listens on `addr` inside `site`. With `hash`, every byte is digested (for integrity
+    /// checks); benchmarks leave it off so the measuring side costs as little CPU as possible.
+    pub fn start(site: &Site, addr: SocketAddr, warmup: Duration, limit: Duration, hash: bool) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel();
         let handle = site
             .spawn_thread(move || {
@@ -126,7 +127,7 @@ impl Receiver {
                 let (mut tcp, _) = listener.accept()?;
                 tcp.set_read_timeout(Some(Duration::from_millis(200)))?;
                 let started = Instant::now();
-                let mut hasher = blake3::Hasher::new();
+                let mut hasher = hash.then(blake3::Hasher::new);
                 let mut buf = vec![0u8; 256 << 10];
                 let (mut bytes, mut measured_bytes) = (0u64, 0u64);
                 let mut last = started;
@@ -134,7 +135,9 @@ impl Receiver {
                     match tcp.read(&mut buf) {
                         Ok(0) => break,
                         Ok(n) => {
-                            hasher.update(&buf[..n]);
+                            if let Some(h) = hasher.as_mut() {
+                                h.update(&buf[..n]);
+                            }
                             bytes += n as u64;
                             last = Instant::now();
                             if last.duration_since(started) >= warmup {
@@ -153,7 +156,7 @@ impl Receiver {
                     bytes,
                     measured_bytes,
                     measured: last.saturating_duration_since(started + warmup),
-                    digest: *hasher.finalize().as_bytes(),
+                    digest: hasher.map(|h| *h.finalize().as_bytes()),
                 })
             })
             .map_err(|e| std::io::Error::other(e.to_string()))?;

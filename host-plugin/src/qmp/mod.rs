@@ -1,0 +1,43 @@
+//! The host-plugin's QMP client: async (tokio), typed, and strict about what it reads.
+//!
+//! QEMU's QEMU Machine Protocol is line-delimited JSON over a unix socket. A session goes
+//! through two states, modelled as two types:
+//!
+//! 1. [`Handshake`]: connected, greeting (QEMU version, capabilities) read.
+//! 2. [`Qmp`]: `qmp_capabilities` done; commands may be issued.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), ferry_host::qmp::QmpError> {
+//! use ferry_host::qmp::{Handshake, QmpConfig};
+//! let hs = Handshake::connect_unix("/run/ferry/vm1.qmp", QmpConfig::default()).await?;
+//! println!("QEMU {}", hs.greeting().version.qemu);
+//! let qmp = hs.negotiate().await?;
+//! qmp.stop().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Every command carries an id and its reply is matched by id, so commands from several tasks
+//! may be in flight at once. Asynchronous events (`STOP`, `RESUME`, `MIGRATION`, ...) may
+//! arrive between any two lines; a reader task puts them in a bounded buffer (oldest dropped
+//! and counted when full) read with [`Qmp::next_event`] / [`Qmp::wait_event`].
+//!
+//! Layout: [`codec`] is the sans-IO wire core (framing with a line-length bound,
+//! classification, encoding), [`types`] the typed commands, replies and events, `client` the
+//! async shell, `events` the bounded event buffer, [`error`] the error type.
+//!
+//! Note that QEMU serves one client per QMP socket: give QEMU a dedicated
+//! `-qmp unix:PATH,server=on,wait=off` for Ferry (the option may be repeated).
+
+mod client;
+pub mod codec;
+pub mod error;
+mod events;
+pub mod types;
+
+pub use client::{Handshake, Qmp, QmpConfig};
+pub use error::{QmpError, Result};
+pub use types::{
+    CapabilityState, Event, Greeting, MacAddress, MigrationCapability, MigrationInfo,
+    MigrationParameters, MigrationStatus, MultifdCompression, QmpEvent, RamStats, RunState,
+    RxFilterInfo, SocketAddress, StatusInfo, VersionInfo, VersionTriple,
+};
