@@ -210,11 +210,7 @@ impl PageStore for PageCache {
 mod tests {
     use super::*;
 
-    fn page(i: u32) -> (PageDigest, Bytes) {
-        let mut p = vec![0u8; PAGE_SIZE];
-        p[..4].copy_from_slice(&i.to_le_bytes());
-        (PageDigest::of(&p), Bytes::from(p))
-    }
+    use crate::codec::numbered_test_page as page;
 
     #[test]
     fn bounded_with_clock_eviction() {

@@ -170,11 +170,7 @@ fn write_page(root: &Path, digest: &PageDigest, page: &[u8]) -> std::io::Result<
 mod tests {
     use super::*;
 
-    fn page(i: u32) -> (PageDigest, Bytes) {
-        let mut p = vec![0u8; PAGE_SIZE];
-        p[..4].copy_from_slice(&i.to_le_bytes());
-        (PageDigest::of(&p), Bytes::from(p))
-    }
+    use crate::codec::numbered_test_page as page;
 
     #[test]
     fn pages_survive_a_reopen_and_damage_is_discarded() {
