@@ -41,6 +41,11 @@ fn measure(wan: &Wan, target: SocketAddr, via: SocketAddr, warmup: Duration, sec
 }
 
 fn main() {
+    // RUST_LOG=ferry_gateway::tunnel::link=debug shows the tunnel's RTT, cwnd and losses.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     if !ferry_netem::netns::is_root() {
         println!("skipping wan_goodput: needs root (network namespaces)");
         return;

@@ -22,6 +22,8 @@ const ORDER_WAIT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a lane that arrived before its flow's Open waits for it.
 const LANE_ORPHAN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the QUIC path's state is logged (debug level).
+const PATH_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Shortest pause between two cache advertisements.
 const ADVERT_MIN_INTERVAL: Duration = Duration::from_millis(500);
 /// Without news from local flows, the cache is re-checked this often (concurrent migrations).
@@ -162,10 +164,21 @@ impl PeerLink {
             let link = self.clone();
             async move { link.advertise_cache().await }
         };
+        let path_log = {
+            let link = self.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(PATH_LOG_INTERVAL).await;
+                    link.log_path("tunnel path");
+                }
+            }
+        };
         tokio::select! {
             _ = async { tokio::join!(flows, lanes) } => {}
             _ = advertiser => {}
+            _ = path_log => {}
         }
+        self.log_path("tunnel path at close");
         let reason = self.conn.close_reason().map(|r| r.to_string()).unwrap_or_default();
         tracing::info!(peer = %self.site, %reason, "tunnel connection closed");
         // Fail every flow still on this connection.
@@ -277,6 +290,18 @@ impl PeerLink {
                 cancel.cancel();
             }
         }
+    }
+
+    /// Logs the QUIC path's state (debug level), the numbers to look at when a link under-delivers.
+    fn log_path(&self, what: &str) {
+        let stats = self.conn.stats();
+        let p = &stats.path;
+        tracing::debug!(
+            peer = %self.site, rtt_ms = p.rtt.as_secs_f64() * 1e3, cwnd = p.cwnd, mtu = p.current_mtu,
+            sent_packets = p.sent_packets, lost_packets = p.lost_packets, congestion_events = p.congestion_events,
+            black_holes = p.black_holes_detected, udp_tx_bytes = stats.udp_tx.bytes, udp_rx_bytes = stats.udp_rx.bytes,
+            "{what}"
+        );
     }
 
     /// Keeps the peer informed of what our page cache holds: on connect, after codec flows end,
