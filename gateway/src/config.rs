@@ -142,11 +142,18 @@ pub struct CacheConfig {
     pub advertise_max_pages: usize,
     /// Directory the cache is persisted in (relative to the config file); `None`: memory only.
     pub dir: Option<PathBuf>,
+    /// Pages each incoming codec connection keeps of its own session (4 KiB each, besides the
+    /// shared cache), so in-session references can never miss. Advertised to peers.
+    pub session_window_pages: u64,
 }
+
+/// Smallest `cache.session_window_pages` accepted. A source uses at most this window until it
+/// has the destination's advertisement, so every destination must accept it.
+pub const MIN_SESSION_WINDOW_PAGES: u64 = 4096;
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { size: ByteSize(1 << 30), advertise_max_pages: 1 << 20, dir: None }
+        Self { size: ByteSize(1 << 30), advertise_max_pages: 1 << 20, dir: None, session_window_pages: 65536 }
     }
 }
 
@@ -241,6 +248,12 @@ impl Config {
                     format!("unknown peer site `{}` (configured peers: {known:?})", fwd.peer),
                 ));
             }
+        }
+        if !(MIN_SESSION_WINDOW_PAGES..=crate::codec::frame::MAX_SESSION_WINDOW).contains(&raw.cache.session_window_pages) {
+            return Err(invalid(
+                "cache.session_window_pages".into(),
+                format!("must be between {MIN_SESSION_WINDOW_PAGES} and {}", crate::codec::frame::MAX_SESSION_WINDOW),
+            ));
         }
         if raw.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections".into(), "must be at least 1".into()));
@@ -346,6 +359,8 @@ connect = "127.0.0.2:4444"
         let cfg = parse(&sample("[cache]\nsize = \"256MiB\"\ndir = \"pages\"\n"), dir.path()).unwrap();
         assert_eq!(cfg.cache.size, ByteSize(256 << 20));
         assert_eq!(cfg.cache.dir, Some(dir.path().join("pages")));
+        let err = parse(&sample("[cache]\nsession_window_pages = 10\n"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("cache.session_window_pages"), "{err}");
         assert_eq!(cfg.forwards[0].codec, CodecMode::Auto);
         let text = sample("").replace("connect = \"127.0.0.2:4444\"", "connect = \"127.0.0.2:4444\"\ncodec = \"off\"");
         assert_eq!(parse(&text, dir.path()).unwrap().forwards[0].codec, CodecMode::Off);

@@ -236,3 +236,39 @@ async fn gateways_reconnect_after_a_restart() {
     assert_eq!(sent, s_got);
     assert_eq!(got, s_sent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codec_session_window_follows_the_destination_limit() {
+    // B's decoders accept only the minimum window; A's encoders must not announce more, neither
+    // before B's advertisement arrives nor after.
+    let pki = Pki::new(&["site-a", "site-b"]);
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a_addr, b_addr) = (free_udp_addr(), free_udp_addr());
+    let a = config(pki.path(), "site-a", a_addr, &[("site-b", b_addr)], &[("site-b", target.local_addr().unwrap())]);
+    let b = config_with(pki.path(), "site-b", b_addr, &[("site-a", a_addr)], &[], "[cache]\nsession_window_pages = 4096\n");
+    let a = Gateway::start(a).await.unwrap();
+    let _b = Gateway::start(b).await.unwrap();
+    assert!(a.wait_connected("site-b", Duration::from_secs(10)).await);
+    let server = tokio::spawn(async move {
+        let mut results = Vec::new();
+        for round in 0..2u64 {
+            let (tcp, _) = target.accept().await.unwrap();
+            results.push(exchange(tcp, 10 + round, MIB).await);
+        }
+        results
+    });
+    let mut client_results = Vec::new();
+    for round in 0..2u64 {
+        let tcp = TcpStream::connect(a.forward_addrs()[0]).await.unwrap();
+        client_results.push(exchange(tcp, 20 + round, MIB).await);
+        // Let B's advertisement (with its window) reach A before the second round.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let server_results = server.await.unwrap();
+    for (round, ((sent, (len, got)), (s_sent, (s_len, s_got)))) in client_results.into_iter().zip(server_results).enumerate() {
+        assert_eq!((len, s_len), (MIB, MIB), "round {round}");
+        assert_eq!(sent, s_got, "round {round}");
+        assert_eq!(got, s_sent, "round {round}");
+    }
+    assert_eq!(a.stats().flows_failed, 0);
+}

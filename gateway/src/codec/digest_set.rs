@@ -42,12 +42,20 @@ impl DestinationIndex for NoIndex {
 #[derive(Debug, Default)]
 pub struct AdvertisedIndex {
     set: std::sync::RwLock<DigestSet>,
+    /// The peer decoder's largest accepted session window, once advertised.
+    window: std::sync::OnceLock<u64>,
 }
 
 impl AdvertisedIndex {
     /// Installs the destination's advertisement.
     pub fn install(&self, advertisement: Advertisement) {
+        let _ = self.window.set(advertisement.session_window_pages);
         *self.set.write().unwrap_or_else(|e| e.into_inner()) = advertisement.digests;
+    }
+
+    /// The session window the peer's decoders accept, if it advertised yet.
+    pub fn session_window_pages(&self) -> Option<u64> {
+        self.window.get().copied()
     }
 
     /// Number of advertised pages.

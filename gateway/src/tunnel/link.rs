@@ -13,6 +13,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use crate::tunnel::flow::{self, FlowCounters, FlowParts, Inbound};
 use crate::codec::{AdvertisedIndex, Decoder, DecoderConfig, Encoder, EncoderConfig};
+use crate::config::MIN_SESSION_WINDOW_PAGES;
 use crate::tunnel::protocol::{self, FlowKey, LaneHeader, LaneKind, Message, CONTROL_MAGIC};
 use crate::tunnel::{FlowError, TunnelShared};
 
@@ -118,7 +119,14 @@ impl PeerLink {
     ) {
         let started = Instant::now();
         let key = FlowKey { opened_locally: true, id: flow };
-        let encoder = codec.then(|| Encoder::new(EncoderConfig::default(), self.advertised.clone()));
+        let encoder = codec.then(|| {
+            // Until the peer advertised what its decoders accept, stay within what every
+            // configuration must accept.
+            let window = self.advertised.session_window_pages().unwrap_or(MIN_SESSION_WINDOW_PAGES);
+            let defaults = EncoderConfig::default();
+            let cfg = EncoderConfig { session_window_pages: window.min(defaults.session_window_pages), ..defaults };
+            Encoder::new(cfg, self.advertised.clone())
+        });
         let (counters, inbound) = self.begin_flow(key);
         let result = async {
             let (mut send, recv) = self.conn.open_bi().await?;
@@ -237,7 +245,10 @@ impl PeerLink {
                 match flow::write_message(&mut send, &Message::Opened).await {
                     Err(e) => Err(e),
                     Ok(()) => {
-                        let decoder = codec.then(|| Decoder::new(self.shared.page_cache.clone()));
+                        let decoder = codec.then(|| {
+                            let cfg = DecoderConfig { max_session_window_pages: self.shared.session_window_pages, ..DecoderConfig::default() };
+                            Decoder::with_config(cfg, self.shared.page_cache.clone())
+                        });
                         let parts = self.flow_parts(key, (send, recv), &inbound, &counters, None, decoder);
                         tracing::debug!(peer = %self.site, flow, %connect, "flow connected");
                         flow::run_flow(parts, tcp).await
@@ -316,7 +327,7 @@ impl PeerLink {
             let version = (stats.inserts, stats.evictions);
             let mut pause = ADVERT_MIN_INTERVAL;
             if last_version != Some(version) {
-                let ad = cache.advertise(self.shared.advertise_max_pages, DecoderConfig::default().max_session_window_pages);
+                let ad = cache.advertise(self.shared.advertise_max_pages, self.shared.session_window_pages);
                 match flow::send_advert(&self.conn, &ad).await {
                     Ok(bytes) => {
                         tracing::debug!(peer = %self.site, pages = ad.digests.len(), bytes, "advertised page cache");

@@ -123,8 +123,10 @@ pub struct TunnelShared {
     pub flow_log: FlowLog,
     /// Destination page cache, shared by every decoder of this gateway.
     pub page_cache: Arc<crate::codec::PageCache>,
-    /// Most pages advertised per codec flow.
+    /// Most pages advertised to a peer.
     pub advertise_max_pages: usize,
+    /// Session window our decoders accept (and advertise).
+    pub session_window_pages: u64,
 }
 
 impl TunnelShared {

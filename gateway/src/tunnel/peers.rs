@@ -134,6 +134,7 @@ impl Tunnel {
             max_connections = config.limits.max_connections,
             reorder_memory_bound_mib = (config.limits.max_connections as u64 * 2 * sizing.reorder_budget) >> 20,
             page_cache_mib = config.cache.size.0 >> 20,
+            session_window_mib_per_codec_connection = (config.cache.session_window_pages * 4096) >> 20,
             "memory bounds: flow reorder buffers, page cache"
         );
         let cache_bytes = usize::try_from(config.cache.size.0).unwrap_or(usize::MAX);
@@ -149,6 +150,7 @@ impl Tunnel {
             flow_log: FlowLog::default(),
             page_cache,
             advertise_max_pages: config.cache.advertise_max_pages,
+            session_window_pages: config.cache.session_window_pages,
         });
         let tunnel = Arc::new(Self {
             local_site: config.site.clone(),

@@ -43,6 +43,18 @@ pub fn config(
     peers: &[(&str, SocketAddr)],
     forwards: &[(&str, SocketAddr)],
 ) -> Config {
+    config_with(pki_dir, site, listen, peers, forwards, "")
+}
+
+/// [`config`] plus extra TOML (whole sections) at the end.
+pub fn config_with(
+    pki_dir: &Path,
+    site: &str,
+    listen: SocketAddr,
+    peers: &[(&str, SocketAddr)],
+    forwards: &[(&str, SocketAddr)],
+    extra: &str,
+) -> Config {
     let mut text = format!(
         "site = \"{site}\"\nlisten = \"{listen}\"\n[tls]\nca = \"ca.pem\"\ncert = \"{site}.pem\"\nkey = \"{site}.key\"\n\
          [link]\nbandwidth = \"10gbit\"\nrtt = \"1ms\"\n"
@@ -53,6 +65,7 @@ pub fn config(
     for (peer, connect) in forwards {
         text += &format!("[[forward]]\nlisten = \"127.0.0.1:0\"\npeer = \"{peer}\"\nconnect = \"{connect}\"\n");
     }
+    text += extra;
     let path: PathBuf = pki_dir.join(format!("{site}-{}.toml", listen.port()));
     std::fs::write(&path, text).unwrap();
     Config::load(&path).unwrap()
