@@ -36,6 +36,20 @@
 
 bits 32
 
+; One xorshift32 step on eax (clobbers ebx): the generator behind the global rng, the page
+; content streams and their verification, which must all agree.
+%macro XORSHIFT32 0
+    mov ebx, eax
+    shl ebx, 13
+    xor eax, ebx
+    mov ebx, eax
+    shr ebx, 17
+    xor eax, ebx
+    mov ebx, eax
+    shl ebx, 5
+    xor eax, ebx
+%endmacro
+
 LOAD_ADDR      equ 0x00100000
 VARS           equ 0x00110000
 IDT            equ 0x00111000
@@ -526,15 +540,7 @@ print_config:
 rng_next:
     push ebx
     mov eax, [v_rng]
-    mov ebx, eax
-    shl ebx, 13
-    xor eax, ebx
-    mov ebx, eax
-    shr ebx, 17
-    xor eax, ebx
-    mov ebx, eax
-    shl ebx, 5
-    xor eax, ebx
+    XORSHIFT32
     mov [v_rng], eax
     pop ebx
     ret
@@ -556,15 +562,7 @@ write_rand_page:
     ; by one dword, which any compressor folds away.
     imul eax, edx, 0x9E3779B1
 .l:
-    mov ebx, eax
-    shl ebx, 13
-    xor eax, ebx
-    mov ebx, eax
-    shr ebx, 17
-    xor eax, ebx
-    mov ebx, eax
-    shl ebx, 5
-    xor eax, ebx
+    XORSHIFT32
     stosd
     dec ecx
     jnz .l
@@ -659,15 +657,7 @@ verify:
     mov ecx, 1022
     imul eax, eax, 0x9E3779B1          ; same stream start as write_rand_page
 .gen:
-    mov ebx, eax
-    shl ebx, 13
-    xor eax, ebx
-    mov ebx, eax
-    shr ebx, 17
-    xor eax, ebx
-    mov ebx, eax
-    shl ebx, 5
-    xor eax, ebx
+    XORSHIFT32
     cmp eax, [edi]
     jne .fail_rand
     add edi, 4
