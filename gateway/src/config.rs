@@ -63,6 +63,17 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Destination page cache.
     pub cache: CacheConfig,
+    /// The local API for host-plugins; `None`: no API.
+    pub api: Option<ApiConfig>,
+}
+
+/// The local API host-plugins use (see `gateway::api`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// TCP address to serve on: loopback or a management network (the API is not
+    /// authenticated). Forwards opened through it listen on the same IP.
+    pub listen: SocketAddr,
 }
 
 /// PEM files for mutual TLS.
@@ -121,7 +132,7 @@ pub struct ForwardConfig {
 }
 
 /// Page codec use on a forward.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CodecMode {
     /// Detect QEMU migration streams and encode their pages; compress anything else.
@@ -190,6 +201,7 @@ struct RawConfig {
     limits: LimitsConfig,
     #[serde(default)]
     cache: CacheConfig,
+    api: Option<ApiConfig>,
 }
 
 impl Config {
@@ -268,6 +280,7 @@ impl Config {
             forwards: raw.forwards,
             limits: raw.limits,
             cache: CacheConfig { dir: raw.cache.dir.as_ref().map(|d| base.join(d)), ..raw.cache },
+            api: raw.api,
         })
     }
 }
@@ -367,6 +380,16 @@ connect = "127.0.0.2:4444"
         let text = sample("").replace("connect = \"127.0.0.2:4444\"", "connect = \"127.0.0.2:4444\"\ncodec = \"maybe\"");
         let err = parse(&text, dir.path()).unwrap_err().to_string();
         assert!(err.contains("codec") && err.contains("maybe"), "{err}");
+    }
+
+    #[test]
+    fn api_section() {
+        let dir = dir_with_certs();
+        assert!(parse(&sample(""), dir.path()).unwrap().api.is_none());
+        let cfg = parse(&sample("[api]\nlisten = \"127.0.0.1:7070\"\n"), dir.path()).unwrap();
+        assert_eq!(cfg.api.unwrap().listen, "127.0.0.1:7070".parse().unwrap());
+        let err = parse(&sample("[api]\nlisten = \"localhost\"\n"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::tunnel::{FlowLog, StatsSnapshot, Tunnel};
 pub struct Gateway {
     tunnel: Arc<Tunnel>,
     forward_addrs: Vec<SocketAddr>,
+    api_addr: Option<SocketAddr>,
     tasks: JoinSet<()>,
 }
 
@@ -31,7 +32,22 @@ impl Gateway {
             forward_addrs.push(addr);
             tasks.spawn(forward.run(tunnel.clone()));
         }
-        Ok(Self { tunnel, forward_addrs, tasks })
+        let mut api_addr = None;
+        if let Some(api) = &config.api {
+            let listener = tokio::net::TcpListener::bind(api.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("key `api.listen`: cannot listen on {}: {e}", api.listen))?;
+            let addr = listener.local_addr()?;
+            tracing::info!(listen = %addr, "host-plugin api");
+            api_addr = Some(addr);
+            tasks.spawn(crate::api::serve(listener, tunnel.clone(), Arc::new(config.clone())));
+        }
+        Ok(Self { tunnel, forward_addrs, api_addr, tasks })
+    }
+
+    /// The local API's address, if `[api]` is configured.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
     }
 
     /// The tunnel endpoint's UDP address.

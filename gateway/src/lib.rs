@@ -12,8 +12,10 @@
 //! - [`tunnel`]: QUIC endpoint, peers, flows, wire protocol.
 //! - [`forward`]: TCP ingress listeners.
 //! - [`codec`]: the page-aware QEMU migration stream codec (sans-IO).
+//! - [`api`]: the local API host-plugins open forwards and read counters through.
 //! - [`gateway`]: ties them together.
 
+pub mod api;
 pub mod certs;
 pub mod codec;
 pub mod config;

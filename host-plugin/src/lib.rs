@@ -1,16 +1,29 @@
 //! Ferry host-plugin: runs next to QEMU on each hypervisor host and turns "move this VM to
 //! site B" into a live migration through the site gateways.
 //!
-//! Building blocks so far:
+//! - [`migrate`]: the source side (`ferry-host migrate`): one command, one VM.
+//! - [`serve`]: the destination side (`ferry-host serve`): prepares incoming VMs, announces them.
+//! - [`control`]: the messages the two exchange, over a forward through the gateways.
+//! - [`gateway_api`]: the client of the local gateway's API (forwards, drain-rate counters).
+//! - [`settings`]: the QEMU capabilities and parameters Ferry picks.
+//! - [`convergence`]: the sans-IO controller that keeps QEMU's view of the WAN true and
+//!   throttles guests that outrun it.
+//! - [`heartbeat`]: guest-observed downtime from a heartbeat on a serial port.
+//! - [`progress`]: progress display and the final report.
 //! - [`qmp`]: the async QMP client (typestate handshake, typed commands, bounded events).
 //! - [`announce`]: re-announcing a VM's MACs on the destination L2 after cutover (RARP as QEMU's
 //!   announce-self, gratuitous ARP, unsolicited neighbour advertisements) over AF_PACKET.
-//!
-//! Not yet: the `migrate`/`serve` orchestration, the control channel through the gateways,
-//! convergence control and guest-downtime measurement.
 
 pub mod announce;
+pub mod control;
+pub mod convergence;
+pub mod gateway_api;
+pub mod heartbeat;
+pub mod migrate;
+pub mod progress;
 pub mod qmp;
+pub mod serve;
+pub mod settings;
 
 /// Version string reported by `ferry-host --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -3,14 +3,19 @@
 ; Build:  nasm -f bin -o guest.bin guest.asm
 ; Run:    qemu-system-x86_64 -accel tcg -machine pc -m 64 -nodefaults -display none \
 ;             -serial stdio -kernel guest.bin -append "dirty=100 verify=10"
+;         (add `-serial unix:hb.sock,server=on,wait=off` for the COM2 heartbeat)
 ;
 ; It uses the multiboot "a.out kludge" (header flag bit 16), so the flat binary
 ; produced by `nasm -f bin` is loadable with QEMU's -kernel without a linker.
 ;
 ; What it does (see netem-tests/guest/README.md for the protocol):
 ;   * prints `ferry-guest ...` (configuration) and `ready` on COM1 (0x3f8);
-;   * every 100 ms of guest time (PIT IRQ0 at 100 Hz, 10 jiffies) increments a
-;     tick counter kept in RAM and prints `tick N`;
+;   * every `tick=` jiffies of guest time (PIT IRQ0 at 100 Hz, 10 ms per jiffy;
+;     default 10 = 100 ms, minimum 1) increments a tick counter kept in RAM and
+;     prints `tick N` on COM1, and the same line on COM2 (0x2f8) as a heartbeat
+;     for host-side downtime measurements. COM2 is optional: an absent port
+;     reads 0xFF (transmitter always "empty"), and a full one is waited on for a
+;     bounded time only, after which the line is dropped (see com2_tick);
 ;   * memory layout (all sizes configurable via the multiboot command line):
 ;       0x00100000  kernel image (code + constant data only)
 ;       0x00110000  variables (own page, so TCG does not see self-modifying code)
@@ -29,6 +34,14 @@
 ;     and must be identical before and after a migration.
 ;   * serial input commands (one per line): `dN` sets the dirty rate to N pages
 ;     per tick, `v` runs a verify pass at the next tick.
+;   * `retouch=1` (default 0) works around QEMU TCG before 9.0 (fixed upstream
+;     by 03bfc2188f "physmem: Fix migration dirty bitmap coherency with TCG
+;     memory access"): a dirty-bitmap sync does not re-arm TCG's write
+;     tracking for pages in the TLB, so a page written again after the second
+;     sync is never sent again and the destination resumes with a stale copy.
+;     With it, after writing a page the guest drops that page's TLB entry
+;     (invlpg) and rewrites one dword of it with the same value (`or [m], 0`),
+;     which TCG then records as a write: see RETOUCH.
 ;
 ; Random page i (4 KiB) content: dword0 = seed, dword1 = i, dwords 2..1023 =
 ; xorshift32 stream starting from seed * 0x9E3779B1. The seed is also stored in the seed
@@ -48,6 +61,17 @@ bits 32
     mov ebx, eax
     shl ebx, 5
     xor eax, ebx
+%endmacro
+
+; RETOUCH mem: if retouch=1, make TCG see a write to mem's page again (see the
+; header). `or` is one instruction, so an interrupt cannot slip in between its
+; read and write. Flags are clobbered.
+%macro RETOUCH 1
+    cmp dword [v_retouch], 0
+    je %%skip
+    invlpg %1
+    or dword %1, 0
+%%skip:
 %endmacro
 
 LOAD_ADDR      equ 0x00100000
@@ -79,8 +103,15 @@ v_dup_mib      equ VARS + 0x40
 v_rand_mib     equ VARS + 0x44
 v_zero_mib     equ VARS + 0x48
 v_seed         equ VARS + 0x4c
+v_tick_len     equ VARS + 0x50
+v_retouch      equ VARS + 0x54
+
+; Polls of COM2's line status before a heartbeat line is dropped (a connected but
+; unread chardev must not stall the guest).
+COM2_SPIN      equ 20000
 
 COM1           equ 0x3f8
+COM2           equ 0x2f8
 
 MB_MAGIC       equ 0x1BADB002
 MB_FLAGS       equ 0x00010002          ; bit 1: memory info, bit 16: a.out kludge
@@ -120,6 +151,7 @@ s_rand:     db " rand_pages=", 0
 s_zero:     db " zero_pages=", 0
 s_dirty:    db " dirty=", 0
 s_verify:   db " verify=", 0
+s_ticklen:  db " tick=", 0
 s_ready:    db "ready", 10, 0
 s_tick:     db "tick ", 0
 s_vok:      db "verify ok tick=", 0
@@ -139,6 +171,8 @@ k_dup:      db "dup=", 0
 k_rand:     db "rand=", 0
 k_zero:     db "zero=", 0
 k_seed:     db "seed=", 0
+k_tick:     db "tick=", 0
+k_retouch:  db "retouch=", 0
 
 ; ---------------------------------------------------------------------------
 start:
@@ -163,6 +197,7 @@ start:
     mov dword [v_rand_mib], 8
     mov dword [v_zero_mib], 4
     mov dword [v_seed], 0x2545F491
+    mov dword [v_tick_len], 10
 
     call serial_init
     call parse_mbi
@@ -180,11 +215,14 @@ start:
     sti
 
 main_loop:
+    ; Everything the main loop wrote (variables, its stack) since the last hlt.
+    RETOUCH [VARS]
+    RETOUCH [esp - 4]
     hlt
     call serial_poll
     mov eax, [v_jiffies]
     sub eax, [v_last_j]
-    cmp eax, 10
+    cmp eax, [v_tick_len]
     jb main_loop
     mov eax, [v_jiffies]
     mov [v_last_j], eax
@@ -196,6 +234,7 @@ main_loop:
     call put_dec
     mov al, 10
     call putc
+    call com2_tick
 
     call dirty_pages
 
@@ -217,25 +256,32 @@ main_loop:
 ; ---------------------------------------------------------------------------
 ; serial
 serial_init:
-    mov dx, COM1 + 1
+    mov bx, COM1
+    call uart_init
+    mov bx, COM2
+    ; fall through: COM2 is set up like COM1 (harmless if there is no COM2)
+
+; bx = UART base port
+uart_init:
+    lea dx, [bx + 1]
     xor al, al
     out dx, al                         ; no UART interrupts
-    mov dx, COM1 + 3
+    lea dx, [bx + 3]
     mov al, 0x80
     out dx, al                         ; DLAB
-    mov dx, COM1
+    mov dx, bx
     mov al, 1
     out dx, al                         ; 115200 baud
-    mov dx, COM1 + 1
+    lea dx, [bx + 1]
     xor al, al
     out dx, al
-    mov dx, COM1 + 3
+    lea dx, [bx + 3]
     mov al, 0x03
     out dx, al                         ; 8N1
-    mov dx, COM1 + 2
+    lea dx, [bx + 2]
     mov al, 0xC7
     out dx, al                         ; FIFO on, cleared
-    mov dx, COM1 + 4
+    lea dx, [bx + 4]
     mov al, 0x03
     out dx, al                         ; DTR, RTS
     ret
@@ -253,6 +299,54 @@ putc:
     mov dx, COM1
     out dx, al
     pop edx
+    ret
+
+; Writes `tick N` (N = [v_tick]) and a newline to COM2: the heartbeat. The line
+; (at most 16 bytes) goes whole into the UART's 16-byte transmit FIFO once that is
+; empty (LSR bit 5), or is dropped whole if it does not drain within COM2_SPIN
+; polls: a slow or stuck reader costs lines, never a stalled guest. Without a
+; COM2 the status port reads 0xFF (always "empty") and the writes go nowhere.
+com2_tick:
+    pushad
+    mov dx, COM2 + 5
+    mov ecx, COM2_SPIN
+.wait:
+    in al, dx
+    test al, 0x20
+    jnz .send
+    dec ecx
+    jnz .wait
+    jmp .done                          ; transmitter stuck: drop this line
+.send:
+    mov dx, COM2
+    mov esi, s_tick
+.s:
+    lodsb
+    test al, al
+    jz .num
+    out dx, al
+    jmp .s
+.num:
+    mov eax, [v_tick]
+    mov ebx, 10
+    xor ecx, ecx
+.div:
+    xor edx, edx
+    div ebx
+    push edx                           ; digits, least significant first
+    inc ecx
+    test eax, eax
+    jnz .div
+    mov dx, COM2
+.out:
+    pop eax
+    add al, '0'
+    out dx, al
+    loop .out
+    mov al, 10
+    out dx, al
+.done:
+    popad
     ret
 
 ; esi = NUL-terminated string
@@ -419,6 +513,14 @@ parse_mbi:
     mov ebx, v_seed
     call match_key
     jnc .token
+    mov edi, k_tick
+    mov ebx, v_tick_len
+    call match_key
+    jnc .token
+    mov edi, k_retouch
+    mov ebx, v_retouch
+    call match_key
+    jnc .token
     ; unknown token: skip to next space
 .skip:
     mov al, [esi]
@@ -492,6 +594,10 @@ layout:
     mov eax, [v_seed]
     or eax, 1
     mov [v_rng], eax
+    cmp dword [v_tick_len], 1          ; tick=0 means 1 jiffy
+    jae .ticklen_ok
+    mov dword [v_tick_len], 1
+.ticklen_ok:
     ret
 .err:
     mov esi, s_cfgerr
@@ -528,6 +634,10 @@ print_config:
     mov esi, s_verify
     call puts
     mov eax, [v_verify]
+    call put_dec
+    mov esi, s_ticklen
+    call puts
+    mov eax, [v_tick_len]
     call put_dec
     mov al, 10
     call putc
@@ -566,6 +676,9 @@ write_rand_page:
     stosd
     dec ecx
     jnz .l
+    RETOUCH [edi - 4]                  ; the page
+    mov ebx, [edi - 4096 + 4]          ; its index (XORSHIFT32 clobbered ebx)
+    RETOUCH [SEED_TABLE + ebx * 4]     ; its seed table entry
     popad
     ret
 
@@ -794,6 +907,7 @@ pit_init:
 isr_timer:
     push eax
     inc dword [v_jiffies]
+    RETOUCH [v_jiffies]
     mov al, 0x20
     out 0x20, al
     pop eax

@@ -3,7 +3,7 @@
 //! Each gateway runs on its own OS thread inside its site's namespace, with its own tokio
 //! runtime, configured through the real TOML parser with certificates from the real
 //! `ferry-gateway certs` code. Site A forwards `127.0.0.1:<port>` (in A's namespace) to
-//! `connect` in site B. Dropping the pair stops both gateways and joins their threads.
+//! `connect` in site B. Both serve the host-plugin API on `127.0.0.1:<port>` in their namespace. Dropping the pair stops both gateways and joins their threads.
 
 use std::net::SocketAddr;
 use std::sync::mpsc;
@@ -42,6 +42,13 @@ pub struct PairLink {
     pub codec: bool,
 }
 
+/// What a started gateway reports back.
+struct Started {
+    forwards: Vec<SocketAddr>,
+    flows: FlowLog,
+    api: SocketAddr,
+}
+
 /// A running gateway pair.
 pub struct GatewayPair {
     /// Site A's forward listener (an address inside site A's namespace).
@@ -50,6 +57,10 @@ pub struct GatewayPair {
     pub flows_a: FlowLog,
     /// Finished flows at site B's gateway (live handle).
     pub flows_b: FlowLog,
+    /// Site A's host-plugin API (inside A's namespace).
+    pub api_a: SocketAddr,
+    /// Site B's host-plugin API (inside B's namespace).
+    pub api_b: SocketAddr,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
     threads: Vec<JoinHandle<()>>,
     pki: tempfile::TempDir,
@@ -63,6 +74,7 @@ fn site_config(name: &str, me: &Site, peer: (&str, &Site), link: &PairLink, forw
          [link]\nbandwidth = \"{}\"\nrtt = \"{}\"\n[[peer]]\nsite = \"{}\"\naddr = \"{}:{QUIC_PORT}\"\n",
         me.addr(), link.bandwidth, link.rtt, peer.0, peer.1.addr()
     );
+    text += "[api]\nlisten = \"127.0.0.1:0\"\n";
     if let Some(connect) = forward {
         let codec = if link.codec { "auto" } else { "off" };
         text += &format!("[[forward]]\nlisten = \"127.0.0.1:0\"\npeer = \"{}\"\nconnect = \"{connect}\"\ncodec = \"{codec}\"\n", peer.0);
@@ -82,24 +94,29 @@ impl GatewayPair {
             forward_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             flows_a: FlowLog::default(),
             flows_b: FlowLog::default(),
+            api_a: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api_b: SocketAddr::from(([127, 0, 0, 1], 0)),
             stops: Vec::new(),
             threads: Vec::new(),
             pki,
         };
-        let (_, flows_b) = pair.spawn("site-b", wan.site_b(), &b_text, None)?;
-        let (a_forwards, flows_a) = pair.spawn("site-a", wan.site_a(), &a_text, Some("site-b"))?;
-        pair.flows_a = flows_a;
-        pair.flows_b = flows_b;
+        let b = pair.spawn("site-b", wan.site_b(), &b_text, None)?;
+        let a = pair.spawn("site-a", wan.site_a(), &a_text, Some("site-b"))?;
+        let a_forwards = a.forwards;
+        pair.flows_a = a.flows;
+        pair.flows_b = b.flows;
+        pair.api_a = a.api;
+        pair.api_b = b.api;
         pair.forward_addr = *a_forwards.first().ok_or_else(|| PairError::Setup("no forward at site A".into()))?;
         Ok(pair)
     }
 
     /// Starts one gateway in `site_ns`; with `wait_for`, ready means connected to that peer.
-    fn spawn(&mut self, site: &'static str, site_ns: &Site, text: &str, wait_for: Option<&'static str>) -> Result<(Vec<SocketAddr>, FlowLog), PairError> {
+    fn spawn(&mut self, site: &'static str, site_ns: &Site, text: &str, wait_for: Option<&'static str>) -> Result<Started, PairError> {
         let path = self.pki.path().join(format!("{site}.toml"));
         std::fs::write(&path, text).map_err(|e| PairError::Setup(e.to_string()))?;
         let config = Config::load(&path).map_err(|e| PairError::Setup(e.to_string()))?;
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(Vec<SocketAddr>, FlowLog), String>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Started, String>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = site_ns
             .spawn_thread(move || {
@@ -124,7 +141,11 @@ impl GatewayPair {
                             return;
                         }
                     }
-                    let _ = ready_tx.send(Ok((gateway.forward_addrs().to_vec(), gateway.flow_log())));
+                    let Some(api) = gateway.api_addr() else {
+                        let _ = ready_tx.send(Err("no api address".into()));
+                        return;
+                    };
+                    let _ = ready_tx.send(Ok(Started { forwards: gateway.forward_addrs().to_vec(), flows: gateway.flow_log(), api }));
                     let _ = stop_rx.await;
                     drop(gateway);
                 });

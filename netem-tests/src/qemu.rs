@@ -6,7 +6,8 @@
 //!
 //! `netem-tests/guest/guest.asm` is a 32-bit multiboot kernel assembled with
 //! `nasm` at test time ([`GuestImage::build`]); no binary is committed. It
-//! prints `tick N` on COM1 every ~100 ms of guest time, keeps rewriting
+//! prints `tick N` on COM1 every ~100 ms of guest time ([`GuestConfig::tick_jiffies`];
+//! the same lines go to COM2, a heartbeat for [`QemuConfig::heartbeat_socket`]), keeps rewriting
 //! pseudo-random pages (the dirty-rate knob, [`GuestConfig::dirty_pages_per_tick`]),
 //! keeps a region of duplicate pattern pages and a region of zero pages, and
 //! periodically verifies all of it (`verify ok tick=N sum=XXXXXXXX`). See
@@ -52,7 +53,10 @@ pub use migrate::{migrate_local, MigrationMode, MultifdCompression};
 pub use qmp::{MigrationInfo, QmpClient, RamStats, RunStatus};
 pub use serial::{SerialLog, VerifyReport};
 pub use vm::{Incoming, Qemu, QemuConfig};
-pub use wan_migration::{migrate_over_wan, WanMigrationReport, WanRoute, UNLIMITED_BANDWIDTH};
+pub use wan_migration::{
+    migrate_over_wan, migrate_over_wan_with, WanMigrationOptions, WanMigrationReport, WanRoute,
+    UNLIMITED_BANDWIDTH,
+};
 
 /// Errors of the QEMU test harness.
 #[derive(Debug, thiserror::Error)]

@@ -264,6 +264,116 @@ fn capture_multifd_streams() {
     );
 }
 
+/// tick=2 (20 ms) with a heartbeat socket: the socket carries consecutive
+/// `tick N` lines at about the tick period, COM1 keeps its ticks, and a second
+/// QMP monitor is usable while the harness's own session stays connected.
+#[test]
+fn heartbeat_on_com2_socket() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+
+    let Some(image) = setup("heartbeat_on_com2_socket") else {
+        return;
+    };
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let hb_path = dir.path().join("hb.sock");
+    let config = QemuConfig {
+        guest: GuestConfig {
+            tick_jiffies: 2,
+            ..GuestConfig::default()
+        },
+        ..QemuConfig::default()
+    }
+    .named("heartbeat")
+    .with_heartbeat_socket(&hb_path)
+    .with_extra_qmp_socket(dir.path().join("extra.qmp"));
+    let mut vm = Qemu::spawn(&image, &config, None).expect("start QEMU");
+    assert_eq!(vm.heartbeat_path(), Some(hb_path.as_path()));
+
+    // The second monitor works alongside the harness's session.
+    let mut extra = vm
+        .connect_extra_qmp(Duration::from_secs(20))
+        .expect("connect to the extra QMP socket");
+    assert!(extra.query_status().expect("query-status").running);
+    assert!(vm.qmp().query_status().expect("query-status").running);
+
+    let banner = vm
+        .serial()
+        .wait_line_from(0, "the banner", BOOT, |l| l.starts_with("ferry-guest"))
+        .expect("banner")
+        .1;
+    assert!(banner.ends_with(" tick=2"), "{banner}");
+    let stream = UnixStream::connect(&hb_path).expect("connect to the heartbeat socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut reader = BufReader::new(stream);
+    let mut beats: Vec<(Instant, u64)> = Vec::new();
+    let mut line = String::new();
+    while beats.len() < 100 {
+        line.clear();
+        let n = reader
+            .read_line(&mut line)
+            .expect("reading the heartbeat socket");
+        assert!(n > 0, "heartbeat socket closed");
+        let now = Instant::now();
+        let tick = line
+            .trim_end()
+            .strip_prefix("tick ")
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("unexpected heartbeat line {line:?}"));
+        beats.push((now, tick));
+    }
+    for w in beats.windows(2) {
+        assert_eq!(
+            w[1].1,
+            w[0].1 + 1,
+            "heartbeat ticks not consecutive: {beats:?}"
+        );
+    }
+    let mut gaps: Vec<f64> = beats
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0).as_secs_f64() * 1e3)
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    let median = gaps[gaps.len() / 2];
+    let span = (beats[beats.len() - 1].0 - beats[0].0).as_secs_f64() * 1e3;
+    let mean = span / (beats.len() - 1) as f64;
+    assert!(
+        (10.0..=200.0).contains(&median),
+        "median heartbeat interval {median:.1} ms (tick=2 is 20 ms of guest time)"
+    );
+
+    // COM1 carries the same ticks.
+    let (first, last) = (beats[0].1, beats[beats.len() - 1].1);
+    vm.serial()
+        .wait_for_tick(last, BOOT)
+        .expect("COM1 has the heartbeat's ticks");
+    let com1: Vec<u64> = vm
+        .serial()
+        .lines()
+        .iter()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    assert!(
+        (first..=last).all(|t| com1.contains(&t)),
+        "COM1 lacks some of ticks {first}..={last}"
+    );
+    assert!(!vm
+        .serial()
+        .lines()
+        .iter()
+        .any(|l| l.contains("FAIL") || l.contains("panic")));
+    eprintln!(
+        "heartbeat_on_com2_socket: ticks {first}..={last}, interval median {median:.1} ms, mean {mean:.1} ms, \
+         min {:.1} ms, max {:.1} ms; test {:?}",
+        gaps[0],
+        gaps[gaps.len() - 1],
+        t0.elapsed()
+    );
+}
+
 /// Deletes the network namespace on drop.
 struct NetnsGuard(String);
 

@@ -32,8 +32,12 @@ const READ_CHUNK: usize = 64 << 10;
 const IDLE_FLUSH: Duration = Duration::from_millis(2);
 /// Encoded output goes to the lanes in pieces of at most this size.
 const WIRE_PIECE: usize = 256 << 10;
-/// The receiver acknowledges delivered bytes at least this often (see `Message::Ack`).
+/// The receiver acknowledges delivered bytes after this many (see `Message::Ack`)...
 const ACK_EVERY: u64 = 4 << 20;
+/// ...or this long after its previous ack, whichever comes first: the ingress derives the
+/// flow's drain rate and backlog from acks (reported to host-plugins), so a slow link must not
+/// leave it blind for seconds.
+const ACK_INTERVAL: Duration = Duration::from_millis(50);
 /// How long a finished flow waits for the peer to close its control stream.
 const LINGER: Duration = Duration::from_secs(10);
 
@@ -51,8 +55,12 @@ pub struct FlowCounters {
     pub wan_out: AtomicU64,
     /// Bytes read from QUIC lanes (payload plus framing).
     pub wan_in: AtomicU64,
-    /// Bytes of our direction the peer acknowledged as delivered.
+    /// Bytes of our direction the peer acknowledged as delivered (offsets in the direction's
+    /// wire stream: encoded bytes for a codec flow, else the TCP bytes).
     pub acked: AtomicU64,
+    /// Highest offset of our direction's wire stream handed to QUIC (same units as `acked`);
+    /// `wire_sent - acked` is what is in flight or queued towards the peer.
+    pub wire_sent: AtomicU64,
     /// blake3 of every byte read from the local socket.
     tcp_in_digest: std::sync::Mutex<blake3::Hasher>,
     /// blake3 of every byte written to the local socket.
@@ -464,6 +472,7 @@ async fn write_lane(
             }
         }
         counters.wan_out.fetch_add((ChunkHeader::LEN + len) as u64, Ordering::Relaxed);
+        counters.wire_sent.fetch_max(offset + len as u64, Ordering::Relaxed);
     }
     if let Some(mut s) = stream {
         let _ = s.finish();
@@ -481,6 +490,7 @@ async fn pump_in(
     mut decoder: Option<Decoder>,
 ) -> Result<(), FlowError> {
     let mut since_ack = 0u64;
+    let mut last_ack = tokio::time::Instant::now();
     let mut decoded = Vec::new();
     loop {
         let ready = inbound.ready.notified();
@@ -501,8 +511,9 @@ async fn pump_in(
                 None => write_local(tcp, &data, &inbound.counters).await?,
             }
             since_ack += data.len() as u64;
-            if since_ack >= ACK_EVERY {
+            if since_ack >= ACK_EVERY || last_ack.elapsed() >= ACK_INTERVAL {
                 since_ack = 0;
+                last_ack = tokio::time::Instant::now();
                 write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
             }
             continue;
@@ -519,6 +530,12 @@ async fn pump_in(
         tokio::select! {
             _ = &mut ready => {}
             _ = inbound.cancel.cancelled() => return Err(FlowError::Cancelled),
+            // A stream gone quiet still gets its last bytes acknowledged promptly.
+            _ = tokio::time::sleep_until(last_ack + ACK_INTERVAL), if since_ack > 0 => {
+                since_ack = 0;
+                last_ack = tokio::time::Instant::now();
+                write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
+            }
         }
     }
 }

@@ -116,6 +116,7 @@ impl PeerLink {
         connect: SocketAddr,
         codec: bool,
         _permit: OwnedSemaphorePermit,
+        tally: Arc<crate::forward::ForwardTally>,
     ) {
         let started = Instant::now();
         let key = FlowKey { opened_locally: true, id: flow };
@@ -128,6 +129,7 @@ impl PeerLink {
             Encoder::new(cfg, self.advertised.clone())
         });
         let (counters, inbound) = self.begin_flow(key);
+        tally.started(counters.clone());
         let result = async {
             let (mut send, recv) = self.conn.open_bi().await?;
             let mut hello = protocol::control_preamble().to_vec();
@@ -139,6 +141,7 @@ impl PeerLink {
             flow::run_flow(parts, tcp).await
         }
         .await;
+        tally.finished(&counters, &result);
         self.end_flow(key, &inbound, &counters, started, &result);
     }
 

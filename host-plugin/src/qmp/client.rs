@@ -656,6 +656,50 @@ impl Qmp {
             .map_err(|e| QmpError::protocol(format!("qom-get {path} mac"), e))
     }
 
+    /// Every NIC's QOM path and MAC: the devices under `/machine/peripheral` (with an `id=`)
+    /// and `/machine/peripheral-anon` that have a `mac` property.
+    pub async fn nic_macs(&self) -> Result<Vec<(String, MacAddress)>> {
+        #[derive(serde::Deserialize)]
+        struct Property {
+            name: String,
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        let mut nics = Vec::new();
+        for container in ["/machine/peripheral", "/machine/peripheral-anon"] {
+            let children: Vec<Property> =
+                self.execute("qom-list", Some(json!({ "path": container }))).await?;
+            for child in children.iter().filter(|p| p.kind.starts_with("child<")) {
+                let path = format!("{container}/{}", child.name);
+                let props: Vec<Property> =
+                    self.execute("qom-list", Some(json!({ "path": path }))).await?;
+                if props.iter().any(|p| p.name == "mac") {
+                    nics.push((path.clone(), self.nic_mac(&path).await?));
+                }
+            }
+        }
+        Ok(nics)
+    }
+
+    /// `query-name`: the VM's `-name`, if it has one.
+    pub async fn query_name(&self) -> Result<Option<String>> {
+        #[derive(serde::Deserialize)]
+        struct NameInfo {
+            name: Option<String>,
+        }
+        Ok(self.execute::<NameInfo>("query-name", None).await?.name)
+    }
+
+    /// Guest RAM present at boot, bytes (`query-memory-size-summary`'s `base-memory`).
+    pub async fn base_memory(&self) -> Result<u64> {
+        #[derive(serde::Deserialize)]
+        struct Summary {
+            #[serde(rename = "base-memory")]
+            base_memory: u64,
+        }
+        Ok(self.execute::<Summary>("query-memory-size-summary", None).await?.base_memory)
+    }
+
     /// `quit`: QEMU exits. A connection that closes before the reply counts as success.
     pub async fn quit(&self) -> Result<()> {
         match self.execute_value("quit", None).await {

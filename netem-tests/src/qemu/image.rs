@@ -77,8 +77,9 @@ impl GuestImage {
 /// Guest behaviour, passed as the multiboot command line (`-append`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestConfig {
-    /// Random pages rewritten after every tick (~100 ms). 64 pages/tick is
-    /// about 2.6 MB/s of dirtying. 0 stops dirtying.
+    /// Random pages rewritten after every tick (~100 ms by default, see
+    /// [`GuestConfig::tick_jiffies`]). 64 pages/tick is about 2.6 MB/s of
+    /// dirtying at 100 ms ticks. 0 stops dirtying.
     pub dirty_pages_per_tick: u32,
     /// Run a full memory verification every this many ticks (0 = only on
     /// request, see [`super::Qemu::request_verify`]).
@@ -91,6 +92,25 @@ pub struct GuestConfig {
     pub zero_mib: u32,
     /// Seed of the guest's xorshift generator.
     pub seed: u32,
+    /// Length of a tick in jiffies (10 ms each, the guest's PIT runs at
+    /// 100 Hz): default 10 = 100 ms; the guest treats 0 as 1. Every tick
+    /// prints `tick N` on COM1 and on COM2 (the heartbeat, see
+    /// [`super::QemuConfig::heartbeat_socket`]), then dirties and maybe
+    /// verifies, so those rates scale with it too.
+    pub tick_jiffies: u32,
+    /// `retouch=1`: after writing a page the guest invalidates its TLB entry
+    /// (`invlpg`) and rewrites one dword of it with the same value. This works
+    /// around QEMU TCG before 9.0 (upstream fix 03bfc2188f, "physmem: Fix
+    /// migration dirty bitmap coherency with TCG memory access"; Debian's 7.2
+    /// lacks it): a dirty-bitmap sync does not re-arm write tracking for pages
+    /// in the TLB, so in a migration with more than two dirty syncs the pages
+    /// the guest keeps writing (its variables, stack, seed table, ...) are not
+    /// sent again and the destination resumes with stale copies (its tick
+    /// counter jumps back; `verify` does not notice, as page and seed table
+    /// are stale together). With it, such migrations leave the destination's
+    /// memory identical to the source's, and those pages (small changes to a
+    /// page sent before) are what QEMU's XBZRLE encodes. Off by default.
+    pub retouch: bool,
 }
 
 impl Default for GuestConfig {
@@ -102,6 +122,8 @@ impl Default for GuestConfig {
             rand_mib: 8,
             zero_mib: 4,
             seed: 0x2545_F491,
+            tick_jiffies: 10,
+            retouch: false,
         }
     }
 }
@@ -113,16 +135,24 @@ impl GuestConfig {
         (2 + u64::from(self.dup_mib) + u64::from(self.rand_mib) + u64::from(self.zero_mib)) << 20
     }
 
+    /// Nominal tick period in guest time: `tick_jiffies` (at least 1) × 10 ms.
+    /// Under TCG the guest's clock roughly follows wall time.
+    pub fn tick_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(10 * u64::from(self.tick_jiffies.max(1)))
+    }
+
     /// The multiboot command line the guest parses.
     pub fn cmdline(&self) -> String {
         format!(
-            "dirty={} verify={} dup={} rand={} zero={} seed={}",
+            "dirty={} verify={} dup={} rand={} zero={} seed={} tick={} retouch={}",
             self.dirty_pages_per_tick,
             self.verify_every_ticks,
             self.dup_mib,
             self.rand_mib,
             self.zero_mib,
-            self.seed
+            self.seed,
+            self.tick_jiffies,
+            u8::from(self.retouch)
         )
     }
 }
@@ -227,7 +257,7 @@ mod tests {
         };
         assert_eq!(
             c.cmdline(),
-            "dirty=7 verify=10 dup=4 rand=8 zero=4 seed=625341585"
+            "dirty=7 verify=10 dup=4 rand=8 zero=4 seed=625341585 tick=10 retouch=0"
         );
         assert_eq!(c.min_ram_bytes(), 18 << 20);
     }

@@ -36,6 +36,25 @@ pub struct QemuConfig {
     pub extra_args: Vec<String>,
     /// Timeout for QMP connect and each QMP reply.
     pub qmp_timeout: Duration,
+    /// If set, a second serial port (the guest's COM2) on a unix socket QEMU
+    /// listens on at this path (`-chardev socket,id=hb0,path=..,server=on,wait=off
+    /// -serial chardev:hb0`): the guest writes every `tick N` line there too, for
+    /// a host program to timestamp. QEMU drops the output while no client is
+    /// connected and serves one client at a time. The source and destination of
+    /// a migration must agree on whether they have it (COM2 is a device).
+    pub heartbeat_socket: Option<PathBuf>,
+    /// If set, a second QMP monitor on a unix socket at this path
+    /// (`-chardev socket,id=qmp1,path=..,server=on,wait=off -mon
+    /// chardev=qmp1,mode=control`). The harness keeps its own QMP session
+    /// ([`Qemu::qmp`], on [`Qemu::qmp_path`]) connected for the VM's whole
+    /// life, and QEMU serves one client per monitor socket, so this is the one
+    /// another program (e.g. the host-plugin) connects to.
+    ///
+    /// For both sockets: QEMU creates them (replacing a stale file) and, being
+    /// killed on drop, leaves the files behind, so put them in a directory you
+    /// remove (e.g. a `tempfile::TempDir`); unix socket paths are limited to
+    /// 107 bytes.
+    pub extra_qmp_socket: Option<PathBuf>,
 }
 
 impl Default for QemuConfig {
@@ -48,6 +67,8 @@ impl Default for QemuConfig {
             incoming: None,
             extra_args: Vec::new(),
             qmp_timeout: Duration::from_secs(30),
+            heartbeat_socket: None,
+            extra_qmp_socket: None,
         }
     }
 }
@@ -62,6 +83,18 @@ impl QemuConfig {
     /// Sets `-incoming defer`.
     pub fn incoming_defer(mut self) -> Self {
         self.incoming = Some(Incoming::Defer);
+        self
+    }
+
+    /// Sets [`QemuConfig::heartbeat_socket`].
+    pub fn with_heartbeat_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.heartbeat_socket = Some(path.into());
+        self
+    }
+
+    /// Sets [`QemuConfig::extra_qmp_socket`].
+    pub fn with_extra_qmp_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.extra_qmp_socket = Some(path.into());
         self
     }
 
@@ -90,10 +123,27 @@ impl QemuConfig {
             "-serial".into(),
             "chardev:ser0".into(),
         ]);
+        if let Some(hb) = &self.heartbeat_socket {
+            // After COM1's -serial, so it is COM2.
+            a.extend([
+                "-chardev".into(),
+                format!("socket,id=hb0,path={},server=on,wait=off", opt_path(hb)),
+                "-serial".into(),
+                "chardev:hb0".into(),
+            ]);
+        }
         a.extend([
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_socket.display()),
         ]);
+        if let Some(q) = &self.extra_qmp_socket {
+            a.extend([
+                "-chardev".into(),
+                format!("socket,id=qmp1,path={},server=on,wait=off", opt_path(q)),
+                "-mon".into(),
+                "chardev=qmp1,mode=control".into(),
+            ]);
+        }
         a.extend([
             "-kernel".into(),
             image.path().display().to_string(),
@@ -110,6 +160,11 @@ impl QemuConfig {
     }
 }
 
+/// A path as the value of a QEMU `key=value,...` option (commas doubled).
+fn opt_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
 /// A running QEMU with the test guest. Dropping it kills QEMU (SIGKILL) and
 /// removes its temporary directory, also during a panic.
 #[derive(Debug)]
@@ -121,6 +176,8 @@ pub struct Qemu {
     stderr: Arc<Mutex<Vec<String>>>,
     qmp: QmpClient,
     qmp_path: PathBuf,
+    heartbeat_path: Option<PathBuf>,
+    extra_qmp_path: Option<PathBuf>,
     // Dropped after `child` is killed (see Drop).
     dir: tempfile::TempDir,
 }
@@ -173,6 +230,8 @@ impl Qemu {
                 stderr,
                 qmp,
                 qmp_path,
+                heartbeat_path: config.heartbeat_socket.clone(),
+                extra_qmp_path: config.extra_qmp_socket.clone(),
                 dir,
             }),
             Err(e) => {
@@ -198,10 +257,36 @@ impl Qemu {
         &mut self.qmp
     }
 
-    /// Path of the QMP socket (a second client can connect to it only after
-    /// this one is gone: QEMU serves one QMP client per socket).
+    /// Path of the harness's QMP socket. [`Qemu::qmp`] stays connected to it
+    /// while the VM lives and QEMU serves one QMP client per socket, so
+    /// another client cannot use it: start the VM with
+    /// [`QemuConfig::extra_qmp_socket`] and use [`Qemu::extra_qmp_path`].
     pub fn qmp_path(&self) -> &Path {
         &self.qmp_path
+    }
+
+    /// Path of the second QMP monitor socket ([`QemuConfig::extra_qmp_socket`]),
+    /// free for another program's QMP client; `None` if not configured. QEMU
+    /// listens on it once [`Qemu::spawn`] returned (the harness's own QMP
+    /// session is connected by then, and the monitors are set up together).
+    pub fn extra_qmp_path(&self) -> Option<&Path> {
+        self.extra_qmp_path.as_deref()
+    }
+
+    /// Connects a new [`QmpClient`] to the second QMP monitor
+    /// ([`QemuConfig::extra_qmp_socket`]), e.g. to watch or steer a
+    /// migration from another thread while the harness's session is busy.
+    pub fn connect_extra_qmp(&self, timeout: Duration) -> Result<QmpClient> {
+        let path = self.extra_qmp_path.as_deref().ok_or_else(|| {
+            QemuError::Protocol(format!("VM {} has no extra_qmp_socket", self.name))
+        })?;
+        QmpClient::connect(path, timeout)
+    }
+
+    /// Path of the heartbeat socket (the guest's COM2,
+    /// [`QemuConfig::heartbeat_socket`]); `None` if not configured.
+    pub fn heartbeat_path(&self) -> Option<&Path> {
+        self.heartbeat_path.as_deref()
     }
 
     /// This VM's temporary directory (removed on drop).
@@ -345,4 +430,33 @@ fn connect_qmp(path: &Path, timeout: Duration, child: &mut Child) -> Result<QmpC
         std::thread::sleep(Duration::from_millis(20));
     }
     QmpClient::connect(path, timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_is_com2_and_extra_qmp_is_a_control_monitor() {
+        let image = GuestImage::from_path("/k");
+        let plain = QemuConfig::default().args(&image, Path::new("/q.sock"));
+        assert!(!plain
+            .iter()
+            .any(|a| a.contains("hb0") || a.contains("qmp1")));
+
+        let cfg = QemuConfig::default()
+            .with_heartbeat_socket("/t/hb.sock")
+            .with_extra_qmp_socket("/t/a,b.qmp");
+        let a = cfg.args(&image, Path::new("/q.sock"));
+        let serials: Vec<&str> = a
+            .windows(2)
+            .filter(|w| w[0] == "-serial")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(serials, ["chardev:ser0", "chardev:hb0"], "{a:?}");
+        assert!(a.contains(&"socket,id=hb0,path=/t/hb.sock,server=on,wait=off".to_string()));
+        assert!(a.contains(&"socket,id=qmp1,path=/t/a,,b.qmp,server=on,wait=off".to_string()));
+        let mon = a.iter().position(|s| s == "-mon").expect("-mon");
+        assert_eq!(a[mon + 1], "chardev=qmp1,mode=control");
+    }
 }

@@ -203,11 +203,30 @@ fn hex8(d: &[u8; 32]) -> String {
     d[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Source-side settings of [`migrate_over_wan_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WanMigrationOptions {
+    /// `max-bandwidth` of the source, bytes/s ([`UNLIMITED_BANDWIDTH`] by
+    /// default). A low limit stretches the first pass over RAM so that QEMU
+    /// measures a low bandwidth and iterates (with a small `downtime-limit`)
+    /// instead of completing right after the first pass.
+    pub max_bandwidth: u64,
+}
+
+impl Default for WanMigrationOptions {
+    fn default() -> Self {
+        WanMigrationOptions {
+            max_bandwidth: UNLIMITED_BANDWIDTH,
+        }
+    }
+}
+
 /// Sets `mode` (multifd channels/compression), `return-path` and, on the
-/// source, `max-bandwidth` = [`UNLIMITED_BANDWIDTH`].
-fn configure(vm: &mut Qemu, mode: &MigrationMode, source: bool) -> Result<()> {
+/// source, `max-bandwidth` = `source_bandwidth` (`None` for the destination).
+fn configure(vm: &mut Qemu, mode: &MigrationMode, source_bandwidth: Option<u64>) -> Result<()> {
+    let source = source_bandwidth.is_some();
     let qmp = vm.qmp();
-    mode.configure(qmp, source.then_some(UNLIMITED_BANDWIDTH))?;
+    mode.configure(qmp, source_bandwidth)?;
     qmp.migrate_set_capabilities(&[("return-path", true)])?;
     if !source {
         // Same parameters on both ends, as QEMU's docs ask.
@@ -247,6 +266,8 @@ fn sub(after: LinkStats, before: LinkStats) -> LinkStats {
 /// migration's `mode.connections()` flows as finished.
 ///
 /// A failed migration is [`QemuError::Protocol`] with QEMU's `error-desc`.
+/// Other migration settings made beforehand (capabilities such as `xbzrle`,
+/// `downtime-limit`) are left as they are.
 pub fn migrate_over_wan(
     src: &mut Qemu,
     dst: &mut Qemu,
@@ -254,6 +275,27 @@ pub fn migrate_over_wan(
     route: WanRoute<'_>,
     mode: &MigrationMode,
     timeout: Duration,
+) -> Result<WanMigrationReport> {
+    migrate_over_wan_with(
+        src,
+        dst,
+        wan,
+        route,
+        mode,
+        timeout,
+        &WanMigrationOptions::default(),
+    )
+}
+
+/// [`migrate_over_wan`] with other source settings (`max-bandwidth`).
+pub fn migrate_over_wan_with(
+    src: &mut Qemu,
+    dst: &mut Qemu,
+    wan: &Wan,
+    route: WanRoute<'_>,
+    mode: &MigrationMode,
+    timeout: Duration,
+    options: &WanMigrationOptions,
 ) -> Result<WanMigrationReport> {
     let (listen, uri) = match route {
         WanRoute::Gateways { pair, connect } => (
@@ -274,8 +316,8 @@ pub fn migrate_over_wan(
         ));
     }
 
-    configure(dst, mode, false)?;
-    configure(src, mode, true)?;
+    configure(dst, mode, None)?;
+    configure(src, mode, Some(options.max_bandwidth))?;
     dst.qmp().migrate_incoming(&format!("tcp:{listen}"))?;
     let ports = dst.qmp().query_migrate()?.listen_ports();
     if !ports.contains(&listen.port()) {

@@ -1,0 +1,174 @@
+//! The gateway's local API for host-plugins: JSON lines over TCP on `[api] listen`.
+//!
+//! A host-plugin opens forwards on demand (one per migration: its control channel, its
+//! migration stream) instead of the operator configuring one per VM, and polls their counters
+//! to learn how fast the WAN really drains (QEMU only sees the local hop). Forwards live as long
+//! as the API connection that opened them.
+//!
+//! - [`protocol`]: the messages.
+//! - [`framing`]: bounded JSON-lines framing (also used by the host-plugins' control channel).
+//!
+//! The API has no authentication of its own: bind it to loopback or a management network only
+//! the hypervisor hosts reach.
+
+pub mod framing;
+pub mod protocol;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ForwardConfig};
+use crate::forward::{Forward, ForwardTally};
+use crate::tunnel::{PeerLink, Tunnel};
+use framing::JsonLines;
+use protocol::{ForwardInfo, GatewayInfo, PathInfo, PeerInfo, Request, Response};
+
+/// Forward ids (which double as dial-order keys) of API forwards start here, clear of the
+/// configured forwards' indices.
+const FIRST_API_FORWARD: u32 = 1 << 20;
+
+/// Most forwards one API session may hold open.
+const MAX_FORWARDS_PER_SESSION: usize = 64;
+
+/// Serves the local API on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, tunnel: Arc<Tunnel>, config: Arc<Config>) {
+    let next_id = Arc::new(AtomicU32::new(FIRST_API_FORWARD));
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "api accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let session = Session { tunnel: tunnel.clone(), config: config.clone(), next_id: next_id.clone(), forwards: HashMap::new() };
+        tokio::spawn(async move {
+            tracing::debug!(%remote, "api session opened");
+            let outcome = session.run(tcp).await;
+            match outcome {
+                Ok(()) => tracing::debug!(%remote, "api session closed"),
+                Err(e) => tracing::info!(%remote, error = %e, "api session ended"),
+            }
+        });
+    }
+}
+
+/// One host-plugin connection and the forwards it opened.
+struct Session {
+    tunnel: Arc<Tunnel>,
+    config: Arc<Config>,
+    next_id: Arc<AtomicU32>,
+    forwards: HashMap<u32, SessionForward>,
+}
+
+struct SessionForward {
+    peer: String,
+    tally: Arc<ForwardTally>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for forward in self.forwards.values() {
+            forward.task.abort();
+        }
+    }
+}
+
+impl Session {
+    async fn run(mut self, tcp: TcpStream) -> Result<(), framing::FramingError> {
+        let local = tcp.local_addr()?;
+        let (r, w) = tcp.into_split();
+        let mut lines = JsonLines::new(r, w);
+        loop {
+            let request: Request = match lines.recv().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Ok(()),
+                Err(e @ framing::FramingError::Json(_)) => {
+                    // A malformed request gets an answer; the session goes on.
+                    lines.send(&Response::Error(e.to_string())).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let response = self.handle(request, local).await;
+            lines.send(&response).await?;
+        }
+    }
+
+    async fn handle(&mut self, request: Request, local: SocketAddr) -> Response {
+        match request {
+            Request::Hello => Response::Hello(self.info()),
+            Request::OpenForward { peer, connect, codec } => {
+                if !self.tunnel.peers.knows(&peer) {
+                    let known: Vec<&str> = self.config.peers.iter().map(|p| p.site.as_str()).collect();
+                    return Response::Error(format!("unknown peer site `{peer}` (configured peers: {known:?})"));
+                }
+                if self.forwards.len() >= MAX_FORWARDS_PER_SESSION {
+                    return Response::Error(format!("at most {MAX_FORWARDS_PER_SESSION} forwards per session"));
+                }
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let config = ForwardConfig { listen: SocketAddr::new(local.ip(), 0), peer: peer.clone(), connect, codec };
+                let forward = match Forward::bind(id, config).await {
+                    Ok(f) => f,
+                    Err(e) => return Response::Error(format!("cannot listen on {}: {e}", local.ip())),
+                };
+                let listen = match forward.local_addr() {
+                    Ok(a) => a,
+                    Err(e) => return Response::Error(format!("cannot read the listener's address: {e}")),
+                };
+                tracing::info!(id, %listen, %peer, %connect, ?codec, "api: forwarding");
+                let tally = forward.tally();
+                let task = tokio::spawn(forward.run(self.tunnel.clone()));
+                self.forwards.insert(id, SessionForward { peer, tally, task });
+                Response::Forward(ForwardInfo { id, listen })
+            }
+            Request::ForwardStats { forward } => match self.forwards.get(&forward) {
+                None => Response::Error(format!("no forward {forward} in this session")),
+                Some(f) => {
+                    let mut stats = f.tally.snapshot();
+                    stats.path = self.tunnel.peers.current(&f.peer).map(|l| path_info(&l));
+                    Response::ForwardStats(stats)
+                }
+            },
+            Request::CloseForward { forward } => match self.forwards.remove(&forward) {
+                None => Response::Error(format!("no forward {forward} in this session")),
+                Some(f) => {
+                    f.task.abort();
+                    Response::Closed
+                }
+            },
+        }
+    }
+
+    fn info(&self) -> GatewayInfo {
+        GatewayInfo {
+            site: self.config.site.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            link_bandwidth_bps: self.config.link.bandwidth.bits_per_second(),
+            link_rtt_ms: self.config.link.rtt.as_secs_f64() * 1e3,
+            peers: self
+                .config
+                .peers
+                .iter()
+                .map(|p| PeerInfo { site: p.site.clone(), path: self.tunnel.peers.current(&p.site).map(|l| path_info(&l)) })
+                .collect(),
+        }
+    }
+}
+
+fn path_info(link: &PeerLink) -> PathInfo {
+    let stats = link.conn.stats();
+    PathInfo {
+        rtt_ms: stats.path.rtt.as_secs_f64() * 1e3,
+        cwnd: stats.path.cwnd,
+        sent_packets: stats.path.sent_packets,
+        lost_packets: stats.path.lost_packets,
+    }
+}

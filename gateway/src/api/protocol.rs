@@ -1,0 +1,154 @@
+//! Messages of the gateway's local API (JSON lines, see [`super::framing`]).
+//!
+//! A host-plugin connects, asks for a forward to a host at a peer site, and polls that forward's
+//! statistics while a migration runs. Forwards belong to the API session that opened them: when
+//! the session's connection closes, its forwards stop accepting (connections already carried
+//! finish normally).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::CodecMode;
+
+/// A request from a host-plugin.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Who are you, which peers, what link. Answered with [`Response::Hello`].
+    Hello,
+    /// Open a TCP listener whose connections come out at `peer`, which dials `connect`.
+    /// Answered with [`Response::Forward`].
+    OpenForward {
+        /// Peer site name.
+        peer: String,
+        /// Address the peer gateway dials (resolved at the peer site's side of the WAN).
+        connect: SocketAddr,
+        /// Whether the page codec encodes the connections.
+        codec: CodecMode,
+    },
+    /// Counters of a forward opened in this session. Answered with [`Response::ForwardStats`].
+    ForwardStats {
+        /// The forward's id.
+        forward: u32,
+    },
+    /// Stop a forward's listener. Answered with [`Response::Closed`].
+    CloseForward {
+        /// The forward's id.
+        forward: u32,
+    },
+}
+
+/// The gateway's answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    /// See [`Request::Hello`].
+    Hello(GatewayInfo),
+    /// See [`Request::OpenForward`].
+    Forward(ForwardInfo),
+    /// See [`Request::ForwardStats`].
+    ForwardStats(ForwardStats),
+    /// See [`Request::CloseForward`].
+    Closed,
+    /// The request failed; the message says why.
+    Error(String),
+}
+
+/// What a gateway is and what it is connected to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GatewayInfo {
+    /// This gateway's site.
+    pub site: String,
+    /// Gateway version.
+    pub version: String,
+    /// `link.bandwidth`, bits per second.
+    pub link_bandwidth_bps: u64,
+    /// `link.rtt`, milliseconds.
+    pub link_rtt_ms: f64,
+    /// Configured peers.
+    pub peers: Vec<PeerInfo>,
+}
+
+/// One configured peer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Site name.
+    pub site: String,
+    /// The live tunnel connection's path, if connected.
+    pub path: Option<PathInfo>,
+}
+
+/// The QUIC path to a peer as quinn sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PathInfo {
+    /// Smoothed round-trip time, milliseconds.
+    pub rtt_ms: f64,
+    /// Congestion window, bytes.
+    pub cwnd: u64,
+    /// Packets sent on the connection so far.
+    pub sent_packets: u64,
+    /// Packets declared lost so far.
+    pub lost_packets: u64,
+}
+
+/// A forward opened for the session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ForwardInfo {
+    /// Id for later requests.
+    pub id: u32,
+    /// Where the local side connects (the API connection's local address, ephemeral port).
+    pub listen: SocketAddr,
+}
+
+/// A forward's counters, summed over every connection it carried (open and finished).
+///
+/// Units: `tcp_*` are bytes of the local connections; `wire_*` are bytes of the encoded
+/// stream towards the peer (equal to `tcp_in` without the codec). So `tcp_in / wire_sent` is
+/// the codec's reduction, `wire_acked` the part the peer delivered to its target, and
+/// `wire_sent - wire_acked` the part still crossing the WAN.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ForwardStats {
+    /// Connections being carried now.
+    pub open: u32,
+    /// Connections that completed.
+    pub completed: u32,
+    /// Connections that failed.
+    pub failed: u32,
+    /// The latest failure's reason.
+    pub last_error: Option<String>,
+    /// Bytes read from local connections (towards the peer).
+    pub tcp_in: u64,
+    /// Bytes written to local connections (from the peer).
+    pub tcp_out: u64,
+    /// Encoded bytes handed to QUIC towards the peer.
+    pub wire_sent: u64,
+    /// Encoded bytes the peer acknowledged as delivered to its target.
+    pub wire_acked: u64,
+    /// Bytes sent on the WAN for these connections, framing included.
+    pub wan_out: u64,
+    /// Bytes received from the WAN for these connections, framing included.
+    pub wan_in: u64,
+    /// The tunnel path to the forward's peer, if connected.
+    pub path: Option<PathInfo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_read_as_documented() {
+        let r: Request =
+            serde_json::from_str(r#"{"op":"open_forward","peer":"site-b","connect":"10.0.0.2:7800","codec":"off"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::OpenForward { peer: "site-b".into(), connect: "10.0.0.2:7800".parse().unwrap(), codec: CodecMode::Off }
+        );
+        assert_eq!(serde_json::from_str::<Request>(r#"{"op":"hello"}"#).unwrap(), Request::Hello);
+        let err = serde_json::from_str::<Request>(r#"{"op":"open_forward","peer":"b","conect":"1.2.3.4:5"}"#).unwrap_err();
+        assert!(err.to_string().contains("conect"), "{err}");
+        let resp = Response::Error("no".into());
+        assert_eq!(serde_json::to_string(&resp).unwrap(), r#"{"error":"no"}"#);
+    }
+}

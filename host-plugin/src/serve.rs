@@ -1,0 +1,372 @@
+//! `ferry-host serve`: the destination side. Accepts control sessions (arriving through the
+//! site gateway), prepares the incoming QEMU each one names, reports when the VM runs, and
+//! re-announces its MACs on the destination L2.
+//!
+//! The incoming QEMU is one the operator (or their tooling) started with `-incoming defer`,
+//! with its QMP socket (and optional heartbeat chardev) at the paths `[incoming]` derives from
+//! the VM's name.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use serde::Deserialize;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::announce::{self, Announcement, MacAddr};
+use crate::control::{Channel, SharedSettings, ToDestination, ToSource};
+use crate::heartbeat::{event_time_ns, unix_now_ns, Heartbeat};
+use crate::qmp::{CapabilityState, MigrationCapability, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
+use crate::settings;
+
+/// How long the incoming QEMU's QMP socket may take to appear.
+const QMP_WAIT: Duration = Duration::from_secs(30);
+/// How long, after the source completed, the VM may take to run here.
+const RUNNING_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for the first heartbeat once the VM runs.
+const HEARTBEAT_WAIT: Duration = Duration::from_secs(10);
+/// How often the incoming QEMU is checked while the migration streams in.
+const WATCH: Duration = Duration::from_millis(100);
+
+/// `ferry-host serve` configuration (TOML; every key in config/README.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// TCP address for control sessions; the site gateway dials it.
+    pub listen: SocketAddr,
+    /// IP the incoming QEMU listens on for the migration stream (the site gateway dials it).
+    pub migration_address: IpAddr,
+    /// Interface on the destination L2 segment for MAC re-announcement; none: not announced.
+    #[serde(default)]
+    pub announce_interface: Option<String>,
+    /// Where incoming VMs are.
+    pub incoming: IncomingConfig,
+}
+
+/// Paths of an incoming VM; `{vm}` is replaced by the VM's name.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingConfig {
+    /// QMP socket of the QEMU started with `-incoming defer`.
+    pub qmp: String,
+    /// Heartbeat chardev socket of that QEMU, if the guest has one.
+    #[serde(default)]
+    pub heartbeat: Option<String>,
+}
+
+impl ServeConfig {
+    /// Reads and checks a config file; errors name the key.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Parses and checks config text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let config: ServeConfig = toml::from_str(text).map_err(|e| anyhow!("{}", e.to_string().trim_end()))?;
+        if !config.incoming.qmp.contains("{vm}") {
+            bail!("key `incoming.qmp`: must contain `{{vm}}` (one socket per VM)");
+        }
+        if let Some(hb) = &config.incoming.heartbeat {
+            if !hb.contains("{vm}") {
+                bail!("key `incoming.heartbeat`: must contain `{{vm}}` (one socket per VM)");
+            }
+        }
+        if config.announce_interface.as_deref() == Some("") {
+            bail!("key `announce_interface`: must not be empty (leave it out to not announce)");
+        }
+        Ok(config)
+    }
+}
+
+/// A VM name usable in a path: letters, digits, `.`, `_`, `-`, not starting with `.`.
+fn check_vm_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        bail!("VM name `{name}` is not usable in a socket path (letters, digits, `.`, `_`, `-`; up to 64)")
+    }
+}
+
+fn expand(template: &str, vm: &str) -> PathBuf {
+    PathBuf::from(template.replace("{vm}", vm))
+}
+
+/// Serves control sessions on `listener` forever.
+pub async fn serve(listener: TcpListener, config: ServeConfig) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, remote)) => {
+                let config = config.clone();
+                tokio::spawn(async move {
+                    tracing::info!(%remote, "control session");
+                    match Session::new(tcp, config).run().await {
+                        Ok(()) => tracing::info!(%remote, "control session finished"),
+                        Err(e) => tracing::warn!(%remote, error = format!("{e:#}"), "control session failed"),
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+type Control = Channel<ToDestination, ToSource>;
+
+struct Session {
+    control: Control,
+    config: ServeConfig,
+}
+
+/// The incoming VM once prepared.
+struct Incoming {
+    qmp: Qmp,
+    heartbeat: Option<Heartbeat>,
+    ips: Vec<IpAddr>,
+}
+
+impl Session {
+    fn new(tcp: TcpStream, config: ServeConfig) -> Self {
+        Self { control: Control::new(tcp), config }
+    }
+
+    async fn run(mut self) -> anyhow::Result<()> {
+        let mut incoming: Option<Incoming> = None;
+        loop {
+            let message = match &incoming {
+                None => self.control.next().await?,
+                Some(vm) => {
+                    // While the migration streams in, notice an incoming QEMU that gave up.
+                    match self.next_or_failure(&vm.qmp).await? {
+                        Ok(m) => m,
+                        Err(reason) => {
+                            tracing::warn!(%reason, "incoming migration failed");
+                            self.control.send(&ToSource::Failed { reason: reason.clone() }).await?;
+                            bail!("{reason}");
+                        }
+                    }
+                }
+            };
+            match message {
+                ToDestination::Ping { seq } => self.control.send(&ToSource::Pong { seq, unix_ns: unix_now_ns() }).await?,
+                ToDestination::Prepare { vm, qemu_version, settings, ips } => {
+                    if incoming.is_some() {
+                        bail!("a second Prepare in one session");
+                    }
+                    match self.prepare(&vm, &settings, ips).await {
+                        Ok((vm_state, listen, version)) => {
+                            tracing::info!(%vm, %listen, source_qemu = %qemu_version, "incoming VM prepared");
+                            incoming = Some(vm_state);
+                            self.control.send(&ToSource::Prepared { listen, qemu_version: version }).await?;
+                        }
+                        Err(e) => {
+                            let reason = format!("{e:#}");
+                            self.control.send(&ToSource::Failed { reason: reason.clone() }).await?;
+                            bail!("{reason}");
+                        }
+                    }
+                }
+                ToDestination::SourceCompleted => {
+                    let vm = incoming.take().ok_or_else(|| anyhow!("SourceCompleted before Prepare"))?;
+                    return self.cut_over(vm).await;
+                }
+                ToDestination::Abort { reason } => {
+                    tracing::warn!(%reason, "the source gave the migration up");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The next control message, or `Err(reason)` as soon as the incoming QEMU failed.
+    async fn next_or_failure(&mut self, qmp: &Qmp) -> anyhow::Result<Result<ToDestination, String>> {
+        loop {
+            if let Ok(m) = tokio::time::timeout(WATCH, self.control.next()).await {
+                return Ok(Ok(m?));
+            }
+            match qmp.query_migrate().await {
+                Ok(info) if info.status() == MigrationStatus::Failed => {
+                    return Ok(Err(format!(
+                        "the incoming migration failed: {}",
+                        info.error_desc.unwrap_or_else(|| "no reason given".into())
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) if e.is_connection_lost() => {
+                    return Ok(Err("the incoming QEMU exited (it rejected or lost the migration stream)".into()))
+                }
+                Err(e) => tracing::warn!(error = %e, "query-migrate on the incoming VM"),
+            }
+        }
+    }
+
+    async fn prepare(&self, vm: &str, shared: &SharedSettings, ips: Vec<IpAddr>) -> anyhow::Result<(Incoming, SocketAddr, String)> {
+        check_vm_name(vm)?;
+        let path = expand(&self.config.incoming.qmp, vm);
+        let qmp = Qmp::connect(&path, QmpConfig { connect_timeout: QMP_WAIT, ..QmpConfig::default() })
+            .await
+            .with_context(|| format!("no incoming QEMU for `{vm}` at {}", path.display()))?;
+        let status = qmp.query_status().await.context("query-status")?;
+        if status.status != RunState::InMigrate {
+            bail!("the QEMU at {} is not waiting for a migration (status {}; start it with -incoming defer)", path.display(), status.status.as_str());
+        }
+        let version = qmp.query_version().await.context("query-version")?.qemu.to_string();
+        let caps: Vec<CapabilityState> = shared
+            .capabilities
+            .iter()
+            .map(|(c, on)| CapabilityState::new(MigrationCapability::from(c.as_str()), *on))
+            .collect();
+        qmp.migrate_set_capabilities(&caps).await.context("migrate-set-capabilities on the destination")?;
+        if let Some(p) = settings::shared_parameters(shared) {
+            qmp.migrate_set_parameters(&p).await.context("migrate-set-parameters on the destination")?;
+        }
+        let heartbeat = match &self.config.incoming.heartbeat {
+            Some(t) => {
+                let p = expand(t, vm);
+                Some(Heartbeat::watch(&p, Duration::from_secs(5)).await.with_context(|| format!("heartbeat socket {}", p.display()))?)
+            }
+            None => None,
+        };
+        let address = self.config.migration_address;
+        let uri = match address {
+            IpAddr::V4(a) => format!("tcp:{a}:0"),
+            IpAddr::V6(a) => format!("tcp:[{a}]:0"),
+        };
+        qmp.migrate_incoming(&uri).await.context("migrate-incoming")?;
+        let ports = qmp.query_migrate().await.context("query-migrate")?.listen_ports();
+        let port = *ports.first().ok_or_else(|| anyhow!("the incoming QEMU reports no listening port"))?;
+        Ok((Incoming { qmp, heartbeat, ips }, SocketAddr::new(address, port), version))
+    }
+
+    async fn cut_over(mut self, vm: Incoming) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + RUNNING_TIMEOUT;
+        let status = loop {
+            let failure = match vm.qmp.query_status().await {
+                Ok(s) if s.running => break s,
+                // Started with -S: the state is loaded, run it.
+                Ok(s) if matches!(s.status, RunState::Paused | RunState::Prelaunch) => match vm.qmp.query_migrate().await {
+                    Ok(i) if i.status() == MigrationStatus::Completed => {
+                        if let Err(e) = vm.qmp.cont().await {
+                            Some(format!("cont failed: {e}"))
+                        } else {
+                            continue;
+                        }
+                    }
+                    _ => None,
+                },
+                Ok(_) => match vm.qmp.query_migrate().await {
+                    Ok(i) if i.status() == MigrationStatus::Failed => {
+                        Some(format!("the incoming migration failed: {}", i.error_desc.unwrap_or_default()))
+                    }
+                    _ => None,
+                },
+                Err(e) => Some(format!("the incoming QEMU is gone: {e}")),
+            };
+            if let Some(reason) = failure {
+                self.control.send(&ToSource::Failed { reason: reason.clone() }).await?;
+                bail!("{reason}");
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let reason = format!("the VM did not start running within {RUNNING_TIMEOUT:?}");
+                self.control.send(&ToSource::Failed { reason: reason.clone() }).await?;
+                bail!("{reason}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let running_unix_ns = unix_now_ns();
+        let resumed_unix_ns = vm.qmp.drain_events().iter().rev().find(|e| e.event == QmpEvent::Resume).and_then(|e| event_time_ns(e));
+        let first_heartbeat_unix_ns = match &vm.heartbeat {
+            Some(hb) => hb.wait_first(HEARTBEAT_WAIT).await,
+            None => None,
+        };
+        self.control
+            .send(&ToSource::Running { running_unix_ns, resumed_unix_ns, first_heartbeat_unix_ns, status: status.status.as_str().to_owned() })
+            .await?;
+        tracing::info!("VM running at the destination");
+
+        let announced = self.announce(&vm).await;
+        self.control.send(&announced).await?;
+        Ok(())
+    }
+
+    /// Re-announces every NIC's MAC on the configured interface; the VM's IPs go with the first.
+    async fn announce(&self, vm: &Incoming) -> ToSource {
+        let Some(interface) = self.config.announce_interface.clone() else {
+            return ToSource::Announced { interface: None, macs: Vec::new(), frames: 0, error: None };
+        };
+        let nics = match vm.qmp.nic_macs().await {
+            Ok(n) => n,
+            Err(e) => {
+                return ToSource::Announced { interface: Some(interface), macs: Vec::new(), frames: 0, error: Some(format!("cannot list the NICs: {e}")) }
+            }
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (_path, mac)) in nics.iter().enumerate() {
+            let mut a = Announcement::mac_only(MacAddr(mac.0));
+            if i == 0 {
+                for ip in &vm.ips {
+                    match ip {
+                        IpAddr::V4(v4) => a.ipv4.push(*v4),
+                        IpAddr::V6(v6) => a.ipv6.push(*v6),
+                    }
+                }
+            }
+            let interface = interface.clone();
+            tasks.spawn(async move { announce::announce(&interface, &a, &announce::default_schedule()).await });
+        }
+        let mut frames = 0;
+        let mut error = None;
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(report)) => frames += report.frames_sent,
+                Ok(Err(e)) => error = Some(e.to_string()),
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        let macs: Vec<String> = nics.iter().map(|(_, m)| m.to_string()).collect();
+        tracing::info!(%interface, ?macs, frames, ?error, "announced");
+        ToSource::Announced { interface: Some(interface), macs, frames, error }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+listen = "127.0.0.1:7800"
+migration_address = "127.0.0.1"
+announce_interface = "br0"
+[incoming]
+qmp = "/run/ferry/{vm}.qmp"
+heartbeat = "/run/ferry/{vm}.hb"
+"#;
+
+    #[test]
+    fn config_parses_and_errors_name_the_key() {
+        let c = ServeConfig::parse(SAMPLE).unwrap();
+        assert_eq!(expand(&c.incoming.qmp, "vm1"), PathBuf::from("/run/ferry/vm1.qmp"));
+        let err = ServeConfig::parse(&SAMPLE.replace("migration_address", "migration_adress")).unwrap_err().to_string();
+        assert!(err.contains("migration_adress"), "{err}");
+        let err = ServeConfig::parse(&SAMPLE.replace("{vm}.qmp", "x.qmp")).unwrap_err().to_string();
+        assert!(err.contains("incoming.qmp"), "{err}");
+        let err = format!("{:#}", ServeConfig::parse(&SAMPLE.replace("127.0.0.1\"\nannounce", "nowhere\"\nannounce")).unwrap_err());
+        assert!(err.contains("migration_address"), "{err}");
+    }
+
+    #[test]
+    fn vm_names_cannot_escape_the_template() {
+        assert!(check_vm_name("vm-1.prod_a").is_ok());
+        for bad in ["", "../etc", "a/b", ".hidden", "a b", &"x".repeat(65)] {
+            assert!(check_vm_name(bad).is_err(), "{bad}");
+        }
+    }
+}

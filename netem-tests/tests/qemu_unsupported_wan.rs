@@ -1,0 +1,488 @@
+//! Migration streams the page codec does not follow still cross the gateways
+//! intact: the codec switches those connections to opaque pass-through and says
+//! why (`CodecStats::opaque_reason` in gateway A's `FlowRecord::codec`).
+//!
+//! * multifd (2 channels) with QEMU-side `multifd-compression=zstd`: the multifd
+//!   flows go opaque ("compression"), the main channel is still followed;
+//! * the main channel with the `xbzrle` capability and a dirtying guest: once
+//!   QEMU sends XBZRLE-encoded pages (from its third pass over RAM on), the main
+//!   flow goes opaque ("XBZRLE").
+//!
+//! Both over an emulated 50 ms / 1 Gbit/s link, through a real gateway pair.
+//! Skip (pass with a message) unless run as root with `qemu-system-x86_64`
+//! installed; they take a process-wide lock so they run one at a time.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_gateway::codec::StreamMode;
+use ferry_gateway::tunnel::FlowRecord;
+use ferry_netem::gateway_pair::{GatewayPair, PairLink};
+use ferry_netem::qemu::{
+    self, migrate_over_wan, migrate_over_wan_with, GuestConfig, GuestImage, MigrationMode,
+    MultifdCompression, Qemu, QemuConfig, QmpClient, VerifyReport, WanMigrationOptions,
+    WanMigrationReport, WanRoute, UNLIMITED_BANDWIDTH,
+};
+use ferry_netem::Wan;
+use serde_json::{json, Value};
+
+const BOOT: Duration = Duration::from_secs(60);
+const MIGRATE: Duration = Duration::from_secs(120);
+/// Port the destination QEMU listens on in site B (the gateways' `connect`).
+const MIGRATION_PORT: u16 = 4444;
+/// How long the xbzrle test holds the migration in its iterative phase
+/// waiting for QEMU to send XBZRLE pages before letting it complete anyway.
+const XBZRLE_HOLD: Duration = Duration::from_secs(30);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Fields drop in declaration order: VMs (held by the tests) first, then the
+/// gateways, then the WAN.
+struct Setup {
+    image: GuestImage,
+    pair: GatewayPair,
+    connect: SocketAddr,
+    wan: Wan,
+}
+
+fn setup(test: &str) -> Option<Setup> {
+    init_tracing();
+    if !ferry_netem::netns::is_root() {
+        eprintln!("SKIP {test}: needs root (network namespaces)");
+        return None;
+    }
+    if !qemu::qemu_available() {
+        eprintln!(
+            "SKIP {test}: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
+        );
+        return None;
+    }
+    let image = GuestImage::build().expect("building the test guest");
+    let wan = Wan::builder()
+        .rtt(Duration::from_millis(50))
+        .rate_bps(1_000_000_000)
+        .up()
+        .expect("WAN up");
+    let connect = SocketAddr::from((wan.site_b().addr(), MIGRATION_PORT));
+    let pair = GatewayPair::start(
+        &wan,
+        PairLink {
+            bandwidth: "1gbit".into(),
+            rtt: "50ms".into(),
+            codec: true,
+        },
+        connect,
+    )
+    .expect("gateways");
+    Some(Setup {
+        image,
+        pair,
+        connect,
+        wan,
+    })
+}
+
+/// A running source in site A and a waiting destination in site B (64 MiB
+/// each); `with_extra_qmp` gives the source a second QMP monitor.
+fn start_vms(
+    s: &Setup,
+    guest: &GuestConfig,
+    with_extra_qmp: Option<&std::path::Path>,
+) -> (Qemu, Qemu) {
+    let config = |name: &str| {
+        QemuConfig {
+            memory_mib: 64,
+            guest: guest.clone(),
+            ..QemuConfig::default()
+        }
+        .named(name)
+    };
+    let mut src_cfg = config("src");
+    src_cfg.extra_qmp_socket = with_extra_qmp.map(Into::into);
+    let src = Qemu::spawn(&s.image, &src_cfg, Some(s.wan.site_a().netns()))
+        .expect("start source in site A");
+    let dst = Qemu::spawn(
+        &s.image,
+        &config("dst").incoming_defer(),
+        Some(s.wan.site_b().netns()),
+    )
+    .expect("start destination in site B");
+    src.serial().wait_for_tick(3, BOOT).expect("source ticks");
+    (src, dst)
+}
+
+fn migrate(s: &Setup, src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode) -> WanMigrationReport {
+    migrate_over_wan(
+        src,
+        dst,
+        &s.wan,
+        WanRoute::Gateways {
+            pair: &s.pair,
+            connect: s.connect,
+        },
+        mode,
+        MIGRATE,
+    )
+    .expect("migration through the gateways")
+}
+
+/// Completed, destination running and continuing the guest's counter, guest
+/// memory verified, flows byte-identical end to end.
+fn check_migration(
+    dst: &mut Qemu,
+    mode: &MigrationMode,
+    r: &WanMigrationReport,
+    max_tick_gap: u64,
+) {
+    assert_eq!(r.info.status, "completed");
+    let st = dst.qmp().query_status().expect("dst status");
+    assert!(st.running && st.status == "running", "{st:?}");
+    let src_last = r.src_last_tick.expect("source ticked");
+    assert!(
+        r.dst_first_tick >= src_last && r.dst_first_tick <= src_last + max_tick_gap,
+        "destination did not continue the source's counter: source at {src_last}, destination starts at {}",
+        r.dst_first_tick
+    );
+    let more = dst
+        .serial()
+        .wait_for_tick(r.dst_first_tick + 5, BOOT)
+        .expect("destination keeps ticking");
+    assert!(more >= r.dst_first_tick + 5);
+    match dst.request_verify(BOOT).expect("verify on the destination") {
+        VerifyReport::Ok { .. } => {}
+        bad => panic!("guest memory corrupted by the migration: {bad:?}"),
+    }
+    assert!(
+        !dst.serial()
+            .lines()
+            .iter()
+            .any(|l| l.contains("FAIL") || l.contains("panic")),
+        "destination guest reported an error:\n{}",
+        dst.serial().tail(10)
+    );
+    if let Err(e) = r.check_flows(mode.connections()) {
+        panic!(
+            "gateway flows: {e}\nA: {:#?}\nB: {:#?}",
+            r.flows_a, r.flows_b
+        );
+    }
+}
+
+fn describe(f: &FlowRecord) -> String {
+    match &f.codec {
+        Some(c) => format!(
+            "flow {}: {} B in, mode {:?}, reason {:?}, literal {}, zero {}, refs {}, verbatim {} B, wire {} B",
+            f.flow,
+            c.bytes_in,
+            c.mode,
+            c.opaque_reason,
+            c.literal_pages,
+            c.zero_pages,
+            c.ref_pages(),
+            c.verbatim_bytes,
+            c.wire_bytes_out
+        ),
+        None => format!("flow {}: {} B in, no codec stats", f.flow, f.tcp_in),
+    }
+}
+
+#[test]
+fn multifd_zstd_goes_opaque_through_gateways() {
+    let test = "multifd_zstd_goes_opaque_through_gateways";
+    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let t0 = Instant::now();
+    let Some(s) = setup(test) else { return };
+    let guest = GuestConfig {
+        verify_every_ticks: 0,
+        ..GuestConfig::default()
+    };
+    let (mut src, mut dst) = start_vms(&s, &guest, None);
+    let mode = MigrationMode::Multifd {
+        channels: 2,
+        compression: MultifdCompression::Zstd,
+    };
+    let r = migrate(&s, &mut src, &mut dst, &mode);
+    assert_eq!(
+        src.qmp().query_status().expect("src status").status,
+        "postmigrate"
+    );
+    check_migration(&mut dst, &mode, &r, 5);
+    assert!(
+        r.ram.multifd_bytes > 0,
+        "nothing went over multifd: {:?}",
+        r.ram
+    );
+    for f in &r.flows_a {
+        eprintln!("{test}: {}", describe(f));
+    }
+
+    // The two multifd channels went opaque because of QEMU's compression; the
+    // main channel (the first connection) was followed as a QEMU stream.
+    let mut flows: Vec<&FlowRecord> = r.flows_a.iter().collect();
+    flows.sort_by_key(|f| f.flow);
+    let stats: Vec<_> = flows
+        .iter()
+        .map(|f| {
+            f.codec
+                .as_ref()
+                .unwrap_or_else(|| panic!("no codec stats for {}", describe(f)))
+        })
+        .collect();
+    let main = stats[0];
+    assert!(
+        matches!(main.mode, StreamMode::Main | StreamMode::MainTail)
+            && main.opaque_reason.is_none(),
+        "main channel should have been followed: {}",
+        describe(flows[0])
+    );
+    for (f, c) in flows.iter().zip(&stats).skip(1) {
+        assert_eq!(c.mode, StreamMode::Opaque, "{}", describe(f));
+        let reason = c.opaque_reason.as_deref().unwrap_or("");
+        assert!(
+            reason.contains("compression"),
+            "multifd flow went opaque for another reason: {}",
+            describe(f)
+        );
+        assert!(
+            c.literal_pages == 0 && c.ref_pages() == 0 && c.zero_pages == 0,
+            "an opaque multifd flow had page operations: {}",
+            describe(f)
+        );
+        assert!(c.bytes_in > 0 && c.bytes_in == f.tcp_in, "{}", describe(f));
+    }
+    eprintln!(
+        "{test}: {}; test {:.1} s",
+        r.summary(),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// QEMU's `xbzrle-cache` statistics from a `query-migrate` reply.
+#[derive(Debug, Clone, Copy, Default)]
+struct XbzrleStats {
+    /// Cache hits: pages XBZRLE-encoded, overflowed or skipped as unchanged.
+    pages: u64,
+    /// Hits whose encoding did not fit (sent as normal pages).
+    overflow: u64,
+    /// Encoded bytes: XBZRLE records' bytes plus 4096 per overflow.
+    bytes: u64,
+    cache_miss: u64,
+}
+
+impl XbzrleStats {
+    fn from_reply(info: &Value) -> Option<XbzrleStats> {
+        let x = info.get("xbzrle-cache")?;
+        let u = |k: &str| x.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Some(XbzrleStats {
+            pages: u("pages"),
+            overflow: u("overflow"),
+            bytes: u("bytes"),
+            cache_miss: u("cache-miss"),
+        })
+    }
+
+    /// Bytes of real XBZRLE records sent (QEMU adds 4096 to `bytes` per
+    /// overflow; each XBZRLE record adds its size): > 0 iff at least one
+    /// `RAM_SAVE_FLAG_XBZRLE` record went on the wire.
+    fn xbzrle_record_bytes(&self) -> u64 {
+        self.bytes.saturating_sub(self.overflow * 4096)
+    }
+}
+
+/// What the watcher saw.
+#[derive(Debug)]
+struct Hold {
+    /// Stats when it let the migration complete (`None` if it never saw them).
+    released_at: Option<XbzrleStats>,
+    /// Dirty syncs by then.
+    dirty_syncs: u64,
+    /// Time from start until release.
+    held: Duration,
+    /// True if released because XBZRLE records were seen, false on timeout.
+    saw_xbzrle: bool,
+}
+
+/// On the source's second QMP monitor (the harness's own session is busy in
+/// `migrate_over_wan`): while the migration is active, keeps it iterating
+/// (the source's `downtime-limit` is 1 ms, set by the test) until QEMU reports
+/// XBZRLE records sent, or until [`XBZRLE_HOLD`], then raises `downtime-limit`
+/// and lifts `max-bandwidth` so it completes.
+fn hold_until_xbzrle(
+    mut qmp: QmpClient,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<Result<Hold, String>> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut last = None;
+        let mut syncs = 0;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Err("stopped before the migration started".into());
+            }
+            let info = qmp
+                .execute("query-migrate", None)
+                .map_err(|e| format!("query-migrate: {e}"))?;
+            let status = info.get("status").and_then(Value::as_str).unwrap_or("");
+            if matches!(status, "completed" | "failed" | "cancelled") {
+                return Err(format!(
+                    "migration {status} before the watcher released it (last xbzrle stats {last:?}, {syncs} syncs)"
+                ));
+            }
+            if status == "active" {
+                let x = XbzrleStats::from_reply(&info);
+                syncs = info
+                    .pointer("/ram/dirty-sync-count")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                let saw = x.is_some_and(|x| x.xbzrle_record_bytes() > 0);
+                last = x;
+                if saw || started.elapsed() >= XBZRLE_HOLD {
+                    qmp.migrate_set_parameters(json!({
+                        "downtime-limit": 5000,
+                        "max-bandwidth": UNLIMITED_BANDWIDTH,
+                    }))
+                    .map_err(|e| format!("releasing the migration: {e}"))?;
+                    return Ok(Hold {
+                        released_at: last,
+                        dirty_syncs: syncs,
+                        held: started.elapsed(),
+                        saw_xbzrle: saw,
+                    });
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
+#[test]
+fn xbzrle_main_channel_goes_opaque_through_gateways() {
+    let test = "xbzrle_main_channel_goes_opaque_through_gateways";
+    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let t0 = Instant::now();
+    let Some(s) = setup(test) else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    // 10 ms ticks, 24 random pages rewritten each (~9.6 MB/s): every pass
+    // over RAM finds dirty pages. Rewritten random pages overflow XBZRLE, but
+    // the seed table, the guest's variables and its stack change by a few
+    // bytes: those become XBZRLE records once cached (third pass on).
+    // `retouch` is what lets QEMU 7.2's TCG see those pages written again
+    // after the second dirty sync at all (see `GuestConfig::retouch`); it
+    // also keeps the destination's memory exact over this many passes.
+    let guest = GuestConfig {
+        tick_jiffies: 1,
+        dirty_pages_per_tick: 24,
+        verify_every_ticks: 0,
+        retouch: true,
+        ..GuestConfig::default()
+    };
+    let (mut src, mut dst) = start_vms(&s, &guest, Some(&dir.path().join("src-extra.qmp")));
+    for vm in [&mut src, &mut dst] {
+        vm.qmp()
+            .migrate_set_capabilities(&[("xbzrle", true)])
+            .expect("xbzrle capability");
+        vm.qmp()
+            .migrate_set_parameters(json!({ "xbzrle-cache-size": 16u64 << 20 }))
+            .expect("xbzrle-cache-size");
+    }
+    src.qmp()
+        .migrate_set_parameters(json!({ "downtime-limit": 1 }))
+        .expect("downtime-limit");
+    let watcher_qmp = src
+        .connect_extra_qmp(Duration::from_secs(20))
+        .expect("second QMP monitor");
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = hold_until_xbzrle(watcher_qmp, Arc::clone(&stop));
+
+    // QEMU completes as soon as what is left fits in `downtime-limit` at the
+    // bandwidth it measured. A rate-limited first pass (~13 MB of non-zero
+    // pages at 24 MiB/s) makes it measure a low bandwidth, and with a 1 ms
+    // limit the dirtying guest never fits: it keeps iterating, caching pages
+    // for XBZRLE and then encoding them, until the watcher lets it finish.
+    let mode = MigrationMode::Main;
+    let result = migrate_over_wan_with(
+        &mut src,
+        &mut dst,
+        &s.wan,
+        WanRoute::Gateways {
+            pair: &s.pair,
+            connect: s.connect,
+        },
+        &mode,
+        MIGRATE,
+        &WanMigrationOptions {
+            max_bandwidth: 24 << 20,
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    let hold = watcher.join().expect("watcher thread");
+    let r = result.expect("migration through the gateways");
+    let hold = hold.expect("watching the migration");
+    eprintln!(
+        "{test}: watcher released after {:.1} s at {} dirty syncs (saw XBZRLE records: {}), stats then {:?}",
+        hold.held.as_secs_f64(),
+        hold.dirty_syncs,
+        hold.saw_xbzrle,
+        hold.released_at
+    );
+    assert_eq!(
+        src.qmp().query_status().expect("src status").status,
+        "postmigrate"
+    );
+    check_migration(&mut dst, &mode, &r, 20);
+
+    // QEMU itself says XBZRLE pages were sent, so the fallback was exercised.
+    let x = XbzrleStats::from_reply(&r.info.raw)
+        .unwrap_or_else(|| panic!("no xbzrle-cache in query-migrate: {}", r.info.raw));
+    eprintln!(
+        "{test}: QEMU xbzrle: {} hits, {} overflow, {} cache misses, {} B ({} B of XBZRLE records); {} dirty syncs",
+        x.pages,
+        x.overflow,
+        x.cache_miss,
+        x.bytes,
+        x.xbzrle_record_bytes(),
+        r.ram.dirty_sync_count
+    );
+    assert!(
+        hold.saw_xbzrle && x.xbzrle_record_bytes() > 0,
+        "QEMU sent no XBZRLE records within {XBZRLE_HOLD:?} (stats {x:?}, {} dirty syncs): the fallback was not exercised",
+        r.ram.dirty_sync_count
+    );
+
+    // The gateway followed the main channel (pages as page operations) until
+    // the first XBZRLE record, then passed the rest through opaquely.
+    let [f] = r.flows_a.as_slice() else {
+        panic!("expected one flow at A: {:#?}", r.flows_a);
+    };
+    eprintln!("{test}: {}", describe(f));
+    let c = f
+        .codec
+        .as_ref()
+        .unwrap_or_else(|| panic!("no codec stats: {}", describe(f)));
+    assert_eq!(c.mode, StreamMode::Opaque, "{}", describe(f));
+    assert!(
+        c.opaque_reason.as_deref().unwrap_or("").contains("XBZRLE"),
+        "main flow went opaque for another reason: {}",
+        describe(f)
+    );
+    assert!(
+        c.literal_pages > 0,
+        "the codec should have followed the first pass: {}",
+        describe(f)
+    );
+    eprintln!(
+        "{test}: {}; test {:.1} s",
+        r.summary(),
+        t0.elapsed().as_secs_f64()
+    );
+}
