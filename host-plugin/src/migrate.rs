@@ -362,37 +362,54 @@ impl Run {
                 self.report.guest_downtime_error_ms = Some(err);
             }
         }
-        let qmp = self.qmp()?;
+        // From here on the VM runs at the destination: the migration succeeded, and whatever
+        // goes wrong now is a warning, never a reason to touch the source VM again.
         if o.keep_source {
             self.report.source_vm = "paused".into();
         } else {
-            qmp.quit().await.context("quit the source VM")?;
-            self.report.source_vm = "quit".into();
+            match self.qmp()?.quit().await {
+                Ok(()) => self.report.source_vm = "quit".into(),
+                Err(e) => {
+                    self.report.source_vm = "paused".into();
+                    self.warn(format!("cannot quit the source VM (left paused): {e}"));
+                }
+            }
         }
 
         // Announcement report, and the final byte counts once the flows have ended.
-        let control = self.control()?;
-        match control.recv(Duration::from_secs(10)).await {
+        match self.control()?.recv(Duration::from_secs(10)).await {
             Ok(ToSource::Announced { interface, macs, error, .. }) => {
                 if let Some(e) = error {
-                    self.progress.note(&format!("warning: MAC announcement at the destination failed: {e}"));
+                    self.warn(format!("MAC announcement at the destination failed: {e}"));
                 }
                 self.report.announce_interface = interface;
                 self.report.announced_macs = macs;
             }
-            Ok(other) => tracing::warn!(?other, "unexpected message instead of the announcement report"),
-            Err(e) => tracing::warn!(error = %e, "no announcement report from the destination"),
+            Ok(other) => self.warn(format!("unexpected message instead of the announcement report: {other:?}")),
+            Err(e) => self.warn(format!("no announcement report from the destination: {e}")),
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while stats.open > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            stats = api.forward_stats(migration_forward.id).await?;
+            match api.forward_stats(migration_forward.id).await {
+                Ok(s) => stats = s,
+                Err(e) => {
+                    self.warn(format!("final byte counts incomplete: {e}"));
+                    break;
+                }
+            }
         }
         self.report.bytes_from_qemu = stats.tcp_in;
         self.report.bytes_on_wan = stats.wan_out;
         self.report.bytes_from_wan = stats.wan_in;
         self.report.reduction = if stats.wan_out > 0 { stats.tcp_in as f64 / stats.wan_out as f64 } else { 0.0 };
         Ok(())
+    }
+
+    fn warn(&mut self, message: String) {
+        tracing::warn!("{message}");
+        self.progress.note(&format!("warning: {message}"));
+        self.report.warnings.push(message);
     }
 
     fn qmp(&self) -> anyhow::Result<Arc<Qmp>> {
@@ -455,13 +472,8 @@ impl Run {
                     "paused (destination state unknown: check it before resuming the source with `cont`)".into()
                 }
             }
-            Stage::DestinationRunning => {
-                if self.options.keep_source {
-                    "paused".into()
-                } else {
-                    "unknown".into()
-                }
-            }
+            // Not reached: after this point failures are warnings.
+            Stage::DestinationRunning => self.report.source_vm.clone(),
         }
     }
 }

@@ -205,6 +205,9 @@ pub struct MigrationReport {
     pub announced_macs: Vec<String>,
     /// Interface the announcements went out on.
     pub announce_interface: Option<String>,
+    /// Things that went wrong after the VM ran at the destination (the migration still
+    /// succeeded).
+    pub warnings: Vec<String>,
 }
 
 impl MigrationReport {
@@ -237,6 +240,9 @@ impl MigrationReport {
             self.announced_macs.len(),
             self.announce_interface.as_deref().unwrap_or("(no interface configured)")
         );
+        for w in &self.warnings {
+            s += &format!("\n  warning: {w}");
+        }
         s
     }
 }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::announce::{self, Announcement, MacAddr};
-use crate::control::{Channel, SharedSettings, ToDestination, ToSource};
+use crate::control::{Channel, ChannelError, SharedSettings, ToDestination, ToSource};
 use crate::heartbeat::{event_time_ns, unix_now_ns, Heartbeat};
 use crate::qmp::{CapabilityState, MigrationCapability, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
 use crate::settings;
@@ -104,9 +104,9 @@ pub async fn serve(listener: TcpListener, config: ServeConfig) {
             Ok((tcp, remote)) => {
                 let config = config.clone();
                 tokio::spawn(async move {
-                    tracing::info!(%remote, "control session");
+                    tracing::debug!(%remote, "control session");
                     match Session::new(tcp, config).run().await {
-                        Ok(()) => tracing::info!(%remote, "control session finished"),
+                        Ok(()) => tracing::debug!(%remote, "control session finished"),
                         Err(e) => tracing::warn!(%remote, error = format!("{e:#}"), "control session failed"),
                     }
                 });
@@ -142,10 +142,14 @@ impl Session {
         let mut incoming: Option<Incoming> = None;
         loop {
             let message = match &incoming {
-                None => self.control.next().await?,
+                None => match self.control.next().await {
+                    // Closed with no migration under way: a probe, or the source gave up.
+                    Err(ChannelError::Closed) => return Ok(()),
+                    other => other?,
+                },
                 Some(vm) => {
                     // While the migration streams in, notice an incoming QEMU that gave up.
-                    match self.next_or_failure(&vm.qmp).await? {
+                    match self.next_or_failure(&vm.qmp).await.context("the source's control channel failed during the migration")? {
                         Ok(m) => m,
                         Err(reason) => {
                             tracing::warn!(%reason, "incoming migration failed");
