@@ -70,6 +70,10 @@ enum Command {
         /// Print the final report as JSON on stdout (instead of the summary).
         #[arg(long)]
         json: bool,
+        /// Leave convergence to QEMU alone (no bandwidth cap from the gateway's measurements,
+        /// downtime-limit = --downtime): for comparisons and diagnosis.
+        #[arg(long = "no-steer")]
+        no_steer: bool,
     },
     /// Receive migrations (run on each destination host).
     Serve {
@@ -99,9 +103,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
-        Command::Migrate { qmp, to, dest_host, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json } => {
+        Command::Migrate { qmp, to, dest_host, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json, no_steer } => {
             let dest = parse_dest(&dest_host)?;
-            let options = MigrateOptions { qmp, to, dest, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress };
+            let options = MigrateOptions { qmp, to, dest, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, steer: !no_steer };
             let result = runtime.block_on(migrate(options));
             let text = serde_json::to_string_pretty(&result).context("cannot encode the report")?;
             if let Some(path) = report {

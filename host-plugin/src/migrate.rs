@@ -61,7 +61,13 @@ pub struct MigrateOptions {
     pub keep_source: bool,
     /// How to show progress.
     pub progress: ProgressMode,
+    /// Steer QEMU from the gateway's measurements (the default). Off leaves QEMU's own logic
+    /// in charge (no bandwidth cap, `downtime-limit` = the target), for comparison.
+    pub steer: bool,
 }
+
+/// `max-bandwidth` when not steering: far above any link, so QEMU never limits itself.
+const UNLIMITED_BANDWIDTH: u64 = 10 << 30;
 
 /// Where the migration stands, so a failure is handled for what has been done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -185,7 +191,12 @@ impl Run {
             rtt,
             cwnd: Some(path.cwnd),
         });
-        let chosen = settings::choose(ram, o.multifd, &available, controller.initial_max_bandwidth(), controller.initial_downtime_limit_ms());
+        let (max_bandwidth, downtime_limit) = if o.steer {
+            (controller.initial_max_bandwidth(), controller.initial_downtime_limit_ms())
+        } else {
+            (UNLIMITED_BANDWIDTH, o.downtime.as_millis() as u64)
+        };
+        let chosen = settings::choose(ram, o.multifd, &available, max_bandwidth, downtime_limit);
         self.report.multifd_channels = chosen.shared.multifd_channels;
         self.progress.note(&format!(
             "migrating {name} ({} MiB RAM, QEMU {}) from {} to {} via {}: {}",
@@ -301,7 +312,7 @@ impl Run {
                 cpu_throttle_increment: decision.throttle_increment,
                 ..MigrationParameters::default()
             };
-            if params != MigrationParameters::default() {
+            if o.steer && params != MigrationParameters::default() {
                 tracing::debug!(?params, estimate = ?controller.estimate(), "adjusting the source");
                 // A parameter QEMU refuses is worth a warning, not the migration.
                 if let Err(e) = qmp.migrate_set_parameters(&params).await {

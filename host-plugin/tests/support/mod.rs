@@ -2,6 +2,8 @@
 //! network namespace, capturing frames on an interface.
 #![allow(dead_code)]
 
+pub mod wan_sites;
+
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
