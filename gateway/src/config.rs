@@ -156,7 +156,15 @@ pub struct CacheConfig {
     /// Pages each incoming codec connection keeps of its own session (4 KiB each, besides the
     /// shared cache), so in-session references can never miss. Advertised to peers.
     pub session_window_pages: u64,
+    /// Memory each outgoing codec connection may use to keep copies of the peer's advertised
+    /// pages it referred to, until the peer acknowledged them, so the peer can ask for a page it
+    /// evicted meanwhile. Past it, advertised pages are sent literally. 0: never refer to
+    /// advertised pages.
+    pub resupply_budget: ByteSize,
 }
+
+/// Largest `cache.resupply_budget` accepted (per connection).
+pub const MAX_RESUPPLY_BUDGET: u64 = 16 << 30;
 
 /// Smallest `cache.session_window_pages` accepted. A source uses at most this window until it
 /// has the destination's advertisement, so every destination must accept it.
@@ -164,7 +172,13 @@ pub const MIN_SESSION_WINDOW_PAGES: u64 = 4096;
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { size: ByteSize(1 << 30), advertise_max_pages: 1 << 20, dir: None, session_window_pages: 65536 }
+        Self {
+            size: ByteSize(1 << 30),
+            advertise_max_pages: 1 << 20,
+            dir: None,
+            session_window_pages: 65536,
+            resupply_budget: ByteSize(crate::codec::encoder::DEFAULT_RETAIN_BUDGET as u64),
+        }
     }
 }
 
@@ -265,6 +279,12 @@ impl Config {
             return Err(invalid(
                 "cache.session_window_pages".into(),
                 format!("must be between {MIN_SESSION_WINDOW_PAGES} and {}", crate::codec::frame::MAX_SESSION_WINDOW),
+            ));
+        }
+        if raw.cache.resupply_budget.0 > MAX_RESUPPLY_BUDGET {
+            return Err(invalid(
+                "cache.resupply_budget".into(),
+                format!("must be at most {}GiB (it is per connection)", MAX_RESUPPLY_BUDGET >> 30),
             ));
         }
         if raw.limits.max_connections == 0 {
@@ -374,6 +394,11 @@ connect = "127.0.0.2:4444"
         assert_eq!(cfg.cache.dir, Some(dir.path().join("pages")));
         let err = parse(&sample("[cache]\nsession_window_pages = 10\n"), dir.path()).unwrap_err().to_string();
         assert!(err.contains("cache.session_window_pages"), "{err}");
+        assert_eq!(cfg.cache.resupply_budget, ByteSize(64 << 20));
+        let small = parse(&sample("[cache]\nresupply_budget = \"1MiB\"\n"), dir.path()).unwrap();
+        assert_eq!(small.cache.resupply_budget, ByteSize(1 << 20));
+        let err = parse(&sample("[cache]\nresupply_budget = \"1TiB\"\n"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("cache.resupply_budget"), "{err}");
         assert_eq!(cfg.forwards[0].codec, CodecMode::Auto);
         let text = sample("").replace("connect = \"127.0.0.2:4444\"", "connect = \"127.0.0.2:4444\"\ncodec = \"off\"");
         assert_eq!(parse(&text, dir.path()).unwrap().forwards[0].codec, CodecMode::Off);

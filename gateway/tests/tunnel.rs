@@ -272,3 +272,113 @@ async fn codec_session_window_follows_the_destination_limit() {
     }
     assert_eq!(a.stats().flows_failed, 0);
 }
+
+/// A QEMU multifd channel (7.2 layout: 64-byte init, then packets of a 1344-byte header and up
+/// to 128 raw pages) carrying `pages`, so the codec parses it page by page.
+fn multifd_stream(pages: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+    b.extend_from_slice(&1u32.to_be_bytes());
+    b.extend_from_slice(&[0xab; 16]);
+    b.push(1);
+    b.extend_from_slice(&[0; 39]);
+    for (n, packet) in pages.chunks(128).enumerate() {
+        let mut h = vec![0u8; 1344];
+        h[0..4].copy_from_slice(&0x1122_3344u32.to_be_bytes());
+        h[4..8].copy_from_slice(&1u32.to_be_bytes());
+        h[12..16].copy_from_slice(&128u32.to_be_bytes());
+        h[16..20].copy_from_slice(&(packet.len() as u32).to_be_bytes());
+        h[20..24].copy_from_slice(&(packet.len() as u32 * 4096).to_be_bytes());
+        h[24..32].copy_from_slice(&(n as u64).to_be_bytes());
+        h[64..70].copy_from_slice(b"pc.ram");
+        for i in 0..packet.len() {
+            h[320 + 8 * i..328 + 8 * i].copy_from_slice(&((n * 128 + i) as u64 * 4096).to_be_bytes());
+        }
+        b.extend_from_slice(&h);
+        for p in packet {
+            b.extend_from_slice(p);
+        }
+    }
+    b
+}
+
+fn random_pages(seed: u64, n: usize) -> Vec<Vec<u8>> {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let mut p = vec![0u8; 4096];
+            rng.fill_bytes(&mut p);
+            p
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codec_resupplies_advertised_pages_the_destination_evicted() {
+    // B's page cache holds 256 pages. The first migration leaves 200 pages P in it, which B then
+    // advertises. The second migration sends 512 fresh pages Q, evicting P, and then P again: A
+    // refers to P on the strength of B's advertisement, B no longer holds it, asks A, and A sends
+    // it again from the copies it kept. Without the miss path B's decoder fails (MissingPage).
+    let pki = Pki::new(&["site-a", "site-b"]);
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a_addr, b_addr) = (free_udp_addr(), free_udp_addr());
+    let a = config(pki.path(), "site-a", a_addr, &[("site-b", b_addr)], &[("site-b", target.local_addr().unwrap())]);
+    let b = config_with(pki.path(), "site-b", b_addr, &[("site-a", a_addr)], &[], "[cache]\nsize = \"1MiB\"\n");
+    let a = Gateway::start(a).await.unwrap();
+    let b = Gateway::start(b).await.unwrap();
+    assert!(a.wait_connected("site-b", Duration::from_secs(10)).await);
+    assert!(b.wait_connected("site-a", Duration::from_secs(10)).await);
+
+    let p = random_pages(1, 200);
+    let q = random_pages(2, 512);
+    let first = multifd_stream(&p);
+    let second = multifd_stream(&q.iter().chain(&p).cloned().collect::<Vec<_>>());
+    let server = tokio::spawn(async move {
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let (mut tcp, _) = target.accept().await.unwrap();
+            got.push(receive_all(&mut tcp).await.expect("the destination must receive a complete stream"));
+        }
+        got
+    });
+    let migrate = |stream: Vec<u8>, addr| async move {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut r, mut w) = tcp.into_split();
+        w.write_all(&stream).await.unwrap();
+        w.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    };
+    migrate(first.clone(), a.forward_addrs()[0]).await;
+    // B advertises its cache right after a codec flow ends, then not again for at least 2.5 s
+    // unless another flow ends: the second migration runs with A holding the stale advertisement.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    migrate(second.clone(), a.forward_addrs()[0]).await;
+    let got = server.await.unwrap();
+    assert_eq!(got[0], (first.len() as u64, blake3::hash(&first)));
+    assert_eq!(got[1], (second.len() as u64, blake3::hash(&second)), "second migration must arrive byte-identical");
+
+    // Both gateways' flow records: ingress input digest = egress output digest, and the miss
+    // path was taken.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (a_log, b_log) = loop {
+        let (a_log, b_log) = (a.flow_log().records(), b.flow_log().records());
+        if a_log.len() >= 2 && b_log.len() >= 2 {
+            break (a_log, b_log);
+        }
+        assert!(std::time::Instant::now() < deadline, "flows did not end: {a_log:?} {b_log:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (ingress, egress) = (&a_log[1], &b_log[1]);
+    assert_eq!((ingress.error.as_deref(), egress.error.as_deref()), (None, None));
+    assert_eq!(ingress.tcp_in_digest, *blake3::hash(&second).as_bytes());
+    assert_eq!(ingress.tcp_in_digest, egress.tcp_out_digest);
+    let codec = ingress.codec.as_ref().expect("codec stats at the ingress");
+    assert_eq!(codec.advertised_refs, 200, "{codec:?}");
+    assert_eq!(codec.resupplied_pages, 200, "{codec:?}");
+    assert_eq!(ingress.pages_resupplied, codec.resupplied_pages);
+    assert!(egress.pages_needed > 0 && egress.pages_resupplied == egress.pages_needed, "{egress:?}");
+    assert_eq!(a.stats().flows_failed + b.stats().flows_failed, 0);
+}

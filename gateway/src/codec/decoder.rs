@@ -10,8 +10,17 @@
 //! checkpoint covering them verified, so no byte — in particular no QEMU_VM_EOF — of a corrupted
 //! stream ever reaches the destination QEMU; released output is always a verified prefix of what
 //! the source QEMU wrote.
+//!
+//! Miss path: a reference the decoder cannot resolve (an advertised page evicted from the cache
+//! since) does not fail the stream. The decoder *stalls* at that op: it lists the pages it needs
+//! ([`Decoder::take_needs`]: the missing one and every other page the rest of the batch refers to
+//! that it does not hold, so one round trip usually suffices), keeps its input, and resumes when
+//! the caller hands the pages over ([`Decoder::supply`]), each checked against its digest. The
+//! caller should stop pushing input while [`Decoder::is_stalled`] (input pushed meanwhile is only
+//! buffered, up to [`DecoderConfig::max_stalled_input`]). [`Decoder::consumed`] tells how much of
+//! the wire is fully decoded: the source keeps pages it may be asked for until then.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -34,13 +43,23 @@ pub struct DecoderConfig {
     /// encoder checkpoints after every batch (≤ 18 MiB of output), so this only stops a sender
     /// that never checkpoints from growing the decoder without bound.
     pub max_unverified_bytes: usize,
+    /// Most wire bytes buffered while stalled on a missing page. The caller is expected to stop
+    /// pushing while [`Decoder::is_stalled`] (so this holds at most the rest of one push); the
+    /// limit stops one that does not.
+    pub max_stalled_input: usize,
 }
 
 impl Default for DecoderConfig {
     fn default() -> Self {
-        Self { max_session_window_pages: 65536, max_unverified_bytes: 64 << 20 }
+        Self { max_session_window_pages: 65536, max_unverified_bytes: 64 << 20, max_stalled_input: 16 << 20 }
     }
 }
+
+/// Most pages requested from the source and not yet supplied. A batch refers to at most
+/// [`MAX_BATCH_PAGE_OPS`] pages and the decoder asks only for the batch it is stalled in, so an
+/// honest stream stays far below; it also bounds what a caller must buffer for
+/// [`Decoder::supply`].
+pub const MAX_REQUESTED_PAGES: usize = 2 * MAX_BATCH_PAGE_OPS;
 
 /// Why decoding failed. Every variant means the destination QEMU must not be given the end of the
 /// stream; the tunnel should abort the connection.
@@ -71,10 +90,37 @@ pub enum DecodeError {
         /// What the batch says.
         claimed: u64,
     },
-    /// A referenced page is neither in the session window nor in the page store (evicted since it
-    /// was advertised, or never held). The migration fails; the source VM keeps running.
+    /// The wire ended while the decoder was stalled on this page (requested, never supplied).
+    /// The migration fails; the source VM keeps running.
     #[error("referenced page {0} is not available at the destination")]
     MissingPage(PageDigest),
+    /// [`Decoder::supply`] with a page the decoder did not ask for (or already received).
+    #[error("page {0} supplied but not requested")]
+    UnrequestedPage(PageDigest),
+    /// [`Decoder::supply`] with bytes whose blake3 is not the digest they were supplied for.
+    #[error("supplied page does not match its digest {digest} ({len} bytes)")]
+    BadSupply {
+        /// Digest the page was supplied for.
+        digest: PageDigest,
+        /// Its length.
+        len: usize,
+    },
+    /// Too much input pushed while stalled.
+    #[error("{held} wire bytes buffered while waiting for a page (limit {limit})")]
+    StalledInputFull {
+        /// Bytes buffered.
+        held: usize,
+        /// [`DecoderConfig::max_stalled_input`].
+        limit: usize,
+    },
+    /// More missing pages than [`MAX_REQUESTED_PAGES`] at once.
+    #[error("{count} pages missing at once (limit {limit})")]
+    TooManyMissing {
+        /// Pages requested and not yet supplied.
+        count: usize,
+        /// [`MAX_REQUESTED_PAGES`].
+        limit: usize,
+    },
     /// The page store returned a page of the wrong size.
     #[error("page store returned {len} bytes for page {digest}")]
     BadStoredPage {
@@ -146,6 +192,42 @@ impl Window {
     }
 }
 
+/// Where in a batch's op list processing is (so a stalled batch resumes exactly there).
+#[derive(Debug, Clone, Copy, Default)]
+struct OpCursor {
+    /// Next op.
+    opos: usize,
+    /// Next verbatim byte.
+    vpos: usize,
+    /// Next literal page.
+    lpos: usize,
+    /// Page ops done.
+    page_ops: usize,
+}
+
+/// A batch waiting for a page. Its (decompressed) payload is kept in `Decoder::payload`.
+#[derive(Debug)]
+struct Stall {
+    header: BatchHeader,
+    /// Wire length of the batch frame, counted as consumed once the batch completes.
+    frame_len: usize,
+    /// Position of the unresolved reference.
+    cursor: OpCursor,
+    /// The page it refers to.
+    waiting: PageDigest,
+}
+
+/// Decoder counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecoderStats {
+    /// Times decoding stopped at an unresolvable reference.
+    pub stalls: u64,
+    /// Pages requested from the source.
+    pub pages_requested: u64,
+    /// Pages supplied (and verified).
+    pub pages_supplied: u64,
+}
+
 /// Destination-side decoder. See the [module docs](self).
 pub struct Decoder {
     cfg: DecoderConfig,
@@ -164,6 +246,17 @@ pub struct Decoder {
     failed: bool,
     payload: Vec<u8>,
     dctx: Option<zstd::bulk::Decompressor<'static>>,
+    /// Wire bytes of fully decoded frames (preamble included).
+    consumed: u64,
+    /// The batch waiting for a page, if any.
+    stall: Option<Stall>,
+    /// Requested pages not yet supplied.
+    requested: HashSet<PageDigest>,
+    /// Requested pages not yet handed to the caller by [`Decoder::take_needs`].
+    needs: Vec<PageDigest>,
+    /// Supplied pages, kept until the current batch completes (a batch may refer to one twice).
+    supplied: HashMap<PageDigest, Bytes>,
+    stats: DecoderStats,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -173,6 +266,7 @@ impl std::fmt::Debug for Decoder {
             .field("held", &self.held.len())
             .field("trailer_seen", &self.trailer_seen)
             .field("failed", &self.failed)
+            .field("stall", &self.stall)
             .finish_non_exhaustive()
     }
 }
@@ -200,6 +294,12 @@ impl Decoder {
             failed: false,
             payload: Vec::new(),
             dctx: None,
+            consumed: 0,
+            stall: None,
+            requested: HashSet::new(),
+            needs: Vec::new(),
+            supplied: HashMap::new(),
+            stats: DecoderStats::default(),
         }
     }
 
@@ -218,6 +318,64 @@ impl Decoder {
         self.trailer_seen && !self.failed
     }
 
+    /// Wire bytes fully decoded: every frame before this offset was processed and every page it
+    /// refers to resolved. A stalled batch is not counted until it completes. The source may drop
+    /// its copies of pages referenced before this offset.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Whether decoding waits for a page (see [`supply`](Self::supply)).
+    pub fn is_stalled(&self) -> bool {
+        self.stall.is_some()
+    }
+
+    /// Pages to request from the source that were not returned by an earlier call (each digest
+    /// once per request). Call after every [`push`](Self::push) and [`supply`](Self::supply).
+    pub fn take_needs(&mut self) -> Vec<PageDigest> {
+        std::mem::take(&mut self.needs)
+    }
+
+    /// Pages requested and not yet supplied.
+    pub fn outstanding(&self) -> usize {
+        self.requested.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DecoderStats {
+        self.stats
+    }
+
+    /// Hands over a page requested through [`take_needs`](Self::take_needs). It must be one the
+    /// decoder asked for and still waits for ([`DecodeError::UnrequestedPage`]) and its blake3
+    /// must be `digest` ([`DecodeError::BadSupply`]); the page also enters the page store.
+    /// Decoding resumes if it was waiting for this page; like [`push`](Self::push), verified
+    /// bytes are appended to `out`. On error the decoder is poisoned.
+    pub fn supply(&mut self, digest: PageDigest, page: Bytes, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        if self.failed {
+            return Err(DecodeError::Poisoned);
+        }
+        let r = (|| {
+            if !self.requested.remove(&digest) {
+                return Err(DecodeError::UnrequestedPage(digest));
+            }
+            if page.len() != PAGE_SIZE || PageDigest::of(&page) != digest {
+                return Err(DecodeError::BadSupply { digest, len: page.len() });
+            }
+            self.stats.pages_supplied += 1;
+            self.cache.insert(digest, page.clone());
+            self.supplied.insert(digest, page);
+            if self.stall.as_ref().is_some_and(|s| s.waiting == digest) {
+                self.resume(out)?;
+            }
+            Ok(())
+        })();
+        if r.is_err() {
+            self.fail();
+        }
+        r
+    }
+
     /// Feeds wire bytes (any split points); appends bytes that may be released to QEMU to `out`.
     /// On error nothing more is ever released and every later call fails.
     pub fn push(&mut self, mut wire: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
@@ -225,22 +383,27 @@ impl Decoder {
             return Err(DecodeError::Poisoned);
         }
         let r = (|| {
-            // Complete a buffered partial frame, copying only as much as it needs.
-            while !self.buf.is_empty() && !wire.is_empty() {
+            while !wire.is_empty() {
+                if self.stall.is_some() {
+                    // Waiting for a page: keep the input for later (the caller should have stopped).
+                    self.buf.extend_from_slice(wire);
+                    break;
+                }
+                if self.buf.is_empty() {
+                    let used = self.process(wire, out)?;
+                    self.buf.extend_from_slice(&wire[used..]);
+                    break;
+                }
+                // Complete a buffered partial frame, copying only as much as it needs.
                 let want = self.need.saturating_sub(self.buf.len()).max(1);
                 let take = want.min(wire.len());
                 self.buf.extend_from_slice(&wire[..take]);
                 wire = &wire[take..];
                 // Try even if short of `need`: header needs are estimates, and the wire may end here.
-                let b = std::mem::take(&mut self.buf);
-                let r = self.process(&b, out);
-                self.buf = b;
-                let used = r?;
-                self.buf.drain(..used);
+                self.process_buffered(out)?;
             }
-            if self.buf.is_empty() && !wire.is_empty() {
-                let used = self.process(wire, out)?;
-                self.buf.extend_from_slice(&wire[used..]);
+            if self.stall.is_some() && self.buf.len() > self.cfg.max_stalled_input {
+                return Err(DecodeError::StalledInputFull { held: self.buf.len(), limit: self.cfg.max_stalled_input });
             }
             Ok(())
         })();
@@ -256,6 +419,11 @@ impl Decoder {
         if self.failed {
             return Err(DecodeError::Poisoned);
         }
+        if let Some(stall) = &self.stall {
+            let missing = stall.waiting;
+            self.fail();
+            return Err(DecodeError::MissingPage(missing));
+        }
         if !self.trailer_seen {
             self.fail();
             return Err(DecodeError::Truncated { produced: self.produced, buffered: self.buf.len() });
@@ -267,6 +435,43 @@ impl Decoder {
     fn fail(&mut self) {
         self.failed = true;
         self.held = Vec::new();
+        self.buf = Vec::new();
+        self.payload = Vec::new();
+        self.supplied = HashMap::new();
+        self.stall = None;
+    }
+
+    /// Processes what `self.buf` holds, keeping the unprocessed rest.
+    fn process_buffered(&mut self, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        let b = std::mem::take(&mut self.buf);
+        let r = self.process(&b, out);
+        self.buf = b;
+        let used = r?;
+        self.buf.drain(..used);
+        Ok(())
+    }
+
+    /// Continues the stalled batch after a supply, then the input buffered behind it.
+    fn resume(&mut self, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        let Some(stall) = self.stall.take() else { return Ok(()) };
+        let payload = std::mem::take(&mut self.payload);
+        let r = self.rebuild(&stall.header, &payload, stall.cursor);
+        self.payload = payload;
+        if let Some((cursor, waiting)) = r? {
+            self.stall = Some(Stall { cursor, waiting, ..stall });
+            return Ok(());
+        }
+        self.batch_done(stall.frame_len);
+        if !self.buf.is_empty() {
+            self.process_buffered(out)?;
+        }
+        Ok(())
+    }
+
+    fn batch_done(&mut self, frame_len: usize) {
+        self.consumed += frame_len as u64;
+        // Supplies serve the batch that asked for them; later batches ask again if need be.
+        self.supplied.clear();
     }
 
     fn frame_err(&self, source: FrameError) -> DecodeError {
@@ -298,6 +503,7 @@ impl Decoder {
                         self.window.cap = p.session_window_pages as usize;
                         self.preamble = Some(p);
                         pos += n;
+                        self.consumed += n as u64;
                         continue;
                     }
                 }
@@ -314,8 +520,12 @@ impl Decoder {
                         self.need = total;
                         return Ok(pos);
                     }
-                    self.batch(&b, &rest[hlen..total])?;
                     pos += total;
+                    if self.batch(&b, &rest[hlen..total], total)? {
+                        // Stalled: the batch's payload is kept; the rest waits in `buf`.
+                        self.need = 0;
+                        return Ok(pos);
+                    }
                 }
                 FrameHeader::Checkpoint { total_len, digest } | FrameHeader::Trailer { total_len, digest } => {
                     if total_len != self.produced || *self.hasher.finalize().as_bytes() != digest {
@@ -326,6 +536,7 @@ impl Decoder {
                         self.trailer_seen = true;
                     }
                     pos += hlen;
+                    self.consumed += hlen as u64;
                 }
             }
         }
@@ -333,17 +544,38 @@ impl Decoder {
         Ok(pos)
     }
 
-    fn batch(&mut self, b: &BatchHeader, body: &[u8]) -> Result<(), DecodeError> {
+    /// Decodes one batch frame (`frame_len` wire bytes). Returns true if it stalled on a missing
+    /// page; its payload is then kept in `self.payload` and `self.stall` says where to resume.
+    fn batch(&mut self, b: &BatchHeader, body: &[u8], frame_len: usize) -> Result<bool, DecodeError> {
         if b.stream_offset != self.produced {
             return Err(DecodeError::OffsetMismatch { at: self.produced, claimed: b.stream_offset });
         }
-        if !b.compressed {
-            return self.rebuild(b, body);
+        let stalled = if b.compressed {
+            let mut payload = std::mem::take(&mut self.payload);
+            let r = self
+                .decompress(b, body, &mut payload)
+                .and_then(|()| self.rebuild(b, &payload, OpCursor::default()));
+            self.payload = payload;
+            r?
+        } else {
+            let r = self.rebuild(b, body, OpCursor::default())?;
+            if r.is_some() {
+                // The wire buffer is not ours to keep: copy the (rare) raw batch that stalled.
+                self.payload.clear();
+                self.payload.extend_from_slice(body);
+            }
+            r
+        };
+        match stalled {
+            Some((cursor, waiting)) => {
+                self.stall = Some(Stall { header: *b, frame_len, cursor, waiting });
+                Ok(true)
+            }
+            None => {
+                self.batch_done(frame_len);
+                Ok(false)
+            }
         }
-        let mut payload = std::mem::take(&mut self.payload);
-        let r = self.decompress(b, body, &mut payload).and_then(|()| self.rebuild(b, &payload));
-        self.payload = payload;
-        r
     }
 
     fn decompress(&mut self, b: &BatchHeader, body: &[u8], payload: &mut Vec<u8>) -> Result<(), DecodeError> {
@@ -365,31 +597,117 @@ impl Decoder {
         Ok(())
     }
 
-    /// Rebuilds one batch's original bytes from its payload into the held buffer.
-    fn rebuild(&mut self, b: &BatchHeader, payload: &[u8]) -> Result<(), DecodeError> {
+    /// Rebuilds one batch's original bytes from its payload into the held buffer, starting at
+    /// `cursor`. Returns where it stalled and on which page, if it did (bytes before the stall
+    /// are rebuilt and hashed; the rest follows on resume).
+    fn rebuild(
+        &mut self,
+        b: &BatchHeader,
+        payload: &[u8],
+        mut cursor: OpCursor,
+    ) -> Result<Option<(OpCursor, PageDigest)>, DecodeError> {
         let pages_len = b.n_literal * PAGE_SIZE;
         let pages = &payload[..pages_len];
         let verbatim = &payload[pages_len..pages_len + b.verbatim_len];
         let ops = &payload[pages_len + b.verbatim_len..];
         let mut held = std::mem::take(&mut self.held);
         let start = held.len();
-        let r = self.apply_ops(ops, pages, verbatim, &mut held);
+        let r = self.apply_ops(ops, pages, verbatim, &mut held, &mut cursor);
         if r.is_ok() {
             self.hasher.update(&held[start..]);
             self.produced += (held.len() - start) as u64;
         }
         self.held = held;
-        r?;
+        let stalled = r?;
         if self.held.len() > self.cfg.max_unverified_bytes {
             return Err(DecodeError::Unverified { held: self.held.len(), limit: self.cfg.max_unverified_bytes });
+        }
+        if let Some(d) = stalled {
+            self.stats.stalls += 1;
+            if !self.requested.contains(&d) {
+                // A new miss (not one already asked for): ask for it and, in the same round trip,
+                // for every other page the rest of the batch needs.
+                self.collect_needs(ops, pages, cursor)?;
+            }
+            return Ok(Some((cursor, d)));
+        }
+        Ok(None)
+    }
+
+    /// A page for a reference: the session window, then supplied pages, then the page store.
+    fn resolve(&mut self, d: &PageDigest) -> Result<Option<Bytes>, DecodeError> {
+        if let Some(p) = self.window.map.get(d) {
+            return Ok(Some(p.clone()));
+        }
+        let page = match self.supplied.get(d) {
+            Some(p) => p.clone(),
+            None => match self.cache.get(d) {
+                Some(p) if p.len() != PAGE_SIZE => return Err(DecodeError::BadStoredPage { digest: *d, len: p.len() }),
+                Some(p) => p,
+                None => return Ok(None),
+            },
+        };
+        self.window.note(*d, &page);
+        Ok(Some(page))
+    }
+
+    /// Lists the pages the rest of the batch (from the stalled reference at `cursor`) refers to
+    /// that the decoder will not have by then: not in the window, not rebuilt earlier in the
+    /// batch (literal or reference), not supplied or already requested, not in the store. A
+    /// page that leaves the store meanwhile stalls again later and is asked for then; a window
+    /// reference is never asked for (the source keeps no copy for those).
+    fn collect_needs(&mut self, ops: &[u8], pages: &[u8], cursor: OpCursor) -> Result<(), DecodeError> {
+        let mut seen: HashSet<PageDigest> = HashSet::new();
+        let (mut opos, mut lpos) = (cursor.opos, cursor.lpos);
+        // The op list was bounds-checked up to the stall only; a malformed rest ends the scan and
+        // fails later, when decoding reaches it.
+        while let Ok(Some(op)) = next_op(ops, &mut opos) {
+            match op {
+                Op::Literal(n) => {
+                    let Some(run) = pages.get(lpos * PAGE_SIZE..(lpos + n) * PAGE_SIZE) else { break };
+                    seen.extend(run.chunks_exact(PAGE_SIZE).map(PageDigest::of));
+                    lpos += n;
+                }
+                Op::Ref(raw) => {
+                    let d = PageDigest(raw);
+                    if seen.insert(d)
+                        && !self.window.map.contains_key(&d)
+                        && !self.supplied.contains_key(&d)
+                        && !self.requested.contains(&d)
+                        && !self.cache.contains(&d)
+                    {
+                        if self.requested.len() >= MAX_REQUESTED_PAGES {
+                            return Err(DecodeError::TooManyMissing {
+                                count: self.requested.len() + 1,
+                                limit: MAX_REQUESTED_PAGES,
+                            });
+                        }
+                        self.requested.insert(d);
+                        self.needs.push(d);
+                        self.stats.pages_requested += 1;
+                    }
+                }
+                Op::Verbatim(_) | Op::Zero(_) => {}
+            }
         }
         Ok(())
     }
 
-    fn apply_ops(&mut self, ops: &[u8], pages: &[u8], verbatim: &[u8], dst: &mut Vec<u8>) -> Result<(), DecodeError> {
-        let (mut opos, mut vpos, mut lpos, mut page_ops) = (0usize, 0usize, 0usize, 0usize);
+    /// Applies ops from `cur` on. Returns the digest of an unresolvable reference, with `cur` at
+    /// that op, or `None` when the op list is done.
+    fn apply_ops(
+        &mut self,
+        ops: &[u8],
+        pages: &[u8],
+        verbatim: &[u8],
+        dst: &mut Vec<u8>,
+        cur: &mut OpCursor,
+    ) -> Result<Option<PageDigest>, DecodeError> {
+        let OpCursor { mut opos, mut vpos, mut lpos, mut page_ops } = *cur;
         let bad = |s: &'static str| FrameError::BadBatch(s);
-        while let Some(op) = next_op(ops, &mut opos).map_err(|e| self.frame_err(e))? {
+        loop {
+            let op_start = (opos, page_ops);
+            let Some(op) = next_op(ops, &mut opos).map_err(|e| self.frame_err(e))? else { break };
             if let Op::Zero(n) | Op::Literal(n) = op {
                 page_ops = page_ops.saturating_add(n);
             } else if let Op::Ref(_) = op {
@@ -422,25 +740,21 @@ impl Decoder {
                 }
                 Op::Ref(raw) => {
                     let d = PageDigest(raw);
-                    let page = match self.window.map.get(&d) {
-                        Some(p) => p.clone(),
-                        None => {
-                            let p = self.cache.get(&d).ok_or(DecodeError::MissingPage(d))?;
-                            if p.len() != PAGE_SIZE {
-                                return Err(DecodeError::BadStoredPage { digest: d, len: p.len() });
-                            }
-                            self.window.note(d, &p);
-                            p
-                        }
+                    let Some(page) = self.resolve(&d)? else {
+                        // Stop before this op; it is re-read on resume.
+                        (opos, page_ops) = op_start;
+                        *cur = OpCursor { opos, vpos, lpos, page_ops };
+                        return Ok(Some(d));
                     };
                     dst.extend_from_slice(&page);
                 }
             }
         }
+        *cur = OpCursor { opos, vpos, lpos, page_ops };
         if vpos != verbatim.len() || lpos != b_lit(pages) {
             return Err(self.frame_err(bad("payload areas not fully used")));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Everything reconstructed so far was verified: hand it over.

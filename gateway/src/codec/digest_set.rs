@@ -6,9 +6,9 @@
 //!
 //! Why prefixes are safe: the encoder's reference still carries the *full* 32-byte digest, and the
 //! decoder looks pages up by full digest. A prefix that matches by accident (≈ n²/2¹²⁹) or a page
-//! evicted since the advert leads to [`DecodeError::MissingPage`](super::DecodeError::MissingPage),
-//! a clean failure of the migration, never to wrong bytes. 16 bytes per page keeps an advert of a
-//! 4 GiB cache (1 Mi pages) at 16 MiB.
+//! evicted since the advert makes the decoder ask the source for the page, which it kept for that
+//! ([`RetainedPages`](super::RetainedPages)): a round trip, never wrong bytes. 16 bytes per page
+//! keeps an advert of a 4 GiB cache (1 Mi pages) at 16 MiB.
 //!
 //! Wire form: `"FRYA" u8 version(=1) varint session_window_pages varint count  count × u8[16]`.
 
@@ -21,8 +21,8 @@ use crate::codec::PageDigest;
 
 /// Source-side view of the destination's page store.
 pub trait DestinationIndex: Send + Sync {
-    /// Whether the destination (probably) holds this page. A wrong `true` costs a failed
-    /// migration ([`MissingPage`](super::DecodeError::MissingPage)), never corruption.
+    /// Whether the destination (probably) holds this page. A wrong `true` costs a resupply round
+    /// trip (see [`RetainedPages`](super::RetainedPages)), never corruption.
     fn may_contain(&self, digest: &PageDigest) -> bool;
 }
 

@@ -5,8 +5,9 @@
 //! frames ([`frame`]). It never fails: input it cannot follow goes verbatim
 //! (opaque mode), so the round trip is exact for *any* byte stream.
 //!
-//! Memory is bounded by the batch thresholds, one partial QEMU record (≤ 4 KiB + header), and the
-//! session window index (digests only, no page data).
+//! Memory is bounded by the batch thresholds, one partial QEMU record (≤ 4 KiB + header), the
+//! session window index (digests only, no page data), and the pages retained for resupply
+//! ([`EncoderConfig::retain_budget_bytes`], see [`RetainedPages`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use crate::codec::frame::{
 use crate::codec::qemu::main_channel::MainChannelTokenizer;
 use crate::codec::qemu::multifd::MultifdTokenizer;
 use crate::codec::qemu::{Token, Tokenizer};
+use crate::codec::retained::RetainedPages;
 use crate::codec::{is_zero_page, PageDigest, PAGE_SIZE};
 
 /// Largest `NeedMore` a tokenizer may ask for; anything larger is a tokenizer bug and is handled
@@ -41,11 +43,24 @@ pub struct EncoderConfig {
     /// ([`Advertisement::session_window_pages`](super::Advertisement)). 0 disables in-session
     /// references.
     pub session_window_pages: u64,
+    /// Most bytes of advertised pages kept so the destination can ask for them again (see
+    /// [`RetainedPages`]). An advertised page is only referenced if it fits; otherwise it goes
+    /// literally. 0 disables references to advertised pages.
+    pub retain_budget_bytes: usize,
 }
+
+/// Default [`EncoderConfig::retain_budget_bytes`]: 64 MiB per connection.
+pub const DEFAULT_RETAIN_BUDGET: usize = 64 << 20;
 
 impl Default for EncoderConfig {
     fn default() -> Self {
-        Self { zstd_level: 3, batch_pages: 256, batch_verbatim_bytes: 1 << 20, session_window_pages: 65536 }
+        Self {
+            zstd_level: 3,
+            batch_pages: 256,
+            batch_verbatim_bytes: 1 << 20,
+            session_window_pages: 65536,
+            retain_budget_bytes: DEFAULT_RETAIN_BUDGET,
+        }
     }
 }
 
@@ -79,6 +94,11 @@ pub struct CodecStats {
     pub window_refs: u64,
     /// Pages sent as references to the destination's advertised cache.
     pub advertised_refs: u64,
+    /// Advertised pages sent literally because the retention budget was full.
+    pub unretained_literals: u64,
+    /// Advertised pages sent again because the destination no longer held them (counted by the
+    /// shared [`RetainedPages`] store, as the destination asks for them).
+    pub resupplied_pages: u64,
     /// Pages sent literally (zstd-compressed in batches).
     pub literal_pages: u64,
     /// Batch frames written.
@@ -114,6 +134,8 @@ struct Batch {
     page_ops: usize,
     /// Pending run: (op code, length) not yet written to `ops`.
     run: Option<(u8, u64)>,
+    /// Advertised pages this batch refers to, retained until it is acknowledged.
+    retained: Vec<PageDigest>,
 }
 
 impl Batch {
@@ -197,6 +219,11 @@ pub struct Encoder {
     zstd: Option<zstd::stream::raw::Encoder<'static>>,
     zbuf: Vec<u8>,
     stats: CodecStats,
+    /// Copies of referenced advertised pages, shared with whoever answers the destination.
+    retained: Arc<RetainedPages>,
+    /// `(stats.wire_bytes_out, out.len())` when the current public call started: turns a
+    /// position in the caller's `out` into a wire offset.
+    call_base: (u64, usize),
 }
 
 impl std::fmt::Debug for Encoder {
@@ -216,6 +243,7 @@ impl Encoder {
         // If zstd can't set up a context (out of memory), batches go uncompressed: still correct.
         let zstd = zstd::stream::raw::Encoder::new(cfg.zstd_level).ok();
         let window = SessionWindow::new(cfg.session_window_pages as usize);
+        let retained = Arc::new(RetainedPages::new(cfg.retain_budget_bytes));
         Self {
             cfg,
             dest_index,
@@ -239,13 +267,24 @@ impl Encoder {
                 zero_pages: 0,
                 window_refs: 0,
                 advertised_refs: 0,
+                unretained_literals: 0,
+                resupplied_pages: 0,
                 literal_pages: 0,
                 batches: 0,
                 checkpoints: 0,
                 mode: StreamMode::Detecting,
                 opaque_reason: None,
             },
+            retained,
+            call_base: (0, 0),
         }
+    }
+
+    /// The store of advertised pages this encoder referred to: answer the destination's requests
+    /// with [`RetainedPages::resupply`] and pass its acknowledged wire offsets to
+    /// [`RetainedPages::release`]. Wire offsets count every byte this encoder produced.
+    pub fn retained(&self) -> Arc<RetainedPages> {
+        self.retained.clone()
     }
 
     /// Counters and mode.
@@ -258,6 +297,7 @@ impl Encoder {
             Kind::Multifd(_) => StreamMode::Multifd,
             Kind::Opaque => StreamMode::Opaque,
         };
+        s.resupplied_pages = self.retained.stats().resupplied;
         s
     }
 
@@ -269,6 +309,7 @@ impl Encoder {
             return;
         }
         let start = out.len();
+        self.call_base = (self.stats.wire_bytes_out, start);
         self.stats.bytes_in += input.len() as u64;
         self.ensure_preamble(out);
         // Complete a partial record first, topping `pending` up only as far as the tokenizer
@@ -301,6 +342,7 @@ impl Encoder {
             return;
         }
         let start = out.len();
+        self.call_base = (self.stats.wire_bytes_out, start);
         self.ensure_preamble(out);
         if matches!(self.kind, Kind::Detect) && !self.pending.is_empty() {
             // A QEMU stream writes its magic in one go; a source that pauses before 4 bytes
@@ -328,6 +370,7 @@ impl Encoder {
             return;
         }
         let start = out.len();
+        self.call_base = (self.stats.wire_bytes_out, start);
         self.ensure_preamble(out);
         if !self.pending.is_empty() {
             if matches!(self.kind, Kind::Detect) {
@@ -445,7 +488,7 @@ impl Encoder {
             Ref(PageDigest, bool),
             Literal(PageDigest),
         }
-        let kind = if is_zero_page(page) {
+        let mut kind = if is_zero_page(page) {
             PageKind::Zero
         } else {
             let d = PageDigest::of(page);
@@ -460,6 +503,19 @@ impl Encoder {
         let literal_full = matches!(kind, PageKind::Literal(_)) && self.batch.n_literal() >= self.cfg.batch_pages;
         if literal_full || self.batch.page_ops >= MAX_BATCH_PAGE_OPS {
             self.flush_at(data, at, hashed, out);
+        }
+        if let PageKind::Ref(d, false) = kind {
+            // Retained only now, after any flush: the copy must outlive the batch the reference
+            // actually lands in. Never refer to a page the destination could not get again.
+            if self.retained.retain(d, page) {
+                self.batch.retained.push(d);
+            } else {
+                self.stats.unretained_literals += 1;
+                kind = PageKind::Literal(d);
+                if self.batch.n_literal() >= self.cfg.batch_pages {
+                    self.flush_at(data, at, hashed, out);
+                }
+            }
         }
         self.batch.page_ops += 1;
         self.emitted += PAGE_SIZE as u64;
@@ -514,17 +570,23 @@ impl Encoder {
                 out.extend_from_slice(p);
             }
         }
+        if !b.retained.is_empty() {
+            // The destination has decoded this batch once it acknowledges the wire up to here.
+            let end = self.call_base.0 + (out.len() - self.call_base.1) as u64;
+            self.retained.seal(&b.retained, end);
+        }
         self.stats.batches += 1;
         self.batch_start = self.emitted;
         // The decoder releases nothing it has not verified, so every batch is followed by a
         // checkpoint (36–42 bytes; finalizing a running blake3 costs microseconds).
         self.checkpoint(out);
         // Keep the allocations for the next batch.
-        let Batch { mut pages, mut verbatim, mut ops, .. } = b;
+        let Batch { mut pages, mut verbatim, mut ops, mut retained, .. } = b;
         pages.clear();
         verbatim.clear();
         ops.clear();
-        self.batch = Batch { pages, verbatim, ops, page_ops: 0, run: None };
+        retained.clear();
+        self.batch = Batch { pages, verbatim, ops, page_ops: 0, run: None, retained };
     }
 
     /// Compresses `parts` as one zstd frame into `self.zbuf`. False if zstd is unavailable or

@@ -33,8 +33,8 @@
 //! *trailer* does the same at the end of the stream.
 //!
 //! # Page references and the miss path
-//! A reference is only emitted when the destination is *guaranteed* to resolve it, or when a miss is
-//! a clean failure:
+//! A reference is only emitted when the destination is *guaranteed* to resolve it, or when the
+//! source can send the page again if the destination asks:
 //! 1. **Session window (guaranteed).** Encoder and decoder run the same deterministic FIFO of the
 //!    last `session_window_pages` distinct pages that crossed this connection (literal or resolved
 //!    reference). The decoder holds a reference-counted handle ([`bytes::Bytes`]) to each page in the
@@ -42,13 +42,18 @@
 //!    to a page in the window without any luck involved. The window size is announced in the
 //!    preamble and the decoder refuses a window larger than its configured maximum (memory bound:
 //!    `window × 4 KiB`, shared with the cache when pages are also cached).
-//! 2. **Advertised pages (best effort, fail-safe).** At session start the destination gateway sends
-//!    an [`Advertisement`] exported from its [`PageCache`] (16-byte digest prefixes). The encoder
-//!    refers to an advertised page by its *full* 32-byte digest; the decoder looks it up by full
-//!    digest. If it was evicted since (or a prefix matched by accident), the decoder returns
-//!    [`DecodeError::MissingPage`]: the destination never receives wrong bytes and never receives
-//!    EOF, so the migration fails and the source VM keeps running. Limits: a busy cache shared by
-//!    concurrent migrations can evict advertised pages; size the cache well above the advert.
+//! 2. **Advertised pages (resuppliable).** The destination gateway sends an [`Advertisement`]
+//!    exported from its [`PageCache`] (16-byte digest prefixes). The encoder refers to an
+//!    advertised page by its *full* 32-byte digest, but only after keeping a copy in its
+//!    [`RetainedPages`] store (bounded by [`EncoderConfig::retain_budget_bytes`]; when full, the
+//!    page goes literally). If the page was evicted from the destination's cache since (or a
+//!    prefix matched by accident), the decoder *stalls* at that reference, lists the pages it
+//!    needs ([`Decoder::take_needs`]) and resumes when they are supplied ([`Decoder::supply`],
+//!    checked against the digest). The source keeps each copy until the destination acknowledges
+//!    ([`Decoder::consumed`], in wire bytes) the batch that referred to it, so it can always
+//!    answer. Correctness never depends on the advertisement being right: a wrong one costs a
+//!    round trip, never wrong bytes. If a page cannot be supplied after all (a bug), the stream
+//!    fails as before: the destination never receives EOF and the source VM keeps running.
 //!
 //! # Digest gate
 //! Both ends run blake3 over the whole (original) stream. The encoder follows **every batch** with
@@ -71,9 +76,11 @@
 //!
 //! # Bounds
 //! Encoder memory: one batch (≤ `batch_pages` literal pages, ≤ 1 MiB verbatim, ≤ 4096 page ops)
-//! plus one partial QEMU record plus the session window index (40 B/page). Decoder memory: one
-//! frame (≤ ~6.5 MiB, checked against limits *before* buffering), one unverified batch, the session
-//! window. No length read from the wire is allocated before it is checked against a limit.
+//! plus one partial QEMU record plus the session window index (40 B/page) plus the retained pages
+//! (≤ `retain_budget_bytes`). Decoder memory: one frame (≤ ~6.5 MiB, checked against limits
+//! *before* buffering), one unverified batch, the session window; while stalled, also the
+//! batch's payload, the input pushed behind it (≤ `max_stalled_input`) and the supplied pages
+//! (≤ [`MAX_REQUESTED_PAGES`]). No length read from the wire is allocated before it is checked against a limit.
 //!
 //! # Page size
 //! Page frames are 4096 bytes (x86 target page size). The main channel announces a different target
@@ -87,6 +94,7 @@ pub mod frame;
 pub mod page_cache;
 pub mod page_dir;
 pub mod qemu;
+pub mod retained;
 
 #[cfg(test)]
 mod tests;
@@ -99,11 +107,12 @@ pub(crate) fn numbered_test_page(i: u32) -> (PageDigest, bytes::Bytes) {
     (PageDigest::of(&p), bytes::Bytes::from(p))
 }
 
-pub use decoder::{DecodeError, Decoder, DecoderConfig};
+pub use decoder::{DecodeError, Decoder, DecoderConfig, DecoderStats, MAX_REQUESTED_PAGES};
 pub use digest_set::{Advertisement, AdvertisementError, AdvertisedIndex, DestinationIndex, DigestSet, NoIndex};
 pub use encoder::{CodecStats, Encoder, EncoderConfig, StreamMode};
 pub use page_cache::{PageCache, PageCacheStats, PageStore};
 pub use page_dir::{PageDir, PageDirError};
+pub use retained::{RetainedPages, RetainedStats};
 
 /// Size of a page frame: the x86 target page size.
 pub const PAGE_SIZE: usize = 4096;

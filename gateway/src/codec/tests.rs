@@ -555,6 +555,230 @@ fn second_migration_with_advertisement_sends_far_less() {
     assert!(ratio < 0.1, "second migration ratio {ratio:.3} ({} vs {} bytes)", wire2.len(), wire1.len());
 }
 
+/// A main-channel stream of `pages` (one RAM record each), then the device tail and EOF.
+fn main_stream_of(pages: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
+    let mut s = MainStream::new(&[]);
+    s.ram_start(&[("pc.ram", 64 << 20)], false);
+    s.part();
+    for (i, p) in pages.iter().enumerate() {
+        s.page("pc.ram", i as u64 * 4096, p);
+    }
+    s.eos();
+    s.end();
+    s.eos();
+    s.finish(rng);
+    s.bytes
+}
+
+/// Decodes like the tunnel does: pushes `chunk`-sized pieces, stops pushing while stalled,
+/// answers every need from `store` (the encoder's retained pages), and releases pages the
+/// decoder has consumed. Returns the output and the decoder.
+fn decode_resupplying(wire: &[u8], cache: Arc<dyn PageStore>, store: &RetainedPages, chunk: usize) -> (Vec<u8>, Decoder) {
+    let mut dec = Decoder::new(cache);
+    let mut out = Vec::new();
+    let mut pos = 0;
+    loop {
+        let needs = dec.take_needs();
+        for d in needs {
+            let page = store.resupply(&d).expect("the source retains every advertised page it referred to");
+            dec.supply(d, page, &mut out).unwrap();
+        }
+        if dec.is_stalled() {
+            // Supplying may have resumed into a later batch that needs pages of its own.
+            assert!(dec.outstanding() > 0, "stalled with nothing asked for: {dec:?}");
+            continue;
+        }
+        store.release(dec.consumed());
+        if pos == wire.len() {
+            break;
+        }
+        let n = chunk.min(wire.len() - pos);
+        dec.push(&wire[pos..pos + n], &mut out).unwrap();
+        pos += n;
+    }
+    dec.finish(&mut out).unwrap();
+    (out, dec)
+}
+
+#[test]
+fn decoder_stalls_on_an_evicted_page_and_resumes_byte_identical_after_supply() {
+    let mut rng = Rng::new(21);
+    let pages: Vec<Vec<u8>> = (0..300).map(|_| page(&mut rng, Content::Random)).collect();
+    let input = main_stream_of(&pages, &mut rng);
+    // The source believes the destination holds every page; the destination holds the odd ones.
+    let idx = DigestSet::from_digests(&pages.iter().map(|p| PageDigest::of(p)).collect::<Vec<_>>());
+    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(idx));
+    let mut wire = Vec::new();
+    enc.push(&input, &mut wire);
+    enc.finish(&mut wire);
+    assert_eq!(enc.stats().advertised_refs, 300);
+    let store = enc.retained();
+    assert_eq!(store.stats().pages, 300);
+    let cache = Arc::new(PageCache::new(64 << 20));
+    for p in pages.iter().skip(1).step_by(2) {
+        cache.insert(PageDigest::of(p), bytes::Bytes::copy_from_slice(p));
+    }
+
+    // Whole wire at once: the decoder stops at the first miss, releases nothing unverified, and
+    // asks for all 150 missing pages of the batch in one go.
+    let mut dec = Decoder::new(cache.clone());
+    let mut out = Vec::new();
+    dec.push(&wire, &mut out).unwrap();
+    assert!(dec.is_stalled());
+    assert!(out.is_empty(), "nothing of a main channel may be released before verification");
+    let needs = dec.take_needs();
+    let expect: std::collections::HashSet<_> = pages.iter().step_by(2).map(|p| PageDigest::of(p)).collect();
+    assert_eq!(needs.len(), 150);
+    assert_eq!(needs.iter().copied().collect::<std::collections::HashSet<_>>(), expect);
+    assert!(dec.consumed() < wire.len() as u64);
+    for (i, d) in needs.iter().enumerate() {
+        dec.supply(*d, store.resupply(d).unwrap(), &mut out).unwrap();
+        assert_eq!(dec.is_stalled(), i + 1 < needs.len(), "resumes once every page it waits for arrived");
+    }
+    assert!(dec.take_needs().is_empty());
+    dec.finish(&mut out).unwrap();
+    assert!(out == input, "round trip must be byte-identical");
+    assert_eq!(dec.consumed(), wire.len() as u64);
+    assert_eq!(dec.stats(), DecoderStats { stalls: 150, pages_requested: 150, pages_supplied: 150 });
+    assert_eq!(enc.stats().resupplied_pages, 150);
+    // Supplied pages enter the cache like literals.
+    assert!(cache.contains(&PageDigest::of(&pages[0])));
+
+    // Small pushes, several batches, a cache that holds nothing: every split works.
+    // (Idle flushes every few pages make many batches.)
+    for chunk in [1, 777, 64 << 10, usize::MAX] {
+        let idx = DigestSet::from_digests(&pages.iter().map(|p| PageDigest::of(p)).collect::<Vec<_>>());
+        let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(idx));
+        let mut wire = Vec::new();
+        for piece in input.chunks(5 * 4096) {
+            enc.push(piece, &mut wire);
+            enc.flush(&mut wire);
+        }
+        enc.finish(&mut wire);
+        let store = enc.retained();
+        let (out, dec) = decode_resupplying(&wire, Arc::new(PageCache::new(0)), &store, chunk);
+        assert!(dec.stats().stalls > 10, "chunk {chunk}");
+        assert_eq!(store.stats().pages, 0, "chunk {chunk}: everything acknowledged");
+        assert!(out == input, "chunk {chunk}");
+        assert_eq!(dec.stats().pages_supplied, 300, "chunk {chunk}");
+    }
+}
+
+#[test]
+fn wrong_or_unrequested_supply_is_rejected() {
+    let mut rng = Rng::new(22);
+    let pages: Vec<Vec<u8>> = (0..4).map(|_| page(&mut rng, Content::Random)).collect();
+    let input = main_stream_of(&pages, &mut rng);
+    let digests: Vec<PageDigest> = pages.iter().map(|p| PageDigest::of(p)).collect();
+    let (wire, _) = encode_with(&input, EncoderConfig::default(), Arc::new(DigestSet::from_digests(&digests)), &mut whole);
+    let stalled = || {
+        let mut dec = Decoder::new(Arc::new(PageCache::new(0)));
+        let mut out = Vec::new();
+        dec.push(&wire, &mut out).unwrap();
+        assert_eq!(dec.take_needs(), digests);
+        dec
+    };
+    let mut out = Vec::new();
+    // A page nobody asked for.
+    let (other, other_page) = numbered_test_page(7);
+    let mut dec = stalled();
+    assert!(matches!(dec.supply(other, other_page, &mut out), Err(DecodeError::UnrequestedPage(d)) if d == other));
+    assert!(matches!(dec.push(&[], &mut out), Err(DecodeError::Poisoned)));
+    // Bytes that are not the page asked for.
+    let mut dec = stalled();
+    let wrong = bytes::Bytes::copy_from_slice(&pages[1]);
+    assert!(matches!(dec.supply(digests[0], wrong, &mut out), Err(DecodeError::BadSupply { .. })));
+    assert!(matches!(dec.finish(&mut out), Err(DecodeError::Poisoned)));
+    let mut dec = stalled();
+    assert!(matches!(dec.supply(digests[0], bytes::Bytes::from_static(b"short"), &mut out), Err(DecodeError::BadSupply { len: 5, .. })));
+    // The same page twice: the second was not requested any more.
+    let mut dec = stalled();
+    let p0 = bytes::Bytes::copy_from_slice(&pages[0]);
+    dec.supply(digests[0], p0.clone(), &mut out).unwrap();
+    assert!(matches!(dec.supply(digests[0], p0, &mut out), Err(DecodeError::UnrequestedPage(_))));
+    assert!(out.is_empty());
+}
+
+#[test]
+fn input_pushed_while_stalled_is_bounded() {
+    let mut rng = Rng::new(23);
+    let p = page(&mut rng, Content::Random);
+    let input = main_stream_of(std::slice::from_ref(&p), &mut rng);
+    let (wire, _) = encode_with(&input, EncoderConfig::default(), Arc::new(DigestSet::from_digests(&[PageDigest::of(&p)])), &mut whole);
+    let cfg = DecoderConfig { max_stalled_input: 1000, ..DecoderConfig::default() };
+    let mut dec = Decoder::with_config(cfg, Arc::new(PageCache::new(0)));
+    let mut out = Vec::new();
+    dec.push(&wire, &mut out).unwrap();
+    assert!(dec.is_stalled());
+    dec.push(&[0u8; 900], &mut out).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(dec.push(&[0u8; 900], &mut out), Err(DecodeError::StalledInputFull { limit: 1000, .. })));
+}
+
+#[test]
+fn retention_budget_full_sends_advertised_pages_literally() {
+    let mut rng = Rng::new(24);
+    let pages: Vec<Vec<u8>> = (0..10).map(|_| page(&mut rng, Content::Random)).collect();
+    let input = main_stream_of(&pages, &mut rng);
+    let idx = DigestSet::from_digests(&pages.iter().map(|p| PageDigest::of(p)).collect::<Vec<_>>());
+    let budget = 3 * (PAGE_SIZE + retained::REF_COST);
+    let cfg = EncoderConfig { retain_budget_bytes: budget, ..EncoderConfig::default() };
+    let (wire, st) = encode_with(&input, cfg.clone(), Arc::new(idx.clone()), &mut whole);
+    assert_eq!((st.advertised_refs, st.unretained_literals, st.literal_pages), (3, 7, 7));
+    // An empty destination cache still decodes it, asking only for the three references.
+    let mut dec = Decoder::new(Arc::new(PageCache::new(0)));
+    let mut out = Vec::new();
+    dec.push(&wire, &mut out).unwrap();
+    assert_eq!(dec.take_needs().len(), 3);
+
+    // No budget: no advertised references at all.
+    let cfg = EncoderConfig { retain_budget_bytes: 0, ..EncoderConfig::default() };
+    let (_, st) = encode_with(&input, cfg, Arc::new(idx), &mut whole);
+    assert_eq!((st.advertised_refs, st.literal_pages), (0, 10));
+}
+
+#[test]
+fn retained_pages_are_released_by_the_acknowledged_wire_offset() {
+    let mut rng = Rng::new(25);
+    let pages: Vec<Vec<u8>> = (0..64).map(|_| page(&mut rng, Content::Random)).collect();
+    let input = main_stream_of(&pages, &mut rng);
+    let idx = DigestSet::from_digests(&pages.iter().map(|p| PageDigest::of(p)).collect::<Vec<_>>());
+    // Idle flushes spread the references over several batches.
+    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(idx));
+    let mut wire = Vec::new();
+    for piece in input.chunks(8 * 4096) {
+        enc.push(piece, &mut wire);
+        enc.flush(&mut wire);
+    }
+    enc.finish(&mut wire);
+    let store = enc.retained();
+    assert_eq!(store.stats().pages, 64);
+    // A destination holding every page decodes without a miss; as it acknowledges more of the
+    // wire, the source holds fewer pages, and none once everything is acknowledged.
+    let cache = Arc::new(PageCache::new(64 << 20));
+    for p in &pages {
+        cache.insert(PageDigest::of(p), bytes::Bytes::copy_from_slice(p));
+    }
+    let mut dec = Decoder::new(cache);
+    let mut out = Vec::new();
+    let mut held = store.stats().pages;
+    let mut partial = false;
+    for piece in wire.chunks(4096) {
+        dec.push(piece, &mut out).unwrap();
+        assert!(!dec.is_stalled());
+        store.release(dec.consumed());
+        let now = store.stats().pages;
+        assert!(now <= held);
+        partial |= now > 0 && now < 64;
+        held = now;
+    }
+    dec.finish(&mut out).unwrap();
+    assert!(out == input);
+    assert!(partial, "pages are released batch by batch");
+    assert_eq!(dec.consumed(), wire.len() as u64);
+    assert_eq!(store.stats().pages, 0);
+    assert_eq!(store.stats().bytes, 0);
+}
+
 #[test]
 fn evicted_advertised_page_is_a_clean_missing_page_error() {
     let mut rng = Rng::new(11);
@@ -567,7 +791,8 @@ fn evicted_advertised_page_is_a_clean_missing_page_error() {
     s.end();
     s.eos();
     s.finish(&mut rng);
-    // The source believes the destination holds `p`, but the destination's cache is empty.
+    // The source believes the destination holds `p`, but the destination's cache is empty, and
+    // nobody supplies it: the wire ends while the decoder waits for the page.
     let idx = DigestSet::from_digests(&[PageDigest::of(&p)]);
     let (wire, st) = encode_with(&s.bytes, EncoderConfig::default(), Arc::new(idx), &mut whole);
     assert_eq!(st.advertised_refs, 1);

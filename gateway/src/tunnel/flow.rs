@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{Advertisement, CodecStats, Decoder, Encoder};
+use crate::codec::{Advertisement, CodecStats, Decoder, Encoder, PageDigest, RetainedPages, MAX_REQUESTED_PAGES};
 use crate::tunnel::protocol::{
     ChunkHeader, FlowKey, LaneHeader, LaneKind, Message, ProtocolError, CONNECTION_FLOW, MAX_ADVERT, MESSAGE_HEADER_LEN,
 };
@@ -40,6 +40,9 @@ const ACK_EVERY: u64 = 4 << 20;
 const ACK_INTERVAL: Duration = Duration::from_millis(50);
 /// How long a finished flow waits for the peer to close its control stream.
 const LINGER: Duration = Duration::from_secs(10);
+/// A decoder stalled on a missing page fails the flow (safely) if no requested page arrived for
+/// this long: the peer lost track, or supplies cannot get through the connection's flow control.
+const SUPPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Application error code for streams stopped or reset because the flow failed.
 pub const FLOW_ABORTED: u32 = 1;
@@ -67,6 +70,10 @@ pub struct FlowCounters {
     tcp_out_digest: std::sync::Mutex<blake3::Hasher>,
     /// Encoder statistics of a codec flow's outbound direction, set when it ends.
     pub codec: std::sync::Mutex<Option<CodecStats>>,
+    /// Codec miss path: pages our decoder asked the peer for (egress).
+    pub pages_needed: AtomicU64,
+    /// Codec miss path: pages sent to the peer's decoder again (ingress), or received (egress).
+    pub pages_resupplied: AtomicU64,
 }
 
 impl FlowCounters {
@@ -94,6 +101,8 @@ impl FlowCounters {
             tcp_out_digest: digest(&self.tcp_out_digest),
             duration: started.elapsed(),
             codec: self.codec.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            pages_needed: self.pages_needed.load(Ordering::Relaxed),
+            pages_resupplied: self.pages_resupplied.load(Ordering::Relaxed),
         }
     }
 }
@@ -127,6 +136,10 @@ pub struct FlowRecord {
     pub duration: Duration,
     /// Encoder statistics, at the ingress of a codec flow.
     pub codec: Option<CodecStats>,
+    /// Pages the decoder could not resolve and asked the peer for (egress of a codec flow).
+    pub pages_needed: u64,
+    /// Pages sent again at the peer's request (ingress) or received so (egress).
+    pub pages_resupplied: u64,
 }
 
 /// The receiving half of one flow direction, shared with the lane readers.
@@ -268,25 +281,77 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let control = Arc::new(Mutex::new(control_send));
     let cancel = inbound.cancel.clone();
+    // Codec miss path: the encoder's copies of the advertised pages it referred to answer the
+    // peer decoder's Need; Supply messages for our decoder go to `pump_in`. Every supply answers
+    // a request our decoder made, and it has at most MAX_REQUESTED_PAGES outstanding, so the
+    // channel never fills with an honest peer and the control reader never waits on it.
+    let retained = encoder.as_ref().map(Encoder::retained);
+    let (supply_tx, supply_rx) = match decoder {
+        Some(_) => {
+            let (tx, rx) = mpsc::channel(MAX_REQUESTED_PAGES);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    // Signalled on every Ack and when the peer closes its control stream.
+    let acked_changed = Notify::new();
+    let peer_done = std::sync::atomic::AtomicBool::new(false);
 
     let result = {
         let outbound = pump_out(&mut tcp_read, &conn, key, lanes, control.clone(), &counters, cancel.clone(), encoder);
-        let inbound_pump = pump_in(&mut tcp_write, &inbound, control.clone(), decoder);
+        let inbound_pump = pump_in(&mut tcp_write, &inbound, control.clone(), decoder, supply_rx);
         let control_reader = async {
             loop {
                 match read_message(&mut control_recv).await? {
-                    None => return Ok::<(), FlowError>(()),
+                    None => {
+                        peer_done.store(true, Ordering::Relaxed);
+                        acked_changed.notify_waiters();
+                        return Ok::<(), FlowError>(());
+                    }
                     Some(Message::Opened) => {}
                     Some(Message::Refused(reason)) => return Err(FlowError::Refused(reason)),
                     Some(Message::Fin { length }) => inbound.set_end(length)?,
-                    Some(Message::Ack { delivered }) => counters.acked.store(delivered, Ordering::Relaxed),
+                    Some(Message::Ack { delivered }) => {
+                        counters.acked.store(delivered, Ordering::Relaxed);
+                        if let Some(store) = &retained {
+                            store.release(delivered);
+                        }
+                        acked_changed.notify_waiters();
+                    }
                     Some(Message::Reset(reason)) => return Err(FlowError::PeerReset(reason)),
+                    Some(Message::Need { digests }) => {
+                        let store = retained
+                            .as_ref()
+                            .ok_or_else(|| FlowError::Unexpected("page request on a flow this side does not encode".into()))?;
+                        resupply(store, &digests, &control, &counters).await?;
+                    }
+                    Some(Message::Supply { digest, page }) => {
+                        let Some(tx) = &supply_tx else {
+                            return Err(FlowError::Unexpected(format!("page {digest} supplied to a flow this side does not decode")));
+                        };
+                        // The decoder checks each page against its requests and digest.
+                        tx.try_send((digest, page))
+                            .map_err(|_| FlowError::Unexpected("peer supplied more pages than were asked for".into()))?;
+                    }
                     Some(other @ Message::Open { .. }) => return Err(FlowError::Unexpected(format!("{other:?}"))),
                 }
             }
         };
         let work = async {
-            tokio::try_join!(outbound, inbound_pump)?;
+            let (sent, ()) = tokio::try_join!(outbound, inbound_pump)?;
+            if retained.is_some() {
+                // The peer's decoder may still ask for pages until it has decoded everything we
+                // sent: keep the control stream open until it acknowledged the whole stream.
+                loop {
+                    let changed = acked_changed.notified();
+                    tokio::pin!(changed);
+                    changed.as_mut().enable();
+                    if counters.acked.load(Ordering::Relaxed) >= sent || peer_done.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    changed.await;
+                }
+            }
             // Both directions are done; close our control stream.
             let _ = control.lock().await.finish();
             Ok::<(), FlowError>(())
@@ -324,10 +389,38 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
             let _ = send.finish();
         }
     }
+    if let Some(store) = &retained {
+        // Pages may be resupplied after the outbound pump recorded its statistics.
+        if let Some(codec) = counters.codec.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            codec.resupplied_pages = store.stats().resupplied;
+        }
+    }
     result
 }
 
-/// Local socket → (encoder →) lanes. Ends with a Fin carrying the exact length sent.
+/// Answers the peer decoder's request from the pages the encoder retained. A page not retained
+/// fails the flow (the peer then fails safely, as it would without the miss path).
+async fn resupply(
+    store: &RetainedPages,
+    digests: &[PageDigest],
+    control: &Mutex<SendStream>,
+    counters: &FlowCounters,
+) -> Result<(), FlowError> {
+    // Look every page up before the first await (no later Ack can release one meanwhile) and
+    // answer in one write under one lock.
+    let mut buf = Vec::with_capacity(digests.len() * (MESSAGE_HEADER_LEN + crate::tunnel::protocol::SUPPLY_BODY));
+    for &digest in digests {
+        let page = store.resupply(&digest).ok_or(FlowError::CannotResupply(digest))?;
+        Message::Supply { digest, page }.encode(&mut buf);
+    }
+    control.lock().await.write_all(&buf).await?;
+    counters.wan_out.fetch_add(buf.len() as u64, Ordering::Relaxed);
+    counters.pages_resupplied.fetch_add(digests.len() as u64, Ordering::Relaxed);
+    tracing::debug!(pages = digests.len(), "resupplied pages the peer's decoder asked for");
+    Ok(())
+}
+
+/// Local socket → (encoder →) lanes. Ends with a Fin carrying the exact length sent; returns it.
 #[allow(clippy::too_many_arguments)]
 async fn pump_out(
     tcp: &mut OwnedReadHalf,
@@ -338,7 +431,7 @@ async fn pump_out(
     counters: &Arc<FlowCounters>,
     cancel: CancellationToken,
     mut encoder: Option<Encoder>,
-) -> Result<(), FlowError> {
+) -> Result<u64, FlowError> {
     let (tx, rx) = mpsc::channel::<(u64, Bytes)>(lanes.max(2));
     let rx = Arc::new(Mutex::new(rx));
     let header = LaneHeader { kind: LaneKind::Data, sender_opened_flow: key.opened_locally, flow: key.id };
@@ -405,7 +498,7 @@ async fn pump_out(
     let mut send = control.lock().await;
     write_message(&mut send, &Message::Fin { length }).await?;
     counters.wan_out.fetch_add(11, Ordering::Relaxed);
-    Ok(())
+    Ok(length)
 }
 
 /// Hands chunks to the lane writers, numbering them by offset in the direction's byte stream.
@@ -483,28 +576,48 @@ async fn write_lane(
 /// Reorder buffer → (decoder →) local socket; half-closes the socket after the announced
 /// length. With a decoder, only bytes the decoder verified reach the socket, and a decode error
 /// fails the flow before the destination sees the stream's end.
+///
+/// Codec miss path: when the decoder stalls on a page it cannot resolve, this asks the peer
+/// (Need) and takes no more input until `supplies` brought the pages: the reorder buffer fills
+/// and backpressure reaches the sender. Acks then report the wire bytes the decoder fully
+/// decoded, so the peer keeps every page it may still be asked for.
 async fn pump_in(
     tcp: &mut OwnedWriteHalf,
     inbound: &Arc<Inbound>,
     control: Arc<Mutex<SendStream>>,
     mut decoder: Option<Decoder>,
+    mut supplies: Option<mpsc::Receiver<(PageDigest, Bytes)>>,
 ) -> Result<(), FlowError> {
     let mut since_ack = 0u64;
     let mut last_ack = tokio::time::Instant::now();
     let mut decoded = Vec::new();
+    let mut delivered = 0u64;
+    // While the decoder is stalled, the next requested page must arrive by then (moved on when
+    // it stalls and whenever a page arrives).
+    let mut supply_deadline = tokio::time::Instant::now() + SUPPLY_TIMEOUT;
     loop {
         let ready = inbound.ready.notified();
         tokio::pin!(ready);
         ready.as_mut().enable();
-        let (data, complete, delivered) = {
+        let stalled = decoder.as_ref().is_some_and(Decoder::is_stalled);
+        let (data, complete) = if stalled {
+            (None, false)
+        } else {
             let mut r = inbound.lock();
-            (r.take(), r.is_complete(), r.delivered())
+            let data = r.take();
+            if decoder.is_none() {
+                delivered = r.delivered();
+            }
+            (data, r.is_complete())
         };
         if let Some(data) = data {
             inbound.space.notify_waiters();
             match decoder.as_mut() {
                 Some(dec) => {
                     dec.push(&data, &mut decoded)?;
+                    supply_deadline = tokio::time::Instant::now() + SUPPLY_TIMEOUT;
+                    request_pages(dec, &control, &inbound.counters).await?;
+                    delivered = dec.consumed();
                     write_local(tcp, &decoded, &inbound.counters).await?;
                     decoded.clear();
                 }
@@ -521,6 +634,7 @@ async fn pump_in(
         if complete {
             if let Some(dec) = decoder.as_mut() {
                 dec.finish(&mut decoded)?;
+                delivered = dec.consumed();
                 write_local(tcp, &decoded, &inbound.counters).await?;
             }
             tcp.shutdown().await.map_err(FlowError::LocalWrite)?;
@@ -528,7 +642,25 @@ async fn pump_in(
             return Ok(());
         }
         tokio::select! {
-            _ = &mut ready => {}
+            _ = &mut ready, if !stalled => {}
+            Some((digest, page)) = next_supply(&mut supplies) => {
+                let Some(dec) = decoder.as_mut() else { continue };
+                dec.supply(digest, page, &mut decoded)?;
+                supply_deadline = tokio::time::Instant::now() + SUPPLY_TIMEOUT;
+                inbound.counters.pages_resupplied.fetch_add(1, Ordering::Relaxed);
+                // Apply whatever else already arrived before writing out.
+                while let Some((digest, page)) = supplies.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                    dec.supply(digest, page, &mut decoded)?;
+                    inbound.counters.pages_resupplied.fetch_add(1, Ordering::Relaxed);
+                }
+                request_pages(dec, &control, &inbound.counters).await?;
+                delivered = dec.consumed();
+                write_local(tcp, &decoded, &inbound.counters).await?;
+                decoded.clear();
+            }
+            _ = tokio::time::sleep_until(supply_deadline), if stalled => {
+                return Err(FlowError::SupplyTimeout(SUPPLY_TIMEOUT));
+            }
             _ = inbound.cancel.cancelled() => return Err(FlowError::Cancelled),
             // A stream gone quiet still gets its last bytes acknowledged promptly.
             _ = tokio::time::sleep_until(last_ack + ACK_INTERVAL), if since_ack > 0 => {
@@ -538,6 +670,31 @@ async fn pump_in(
             }
         }
     }
+}
+
+/// The next supplied page; pending forever without a supply channel (or once it closed).
+async fn next_supply(supplies: &mut Option<mpsc::Receiver<(PageDigest, Bytes)>>) -> Option<(PageDigest, Bytes)> {
+    match supplies {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends Need for the pages the decoder newly found missing.
+async fn request_pages(dec: &mut Decoder, control: &Mutex<SendStream>, counters: &FlowCounters) -> Result<(), FlowError> {
+    let needs = dec.take_needs();
+    if needs.is_empty() {
+        return Ok(());
+    }
+    let mut buf = Vec::new();
+    for msg in Message::needs(&needs) {
+        msg.encode(&mut buf);
+    }
+    control.lock().await.write_all(&buf).await?;
+    counters.wan_out.fetch_add(buf.len() as u64, Ordering::Relaxed);
+    counters.pages_needed.fetch_add(needs.len() as u64, Ordering::Relaxed);
+    tracing::debug!(pages = needs.len(), outstanding = dec.outstanding(), "decoder misses pages; asked the peer");
+    Ok(())
 }
 
 async fn write_local(tcp: &mut OwnedWriteHalf, data: &[u8], counters: &FlowCounters) -> Result<(), FlowError> {
@@ -557,8 +714,15 @@ pub fn log_record(r: &FlowRecord) {
         tracing::info!(
             peer, flow, mode = ?c.mode, bytes_in = c.bytes_in, wire_bytes = c.wire_bytes_out,
             zero_pages = c.zero_pages, window_refs = c.window_refs, advertised_refs = c.advertised_refs,
-            literal_pages = c.literal_pages, opaque_reason = c.opaque_reason.as_deref().unwrap_or("-"),
+            literal_pages = c.literal_pages, unretained_literals = c.unretained_literals,
+            resupplied_pages = c.resupplied_pages, opaque_reason = c.opaque_reason.as_deref().unwrap_or("-"),
             "flow codec"
+        );
+    }
+    if r.pages_needed > 0 || r.pages_resupplied > 0 {
+        tracing::info!(
+            peer, flow, local, pages_needed = r.pages_needed, pages_resupplied = r.pages_resupplied,
+            "flow codec miss path: pages the destination no longer held were sent again"
         );
     }
     match &r.error {

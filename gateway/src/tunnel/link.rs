@@ -125,7 +125,11 @@ impl PeerLink {
             // configuration must accept.
             let window = self.advertised.session_window_pages().unwrap_or(MIN_SESSION_WINDOW_PAGES);
             let defaults = EncoderConfig::default();
-            let cfg = EncoderConfig { session_window_pages: window.min(defaults.session_window_pages), ..defaults };
+            let cfg = EncoderConfig {
+                session_window_pages: window.min(defaults.session_window_pages),
+                retain_budget_bytes: self.shared.resupply_budget,
+                ..defaults
+            };
             Encoder::new(cfg, self.advertised.clone())
         });
         let (counters, inbound) = self.begin_flow(key);

@@ -63,6 +63,13 @@ pub enum FlowError {
     /// The codec rejected the peer's stream (corrupt, or a page it cannot resolve).
     #[error("codec: {0}")]
     Decode(#[from] crate::codec::DecodeError),
+    /// The peer's decoder asked for a page this gateway did not keep (should not happen: every
+    /// advertised page referred to is kept until acknowledged). The flow fails safely.
+    #[error("peer asked for page {0}, which is not retained here")]
+    CannotResupply(crate::codec::PageDigest),
+    /// Our decoder waited this long for a page it asked the peer for.
+    #[error("peer did not supply a missing page within {0:?}")]
+    SupplyTimeout(std::time::Duration),
     /// An out-of-place message.
     #[error("unexpected message: {0}")]
     Unexpected(String),
@@ -127,6 +134,9 @@ pub struct TunnelShared {
     pub advertise_max_pages: usize,
     /// Session window our decoders accept (and advertise).
     pub session_window_pages: u64,
+    /// Bytes each of our encoders may keep of advertised pages for resupply (`[cache]
+    /// resupply_budget`).
+    pub resupply_budget: usize,
 }
 
 impl TunnelShared {

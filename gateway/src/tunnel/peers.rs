@@ -151,6 +151,7 @@ impl Tunnel {
             page_cache,
             advertise_max_pages: config.cache.advertise_max_pages,
             session_window_pages: config.cache.session_window_pages,
+            resupply_budget: usize::try_from(config.cache.resupply_budget.0).unwrap_or(usize::MAX),
         });
         let tunnel = Arc::new(Self {
             local_site: config.site.clone(),

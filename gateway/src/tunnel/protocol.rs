@@ -14,8 +14,16 @@
 //!              ◀─ lanes (return path): chunks ───────────── read TCP
 //!   TCP EOF ───── control: Fin{length} ────────────────────▶ after `length` bytes: shutdown(WR)
 //!              ◀─ control: Ack{delivered} (every few MiB) ─
+//!              ◀─ control: Need{digests} ───────────────── codec: pages the decoder lacks
+//!   retained ──── control: Supply{digest, page} ──────────▶ decoder resumes
 //!   TCP error ─── control: Reset{reason} ──────────────────▶ abort TCP (RST)
 //! ```
+//!
+//! Need/Supply is the codec's miss path: the egress decoder met a reference to a page it no
+//! longer holds (evicted from its cache since it was advertised) and asks the ingress, which kept
+//! a copy of every advertised page it referred to until the batch was acknowledged. Supplies ride
+//! the control stream: they are rare, small in total, and must not occupy the offset space of the
+//! data lanes.
 //!
 //! Why lanes: quinn-proto (0.11.17+) closes a connection once a single stream's receive buffer
 //! holds more than 1024 unmerged gaps, which one stream with a bandwidth-delay-product-sized window
@@ -30,6 +38,10 @@
 //! refuses a version it does not speak. The ALPN (`ferry/1`) changes with incompatible versions.
 
 use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use crate::codec::{PageDigest, PAGE_SIZE};
 
 /// Protocol version carried in every stream preamble.
 pub const VERSION: u8 = 1;
@@ -46,8 +58,13 @@ pub const CONNECTION_FLOW: u64 = u64::MAX;
 pub const MAX_ADVERT: u32 = 64 << 20;
 /// Largest chunk payload a sender may put in one record; larger values are refused as corrupt.
 pub const MAX_CHUNK: u32 = 1 << 20;
-/// Largest control message body.
+/// Largest control message body (except [`Message::Supply`], which is exactly
+/// [`SUPPLY_BODY`] bytes).
 pub const MAX_MESSAGE: usize = 4096;
+/// Most digests in one [`Message::Need`] (32 bytes each, within [`MAX_MESSAGE`]).
+pub const MAX_NEED_DIGESTS: usize = MAX_MESSAGE / 32;
+/// Body of a [`Message::Supply`]: digest and page.
+pub const SUPPLY_BODY: usize = 32 + PAGE_SIZE;
 
 /// A malformed or unexpected protocol element.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -114,10 +131,26 @@ pub enum Message {
     },
     /// The sender's side of the flow failed; abort.
     Reset(String),
-    /// The sender has delivered this many bytes of the receiver's direction to its TCP peer.
+    /// The sender has delivered this many bytes of the receiver's direction to its TCP peer. For
+    /// a codec direction: wire bytes the decoder fully decoded (every page they refer to
+    /// resolved), so the ingress may drop the pages it kept for references before this offset.
     Ack {
         /// Bytes delivered.
         delivered: u64,
+    },
+    /// Codec flows, egress → ingress: the decoder cannot resolve these page references; send the
+    /// pages. 1..=[`MAX_NEED_DIGESTS`] digests (see [`Message::needs`] for more).
+    Need {
+        /// Full blake3 digests of the pages.
+        digests: Vec<PageDigest>,
+    },
+    /// Codec flows, ingress → egress: a page asked for by [`Message::Need`]. The receiver checks
+    /// that it asked for it and that its blake3 is `digest`.
+    Supply {
+        /// The digest asked for.
+        digest: PageDigest,
+        /// The page ([`PAGE_SIZE`] bytes).
+        page: Bytes,
     },
 }
 
@@ -127,12 +160,20 @@ const T_REFUSED: u8 = 3;
 const T_FIN: u8 = 4;
 const T_RESET: u8 = 5;
 const T_ACK: u8 = 6;
+const T_NEED: u8 = 7;
+const T_SUPPLY: u8 = 8;
 
 /// Length of a message header: type (u8) + body length (u16, big-endian).
 pub const MESSAGE_HEADER_LEN: usize = 3;
 
 impl Message {
-    /// Appends the encoded message (header + body) to `out`.
+    /// [`Message::Need`]s asking for `digests`, at most [`MAX_NEED_DIGESTS`] each.
+    pub fn needs(digests: &[PageDigest]) -> impl Iterator<Item = Message> + '_ {
+        digests.chunks(MAX_NEED_DIGESTS).map(|c| Message::Need { digests: c.to_vec() })
+    }
+
+    /// Appends the encoded message (header + body) to `out`. A `Need` carries at most
+    /// [`MAX_NEED_DIGESTS`] digests (extra ones are not encoded; use [`Message::needs`]).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0, 0, 0]);
@@ -163,17 +204,32 @@ impl Message {
                 out.extend_from_slice(&delivered.to_be_bytes());
                 T_ACK
             }
+            Self::Need { digests } => {
+                debug_assert!(digests.len() <= MAX_NEED_DIGESTS, "use Message::needs");
+                for d in digests.iter().take(MAX_NEED_DIGESTS) {
+                    out.extend_from_slice(&d.0);
+                }
+                T_NEED
+            }
+            Self::Supply { digest, page } => {
+                debug_assert_eq!(page.len(), PAGE_SIZE);
+                out.extend_from_slice(&digest.0);
+                out.extend_from_slice(page);
+                T_SUPPLY
+            }
         };
         let body_len = (out.len() - start - MESSAGE_HEADER_LEN) as u16;
         out[start] = ty;
         out[start + 1..start + 3].copy_from_slice(&body_len.to_be_bytes());
     }
 
-    /// Parses a message header into (type, body length), checking the length bound.
+    /// Parses a message header into (type, body length), checking the length bound (before the
+    /// caller reads or allocates the body).
     pub fn decode_header(header: [u8; MESSAGE_HEADER_LEN]) -> Result<(u8, usize), ProtocolError> {
         let len = u16::from_be_bytes([header[1], header[2]]) as usize;
-        if len > MAX_MESSAGE {
-            return Err(ProtocolError::TooLong { what: "control message", len: len as u64, max: MAX_MESSAGE as u64 });
+        let max = if header[0] == T_SUPPLY { SUPPLY_BODY } else { MAX_MESSAGE };
+        if len > max {
+            return Err(ProtocolError::TooLong { what: "control message", len: len as u64, max: max as u64 });
         }
         Ok((header[0], len))
     }
@@ -211,9 +267,25 @@ impl Message {
             T_RESET => Ok(Self::Reset(text("reset")?)),
             T_ACK if body.len() == 8 => Ok(Self::Ack { delivered: u64_at(0, "ack")? }),
             T_ACK => Err(ProtocolError::Malformed("ack")),
+            T_NEED if !body.is_empty() && body.len().is_multiple_of(32) && body.len() <= MAX_NEED_DIGESTS * 32 => {
+                let digests = body.chunks_exact(32).map(digest_of).collect();
+                Ok(Self::Need { digests })
+            }
+            T_NEED => Err(ProtocolError::Malformed("need")),
+            T_SUPPLY if body.len() == SUPPLY_BODY => {
+                Ok(Self::Supply { digest: digest_of(&body[..32]), page: Bytes::copy_from_slice(&body[32..]) })
+            }
+            T_SUPPLY => Err(ProtocolError::Malformed("supply")),
             other => Err(ProtocolError::UnknownMessage(other)),
         }
     }
+}
+
+/// A digest from exactly 32 bytes (callers slice them so).
+fn digest_of(b: &[u8]) -> PageDigest {
+    let mut d = [0u8; 32];
+    d.copy_from_slice(b);
+    PageDigest(d)
 }
 
 /// Keeps reasons within one message.
@@ -365,6 +437,45 @@ mod tests {
         round_trip(Message::Fin { length: 1 << 40 });
         round_trip(Message::Reset("peer reset".into()));
         round_trip(Message::Ack { delivered: 12345 });
+        let digests: Vec<PageDigest> = (0..MAX_NEED_DIGESTS as u32).map(|i| PageDigest::of(&i.to_le_bytes())).collect();
+        round_trip(Message::Need { digests: digests[..1].to_vec() });
+        round_trip(Message::Need { digests: digests.clone() });
+        let page = Bytes::from(vec![7u8; PAGE_SIZE]);
+        round_trip(Message::Supply { digest: PageDigest::of(&page), page });
+    }
+
+    #[test]
+    fn needs_are_split_to_fit_a_message() {
+        let digests: Vec<PageDigest> = (0..300u32).map(|i| PageDigest::of(&i.to_le_bytes())).collect();
+        let msgs: Vec<Message> = Message::needs(&digests).collect();
+        assert_eq!(msgs.len(), 3);
+        let mut again = Vec::new();
+        for m in msgs {
+            let mut buf = Vec::new();
+            m.encode(&mut buf);
+            let (ty, len) = Message::decode_header([buf[0], buf[1], buf[2]]).unwrap();
+            assert!(len <= MAX_MESSAGE);
+            match Message::decode_body(ty, &buf[MESSAGE_HEADER_LEN..]).unwrap() {
+                Message::Need { digests } => again.extend(digests),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(again, digests);
+    }
+
+    #[test]
+    fn need_and_supply_bounds() {
+        assert_eq!(Message::decode_body(T_NEED, &[]), Err(ProtocolError::Malformed("need")));
+        assert_eq!(Message::decode_body(T_NEED, &[0; 33]), Err(ProtocolError::Malformed("need")));
+        assert!(Message::decode_body(T_NEED, &[0; 32 * (MAX_NEED_DIGESTS + 1)]).is_err());
+        assert_eq!(Message::decode_body(T_SUPPLY, &[0; SUPPLY_BODY - 1]), Err(ProtocolError::Malformed("supply")));
+        assert_eq!(Message::decode_body(T_SUPPLY, &[0; 32]), Err(ProtocolError::Malformed("supply")));
+        // Only a supply may exceed MAX_MESSAGE, and only by its fixed size.
+        let len = (SUPPLY_BODY as u16).to_be_bytes();
+        assert_eq!(Message::decode_header([T_SUPPLY, len[0], len[1]]), Ok((T_SUPPLY, SUPPLY_BODY)));
+        assert!(Message::decode_header([T_NEED, len[0], len[1]]).is_err());
+        let len = (SUPPLY_BODY as u16 + 1).to_be_bytes();
+        assert!(Message::decode_header([T_SUPPLY, len[0], len[1]]).is_err());
     }
 
     #[test]
