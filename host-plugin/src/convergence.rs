@@ -76,6 +76,14 @@ pub struct Sample {
     pub cwnd: Option<u64>,
 }
 
+impl Sample {
+    /// Bytes QEMU wrote that the gateway has not read yet: they wait in the local TCP socket
+    /// buffers (several MiB with autotuning), invisible to the gateway's counters.
+    fn unread_by_gateway(&self) -> u64 {
+        self.transferred.saturating_sub(self.tcp_in)
+    }
+}
+
 /// What the controller believes, for progress display and the report.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Estimate {
@@ -85,7 +93,8 @@ pub struct Estimate {
     pub wan_rate: f64,
     /// QEMU bytes per wire byte so far (≥ 1 when the codec saves).
     pub reduction: f64,
-    /// QEMU bytes in the gateways beyond what a round trip keeps in flight.
+    /// QEMU bytes waiting between QEMU and the destination (local socket buffers, gateways)
+    /// beyond what a round trip keeps in flight.
     pub queue: f64,
     /// Bytes per second the guest dirties.
     pub dirty_rate: f64,
@@ -254,7 +263,7 @@ impl ConvergenceController {
                 let reduction = if sample.wire_sent > 0 { sample.tcp_in as f64 / sample.wire_sent as f64 } else { 1.0 };
                 // More than two windows waiting means QEMU already outran the tunnel: trickle
                 // until it catches up.
-                let backlog = sample.wire_sent.saturating_sub(sample.wire_acked);
+                let backlog = sample.wire_sent.saturating_sub(sample.wire_acked) + sample.unread_by_gateway();
                 let cap = if backlog > 2 * cwnd || (backlog > cwnd && pass_end_near) {
                     MIN_CAP
                 } else {
@@ -275,7 +284,7 @@ impl ConvergenceController {
             if sample.wire_sent > 0 { sample.tcp_in as f64 / sample.wire_sent as f64 } else { 1.0 }.clamp(0.05, 10_000.0);
         let wan_rate = sample.wire_acked.saturating_sub(old.wire_acked) as f64 / span;
         let drain = wan_rate * reduction;
-        let in_gateways = sample.wire_sent.saturating_sub(sample.wire_acked) as f64 * reduction;
+        let in_gateways = sample.wire_sent.saturating_sub(sample.wire_acked) as f64 * reduction + sample.unread_by_gateway() as f64;
         // A round trip's worth is in flight or awaiting its ack, plus up to one ack interval.
         let queue = in_gateways - drain * (rtt.as_secs_f64() + ACK_SLACK_S);
         let qemu_rate = d_in / span;

@@ -364,14 +364,21 @@ impl Run {
         if let (Some(stop), Some(resumed), Some(offset_ms)) = (stop_unix_ns, resumed, self.report.clock_offset_ms) {
             self.report.pause_ms = Some(((resumed - (offset_ms * 1e6) as i128) - stop) as f64 / 1e6);
         }
-        if let (Some(hb), Some(first), Some(offset_ms)) = (&heartbeat, first_beat, self.report.clock_offset_ms) {
-            if let (Some(last), Some(interval)) = (hb.last(), hb.median_interval_ns()) {
-                let offset = (offset_ms * 1e6) as i128;
-                let downtime = guest_downtime_ns(last, first - offset, interval);
-                self.report.guest_downtime_ms = Some(downtime as f64 / 1e6);
-                let err = interval as f64 / 2e6 + self.clock_uncertainty_ms;
-                self.report.guest_downtime_error_ms = Some(err);
-            }
+        match (&heartbeat, first_beat, self.report.clock_offset_ms) {
+            (None, _, _) => self.report.guest_downtime_note = Some("no --heartbeat given".into()),
+            (Some(_), None, _) => self.report.guest_downtime_note = Some("no heartbeat from the destination VM (is `incoming.heartbeat` configured?)".into()),
+            (Some(_), _, None) => self.report.guest_downtime_note = Some("destination clock offset unknown".into()),
+            (Some(hb), Some(first), Some(offset_ms)) => match (hb.last(), hb.median_interval_ns()) {
+                (Some(last), Some(interval)) => {
+                    let offset = (offset_ms * 1e6) as i128;
+                    let downtime = guest_downtime_ns(last, first - offset, interval);
+                    self.report.guest_downtime_ms = Some(downtime as f64 / 1e6);
+                    self.report.guest_downtime_error_ms = Some(interval as f64 / 2e6 + self.clock_uncertainty_ms);
+                }
+                _ => {
+                    self.report.guest_downtime_note = Some(format!("the source heartbeat sent {} line(s), too few to time it", hb.count()))
+                }
+            },
         }
         // From here on the VM runs at the destination: the migration succeeded, and whatever
         // goes wrong now is a warning, never a reason to touch the source VM again.

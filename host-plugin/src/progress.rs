@@ -180,6 +180,8 @@ pub struct MigrationReport {
     /// Resolution of `guest_downtime_ms`: the heartbeat interval plus the clock offset's
     /// uncertainty, ms.
     pub guest_downtime_error_ms: Option<f64>,
+    /// Why `guest_downtime_ms` is missing, when it is.
+    pub guest_downtime_note: Option<String>,
     /// Destination clock minus source clock, ms (from control-channel round trips).
     pub clock_offset_ms: Option<f64>,
     /// Bytes QEMU wrote into the gateway.
@@ -226,7 +228,7 @@ impl MigrationReport {
             match (self.guest_downtime_ms, self.guest_downtime_error_ms) {
                 (Some(d), Some(e)) => format!("{d:.0} ms (±{e:.0} ms)"),
                 (Some(d), None) => format!("{d:.0} ms"),
-                _ => "not measured (no heartbeat)".into(),
+                _ => format!("not measured ({})", self.guest_downtime_note.as_deref().unwrap_or("no heartbeat")),
             },
             self.pause_ms.map_or("?".into(), |p| format!("{p:.0} ms")),
             self.qemu_downtime_ms.map_or("?".into(), |d| d.to_string()),
