@@ -137,7 +137,8 @@ impl Run {
     async fn execute(&mut self) -> anyhow::Result<()> {
         let o = self.options.clone();
         // The source VM.
-        let qmp = Qmp::connect(&o.qmp, QmpConfig::default())
+        // The source VM runs already: a missing socket is a wrong path, not QEMU still starting.
+        let qmp = Qmp::connect(&o.qmp, QmpConfig { connect_timeout: Duration::from_secs(1), ..QmpConfig::default() })
             .await
             .with_context(|| format!("cannot open the source VM's QMP socket {}", o.qmp.display()))?;
         let status = qmp.query_status().await.context("query-status")?;
