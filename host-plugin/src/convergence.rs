@@ -126,7 +126,7 @@ const ACK_SLACK_S: f64 = 0.05;
 /// A guest dirtying less than this fraction of the drain rate is quiet: QEMU converges on it
 /// even with the held downtime limit.
 const QUIET_GUEST: f64 = 0.1;
-/// A pass ending within this many seconds (at QEMU's pace, or the drain rate's) is the endgame.
+/// A pass ending within this many seconds at QEMU's pace is near its end.
 const ENDGAME_S: f64 = 0.5;
 /// Cap while draining a queue, as a fraction of the drain rate.
 const DRAIN_FACTOR: f64 = 0.85;
@@ -294,11 +294,12 @@ impl ConvergenceController {
         let mut cap = self.cap;
         let queued = drain > 0.0 && queue > drain * QUEUE_TARGET_S;
         let quiet_guest = dirty_rate < drain * QUIET_GUEST;
-        if queued && quiet_guest && (pass_end_near || (sample.remaining as f64) < drain * ENDGAME_S) {
-            // Endgame with a queue and a guest too quiet for the held downtime limit to keep
-            // QEMU iterating: QEMU could switch over any moment, unaware of the bytes still in
-            // the gateways. Slow it to a trickle until the queue has drained. (A busier guest
-            // is held by the limit alone, and the link stays busy.)
+        if queued && quiet_guest {
+            // A queue, and a guest too quiet for the held downtime limit to keep QEMU
+            // iterating: QEMU could switch over any moment (a pass over mostly zero pages ends
+            // within one poll), unaware of the bytes still waiting. Slow it to a trickle until
+            // the queue has drained; the queue keeps the link busy meanwhile. (A busier guest
+            // is held by the limit alone.)
             cap = MIN_CAP;
         } else if queued {
             cap = drain * DRAIN_FACTOR;
