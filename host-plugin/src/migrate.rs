@@ -254,7 +254,12 @@ impl Run {
         let mut last_info;
         let mut stop_unix_ns = None;
         loop {
-            tokio::time::sleep(POLL).await;
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                // An operator's Ctrl-C cancels cleanly rather than leaving QEMU migrating with
+                // whatever cap was last set.
+                _ = tokio::signal::ctrl_c() => bail!("interrupted (Ctrl-C)"),
+            }
             if let Some(message) = self.control()?.try_recv() {
                 match message? {
                     ToSource::Failed { reason } => {

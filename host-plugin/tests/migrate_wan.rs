@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ferry_host::announce::{frames, Announcement};
 use ferry_netem::qemu::{GuestConfig, VerifyReport};
-use support::wan_sites::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, Process, BOOT, VM_IP, VM_MAC};
+use support::wan_sites::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, BOOT, VM_IP, VM_MAC};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -144,37 +144,73 @@ fn failures_leave_the_source_running() {
     assert!(src.qmp().query_status().expect("status").running);
 
     // 2. The destination QEMU dies in the middle of the migration.
-    let mut child = Process(migrate_command(&s, &src_qmp, &src_hb, &[]).spawn().expect("start ferry-host migrate"));
+    let running = RunningMigrate::start(&s, &src_qmp, &src_hb);
+    wait_until_migrating(&mut src);
+    let mut dst = _dst;
+    dst.kill();
+    let (ok, report) = running.finish();
+    assert!(!ok);
+    assert_eq!(report["outcome"], "failed");
+    assert_eq!(report["source_vm"], "running", "{report}");
+    assert_source_runs_on(&mut src);
+
+    // 3. The operator interrupts `ferry-host migrate` (Ctrl-C) in the middle of a migration.
+    let (mut src, _dst, src_qmp, src_hb) = start_vms(&s, "db2", 64, &guest);
+    let running = RunningMigrate::start(&s, &src_qmp, &src_hb);
+    wait_until_migrating(&mut src);
+    // `ip netns exec` execs the program: the child's pid is ferry-host's.
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number; no pointers.
+    assert_eq!(unsafe { libc::kill(running.pid as i32, libc::SIGINT) }, 0);
+    let (ok, report) = running.finish();
+    assert!(!ok);
+    assert!(report["error"].as_str().unwrap_or_default().contains("interrupted"), "{report}");
+    assert_eq!(report["source_vm"], "running", "{report}");
+    assert_source_runs_on(&mut src);
+}
+
+/// `ferry-host migrate` running in the background; its output is collected by a thread so a
+/// chatty log can never fill a pipe and stall it.
+struct RunningMigrate {
+    pid: u32,
+    done: std::sync::mpsc::Receiver<std::io::Result<Output>>,
+}
+
+impl RunningMigrate {
+    fn start(s: &support::wan_sites::Setup, qmp: &std::path::Path, hb: &std::path::Path) -> Self {
+        // Bounded, so that it ends on its own even if this test fails before it does.
+        let child = migrate_command(s, qmp, hb, &["--max-time", "2m"]).spawn().expect("start ferry-host migrate");
+        let pid = child.id();
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        Self { pid, done }
+    }
+
+    /// Waits (at most a minute) for it to exit: (success, report).
+    fn finish(self) -> (bool, serde_json::Value) {
+        let out = self.done.recv_timeout(Duration::from_secs(60)).expect("ferry-host migrate did not give up").expect("wait");
+        (out.status.success(), report_of(&out))
+    }
+}
+
+/// Waits until the source's migration is active and has sent a few MiB.
+fn wait_until_migrating(src: &mut ferry_netem::qemu::Qemu) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let info = src.qmp().query_migrate().expect("query-migrate");
         let sent = info.ram.as_ref().map_or(0, |r| r.transferred);
         if info.status == "active" && sent > 4 << 20 {
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "the migration did not get going: {info:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut dst = _dst;
-    dst.kill();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "ferry-host migrate did not give up");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    use std::io::Read;
-    child.0.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
-    child.0.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
-    let report = report_of(&Output { status, stdout: stdout.into_bytes(), stderr: stderr.into_bytes() });
-    assert!(!status.success());
-    assert_eq!(report["outcome"], "failed");
-    assert_eq!(report["source_vm"], "running", "{report}");
-    // The source VM runs on: its QEMU says so and the guest keeps ticking.
+}
+
+/// The source VM runs on after a failed migration: QEMU says so, the guest keeps ticking, and
+/// QEMU's migration ended failed or cancelled.
+fn assert_source_runs_on(src: &mut ferry_netem::qemu::Qemu) {
     assert!(src.qmp().query_status().expect("status").running);
     let last = src.serial().last_tick().expect("ticks");
     src.serial().wait_for_tick(last + 3, BOOT).expect("source guest keeps running");
