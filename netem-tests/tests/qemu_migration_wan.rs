@@ -6,77 +6,20 @@
 //! run one at a time: TCG guests, the WAN emulator and two gateways already
 //! share the machine's cores.
 
-use std::net::SocketAddr;
+mod qemu_support;
+
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ferry_netem::gateway_pair::{GatewayPair, PairLink};
-use ferry_netem::qemu::{
-    self, migrate_over_wan, GuestConfig, GuestImage, MigrationMode, Qemu, QemuConfig, VerifyReport,
-    WanMigrationReport, WanRoute,
-};
-use ferry_netem::Wan;
+use qemu_support::{Setup, BOOT};
+use ferry_netem::qemu::{GuestConfig, MigrationMode, Qemu, QemuConfig, WanMigrationReport};
 
-const BOOT: Duration = Duration::from_secs(60);
 const MIGRATE: Duration = Duration::from_secs(180);
-/// Port the destination QEMU listens on in site B (the gateways' `connect`).
-const MIGRATION_PORT: u16 = 4444;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-/// Everything one test needs. Fields drop in declaration order: the VMs are
-/// killed before the gateways stop, and the gateways before the WAN goes.
-struct Setup {
-    image: GuestImage,
-    pair: GatewayPair,
-    connect: SocketAddr,
-    wan: Wan,
-}
-
-/// `None` (test skipped, with a message) when not root or without QEMU.
 fn setup(test: &str) -> Option<Setup> {
-    init_tracing();
-    if !ferry_netem::netns::is_root() {
-        eprintln!("SKIP {test}: needs root (network namespaces)");
-        return None;
-    }
-    if !qemu::qemu_available() {
-        eprintln!(
-            "SKIP {test}: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
-        );
-        return None;
-    }
-    let image = GuestImage::build().expect("building the test guest");
-    let wan = Wan::builder()
-        .rtt(Duration::from_millis(150))
-        .rate_bps(1_000_000_000)
-        .loss(0.001)
-        .up()
-        .expect("WAN up");
-    let connect = SocketAddr::from((wan.site_b().addr(), MIGRATION_PORT));
-    let pair = GatewayPair::start(
-        &wan,
-        PairLink {
-            bandwidth: "1gbit".into(),
-            rtt: "150ms".into(),
-            codec: true,
-        },
-        connect,
-    )
-    .expect("gateways");
-    Some(Setup {
-        image,
-        pair,
-        connect,
-        wan,
-    })
+    qemu_support::setup(test, Duration::from_millis(150), 0.001)
 }
 
 /// 128 MiB VM; the guest keeps dirtying 200 pages (800 KiB) every ~100 ms.
@@ -116,61 +59,16 @@ fn start_vms(s: &Setup, tag: &str, guest: &GuestConfig) -> (Qemu, Qemu) {
 }
 
 fn migrate(s: &Setup, src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode) -> WanMigrationReport {
-    migrate_over_wan(
-        src,
-        dst,
-        &s.wan,
-        WanRoute::Gateways {
-            pair: &s.pair,
-            connect: s.connect,
-        },
-        mode,
-        MIGRATE,
-    )
-    .expect("migration through the gateways")
+    qemu_support::migrate(s, src, dst, mode, MIGRATE)
 }
 
-/// The checks every migration must pass: states, the guest's counter
-/// continuing, its own memory verification, byte-identical flows.
+/// The shared checks, plus: the source is left in `postmigrate` and multifd carried bytes.
 fn check_migration(src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode, r: &WanMigrationReport) {
-    assert_eq!(r.info.status, "completed");
-    assert_eq!(
-        src.qmp().query_status().expect("src status").status,
-        "postmigrate"
-    );
-    let st = dst.qmp().query_status().expect("dst status");
-    assert!(st.running && st.status == "running", "{st:?}");
-    let src_last = r.src_last_tick.expect("source ticked");
-    assert!(
-        r.dst_first_tick >= src_last && r.dst_first_tick <= src_last + 5,
-        "destination did not continue the source's counter: source at {src_last}, destination starts at {}",
-        r.dst_first_tick
-    );
+    assert_eq!(src.qmp().query_status().expect("src status").status, "postmigrate");
     if let MigrationMode::Multifd { .. } = mode {
-        assert!(
-            r.ram.multifd_bytes > 0,
-            "no bytes went over multifd: {:?}",
-            r.ram
-        );
+        assert!(r.ram.multifd_bytes > 0, "no bytes went over multifd: {:?}", r.ram);
     }
-    match dst.request_verify(BOOT).expect("verify on the destination") {
-        VerifyReport::Ok { .. } => {}
-        bad => panic!("guest memory corrupted by the migration: {bad:?}"),
-    }
-    assert!(
-        !dst.serial()
-            .lines()
-            .iter()
-            .any(|l| l.contains("FAIL") || l.contains("panic")),
-        "destination guest reported an error:\n{}",
-        dst.serial().tail(10)
-    );
-    if let Err(e) = r.check_flows(mode.connections()) {
-        panic!(
-            "gateway flows: {e}\nA: {:#?}\nB: {:#?}",
-            r.flows_a, r.flows_b
-        );
-    }
+    qemu_support::check_migration(dst, mode, r, 5);
 }
 
 fn single_migration(test: &str, mode: MigrationMode) {

@@ -12,7 +12,8 @@
 //! Skip (pass with a message) unless run as root with `qemu-system-x86_64`
 //! installed; they take a process-wide lock so they run one at a time.
 
-use std::net::SocketAddr;
+mod qemu_support;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -20,76 +21,23 @@ use std::time::{Duration, Instant};
 
 use ferry_gateway::codec::StreamMode;
 use ferry_gateway::tunnel::FlowRecord;
-use ferry_netem::gateway_pair::{GatewayPair, PairLink};
+use qemu_support::{check_migration, Setup, BOOT};
 use ferry_netem::qemu::{
-    self, migrate_over_wan, migrate_over_wan_with, GuestConfig, GuestImage, MigrationMode,
-    MultifdCompression, Qemu, QemuConfig, QmpClient, VerifyReport, WanMigrationOptions,
+    migrate_over_wan_with, GuestConfig, MigrationMode,
+    MultifdCompression, Qemu, QemuConfig, QmpClient, WanMigrationOptions,
     WanMigrationReport, WanRoute, UNLIMITED_BANDWIDTH,
 };
-use ferry_netem::Wan;
 use serde_json::{json, Value};
 
-const BOOT: Duration = Duration::from_secs(60);
 const MIGRATE: Duration = Duration::from_secs(120);
-/// Port the destination QEMU listens on in site B (the gateways' `connect`).
-const MIGRATION_PORT: u16 = 4444;
 /// How long the xbzrle test holds the migration in its iterative phase
 /// waiting for QEMU to send XBZRLE pages before letting it complete anyway.
 const XBZRLE_HOLD: Duration = Duration::from_secs(30);
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-/// Fields drop in declaration order: VMs (held by the tests) first, then the
-/// gateways, then the WAN.
-struct Setup {
-    image: GuestImage,
-    pair: GatewayPair,
-    connect: SocketAddr,
-    wan: Wan,
-}
-
 fn setup(test: &str) -> Option<Setup> {
-    init_tracing();
-    if !ferry_netem::netns::is_root() {
-        eprintln!("SKIP {test}: needs root (network namespaces)");
-        return None;
-    }
-    if !qemu::qemu_available() {
-        eprintln!(
-            "SKIP {test}: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
-        );
-        return None;
-    }
-    let image = GuestImage::build().expect("building the test guest");
-    let wan = Wan::builder()
-        .rtt(Duration::from_millis(50))
-        .rate_bps(1_000_000_000)
-        .up()
-        .expect("WAN up");
-    let connect = SocketAddr::from((wan.site_b().addr(), MIGRATION_PORT));
-    let pair = GatewayPair::start(
-        &wan,
-        PairLink {
-            bandwidth: "1gbit".into(),
-            rtt: "50ms".into(),
-            codec: true,
-        },
-        connect,
-    )
-    .expect("gateways");
-    Some(Setup {
-        image,
-        pair,
-        connect,
-        wan,
-    })
+    qemu_support::setup(test, Duration::from_millis(50), 0.0)
 }
 
 /// A running source in site A and a waiting destination in site B (64 MiB
@@ -122,60 +70,7 @@ fn start_vms(
 }
 
 fn migrate(s: &Setup, src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode) -> WanMigrationReport {
-    migrate_over_wan(
-        src,
-        dst,
-        &s.wan,
-        WanRoute::Gateways {
-            pair: &s.pair,
-            connect: s.connect,
-        },
-        mode,
-        MIGRATE,
-    )
-    .expect("migration through the gateways")
-}
-
-/// Completed, destination running and continuing the guest's counter, guest
-/// memory verified, flows byte-identical end to end.
-fn check_migration(
-    dst: &mut Qemu,
-    mode: &MigrationMode,
-    r: &WanMigrationReport,
-    max_tick_gap: u64,
-) {
-    assert_eq!(r.info.status, "completed");
-    let st = dst.qmp().query_status().expect("dst status");
-    assert!(st.running && st.status == "running", "{st:?}");
-    let src_last = r.src_last_tick.expect("source ticked");
-    assert!(
-        r.dst_first_tick >= src_last && r.dst_first_tick <= src_last + max_tick_gap,
-        "destination did not continue the source's counter: source at {src_last}, destination starts at {}",
-        r.dst_first_tick
-    );
-    let more = dst
-        .serial()
-        .wait_for_tick(r.dst_first_tick + 5, BOOT)
-        .expect("destination keeps ticking");
-    assert!(more >= r.dst_first_tick + 5);
-    match dst.request_verify(BOOT).expect("verify on the destination") {
-        VerifyReport::Ok { .. } => {}
-        bad => panic!("guest memory corrupted by the migration: {bad:?}"),
-    }
-    assert!(
-        !dst.serial()
-            .lines()
-            .iter()
-            .any(|l| l.contains("FAIL") || l.contains("panic")),
-        "destination guest reported an error:\n{}",
-        dst.serial().tail(10)
-    );
-    if let Err(e) = r.check_flows(mode.connections()) {
-        panic!(
-            "gateway flows: {e}\nA: {:#?}\nB: {:#?}",
-            r.flows_a, r.flows_b
-        );
-    }
+    qemu_support::migrate(s, src, dst, mode, MIGRATE)
 }
 
 fn describe(f: &FlowRecord) -> String {

@@ -1,0 +1,88 @@
+//! Shared by the QEMU-through-the-gateways tests: two emulated sites with a gateway pair, the
+//! test guest image, one migration along the pair, and the checks every migration must pass.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_netem::gateway_pair::{GatewayPair, PairLink};
+use ferry_netem::qemu::{self, migrate_over_wan, GuestImage, MigrationMode, Qemu, VerifyReport, WanMigrationReport, WanRoute};
+use ferry_netem::Wan;
+
+/// Longest wait for a guest to boot or answer.
+pub const BOOT: Duration = Duration::from_secs(60);
+/// Port the destination QEMU listens on in site B (the gateways' `connect`).
+pub const MIGRATION_PORT: u16 = 4444;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+}
+
+/// Fields drop in declaration order: VMs (held by the tests) first, then the gateways, then
+/// the WAN.
+pub struct Setup {
+    pub image: GuestImage,
+    pub pair: GatewayPair,
+    pub connect: SocketAddr,
+    pub wan: Wan,
+}
+
+/// Sites `rtt` apart at 1 Gbit/s with random `loss`, gateways with the codec on. `None` (the
+/// test is skipped, with a message) when not root or without QEMU.
+pub fn setup(test: &str, rtt: Duration, loss: f64) -> Option<Setup> {
+    init_tracing();
+    if !ferry_netem::netns::is_root() {
+        eprintln!("SKIP {test}: needs root (network namespaces)");
+        return None;
+    }
+    if !qemu::qemu_available() {
+        eprintln!("SKIP {test}: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)");
+        return None;
+    }
+    let image = GuestImage::build().expect("building the test guest");
+    let mut wan = Wan::builder().rtt(rtt).rate_bps(1_000_000_000);
+    if loss > 0.0 {
+        wan = wan.loss(loss);
+    }
+    let wan = wan.up().expect("WAN up");
+    let connect = SocketAddr::from((wan.site_b().addr(), MIGRATION_PORT));
+    let link = PairLink { bandwidth: "1gbit".into(), rtt: format!("{}ms", rtt.as_millis()), codec: true };
+    let pair = GatewayPair::start(&wan, link, connect).expect("gateways");
+    Some(Setup { image, pair, connect, wan })
+}
+
+/// Migrates `src` (site A) into `dst` (site B) through the gateways.
+pub fn migrate(s: &Setup, src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode, timeout: Duration) -> WanMigrationReport {
+    migrate_over_wan(src, dst, &s.wan, WanRoute::Gateways { pair: &s.pair, connect: s.connect }, mode, timeout)
+        .expect("migration through the gateways")
+}
+
+/// The checks every migration must pass: completed, the destination running and continuing
+/// the guest's counter (within `max_tick_gap` ticks) and ticking on, its own memory
+/// verification, no guest error, byte-identical flows.
+pub fn check_migration(dst: &mut Qemu, mode: &MigrationMode, r: &WanMigrationReport, max_tick_gap: u64) {
+    assert_eq!(r.info.status, "completed");
+    let st = dst.qmp().query_status().expect("dst status");
+    assert!(st.running && st.status == "running", "{st:?}");
+    let src_last = r.src_last_tick.expect("source ticked");
+    assert!(
+        r.dst_first_tick >= src_last && r.dst_first_tick <= src_last + max_tick_gap,
+        "destination did not continue the source's counter: source at {src_last}, destination starts at {}",
+        r.dst_first_tick
+    );
+    let more = dst.serial().wait_for_tick(r.dst_first_tick + 5, BOOT).expect("destination keeps ticking");
+    assert!(more >= r.dst_first_tick + 5);
+    match dst.request_verify(BOOT).expect("verify on the destination") {
+        VerifyReport::Ok { .. } => {}
+        bad => panic!("guest memory corrupted by the migration: {bad:?}"),
+    }
+    assert!(
+        !dst.serial().lines().iter().any(|l| l.contains("FAIL") || l.contains("panic")),
+        "destination guest reported an error:\n{}",
+        dst.serial().tail(10)
+    );
+    if let Err(e) = r.check_flows(mode.connections()) {
+        panic!("gateway flows: {e}\nA: {:#?}\nB: {:#?}", r.flows_a, r.flows_b);
+    }
+}
