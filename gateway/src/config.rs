@@ -114,6 +114,16 @@ pub struct PeerConfig {
     pub site: String,
     /// The peer's QUIC endpoint.
     pub addr: SocketAddr,
+    /// Networks this peer may make us dial (its flows' `connect`); `None`: any address.
+    #[serde(default)]
+    pub allow_connect: Option<Vec<ipnet::IpNet>>,
+}
+
+impl PeerConfig {
+    /// Whether this peer may have us dial `target`.
+    pub fn may_connect(&self, target: &SocketAddr) -> bool {
+        self.allow_connect.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(&target.ip())))
+    }
 }
 
 /// A TCP ingress forwarded to a peer site.
@@ -405,6 +415,20 @@ connect = "127.0.0.2:4444"
         let text = sample("").replace("connect = \"127.0.0.2:4444\"", "connect = \"127.0.0.2:4444\"\ncodec = \"maybe\"");
         let err = parse(&text, dir.path()).unwrap_err().to_string();
         assert!(err.contains("codec") && err.contains("maybe"), "{err}");
+    }
+
+    #[test]
+    fn allow_connect_is_a_list_of_networks() {
+        let dir = dir_with_certs();
+        let cfg = parse(&sample(""), dir.path()).unwrap();
+        assert!(cfg.peers[0].may_connect(&"192.0.2.1:1".parse().unwrap()), "no list: anything");
+        let text = sample("").replace("addr = \"127.0.0.2:4433\"", "addr = \"127.0.0.2:4433\"\nallow_connect = [\"10.77.0.0/24\", \"fd00::/8\"]");
+        let cfg = parse(&text, dir.path()).unwrap();
+        assert!(cfg.peers[0].may_connect(&"10.77.0.9:7800".parse().unwrap()));
+        assert!(cfg.peers[0].may_connect(&"[fd00::1]:7800".parse().unwrap()));
+        assert!(!cfg.peers[0].may_connect(&"10.77.1.9:7800".parse().unwrap()));
+        let err = parse(&text.replace("10.77.0.0/24", "10.77.0.0/33"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("allow_connect"), "{err}");
     }
 
     #[test]

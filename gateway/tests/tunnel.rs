@@ -168,6 +168,38 @@ async fn unreachable_target_resets_the_client() {
     assert_eq!(b.stats().flows_failed, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_dials_only_what_the_peer_is_allowed_to_reach() {
+    let pki = Pki::new(&["site-a", "site-b"]);
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let (a_addr, b_addr) = (free_udp_addr(), free_udp_addr());
+    let a = config(pki.path(), "site-a", a_addr, &[("site-b", b_addr)], &[("site-b", target_addr)]);
+    // B lets site-a reach 127.0.0.2 only; the target is on 127.0.0.1.
+    let text = format!(
+        "site = \"site-b\"\nlisten = \"{b_addr}\"\n[tls]\nca = \"ca.pem\"\ncert = \"site-b.pem\"\nkey = \"site-b.key\"\n\
+         [link]\nbandwidth = \"10gbit\"\nrtt = \"1ms\"\n[[peer]]\nsite = \"site-a\"\naddr = \"{a_addr}\"\nallow_connect = [\"127.0.0.2/32\"]\n"
+    );
+    let path = pki.path().join("site-b-allow.toml");
+    std::fs::write(&path, text).unwrap();
+    let b = ferry_gateway::Config::load(&path).unwrap();
+    let a = Gateway::start(a).await.unwrap();
+    let b = Gateway::start(b).await.unwrap();
+    assert!(a.wait_connected("site-b", Duration::from_secs(10)).await);
+
+    if let Ok(mut tcp) = TcpStream::connect(a.forward_addrs()[0]).await {
+        let mut buf = Vec::new();
+        let result = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await.unwrap();
+        assert!(result.is_err(), "expected a reset, got a clean end after {} bytes", buf.len());
+    }
+    let accepted = tokio::time::timeout(Duration::from_millis(300), target.accept()).await;
+    assert!(accepted.is_err(), "the egress dialed a target outside allow_connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = b.flow_log().records();
+    assert_eq!(refused.len(), 1);
+    assert!(refused[0].error.as_deref().unwrap_or_default().contains("allow_connect"), "{:?}", refused[0].error);
+}
+
 /// Starts `site` with `pki`, peered with `peer_site` at `peer_addr`, forwarding to `target`.
 async fn lone_gateway(pki: &Pki, site: &str, peer_site: &str, peer_addr: std::net::SocketAddr, target: std::net::SocketAddr) -> Gateway {
     let cfg = config(pki.path(), site, free_udp_addr(), &[(peer_site, peer_addr)], &[(peer_site, target)]);

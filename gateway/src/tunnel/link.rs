@@ -231,7 +231,9 @@ impl PeerLink {
 
         let permit = self.shared.connections.clone().try_acquire_owned();
         self.wait_turn(order, seq).await;
+        let allowed = self.shared.peer_configs.iter().find(|p| p.site == self.site).is_some_and(|p| p.may_connect(&connect));
         let dialed = match permit {
+            _ if !allowed => Err(format!("{connect} is not in peer `{}`'s allow_connect list", self.site)),
             Err(_) => Err(format!("too many forwarded connections (limits.max_connections = {})", self.shared.max_connections)),
             Ok(permit) => match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(connect)).await {
                 Ok(Ok(tcp)) => Ok((tcp, permit)),

@@ -137,6 +137,8 @@ pub struct TunnelShared {
     /// Bytes each of our encoders may keep of advertised pages for resupply (`[cache]
     /// resupply_budget`).
     pub resupply_budget: usize,
+    /// Each peer's configuration, for the targets it may have us dial.
+    pub peer_configs: Vec<crate::config::PeerConfig>,
 }
 
 impl TunnelShared {

@@ -152,6 +152,7 @@ impl Tunnel {
             advertise_max_pages: config.cache.advertise_max_pages,
             session_window_pages: config.cache.session_window_pages,
             resupply_budget: usize::try_from(config.cache.resupply_budget.0).unwrap_or(usize::MAX),
+            peer_configs: config.peers.clone(),
         });
         let tunnel = Arc::new(Self {
             local_site: config.site.clone(),
