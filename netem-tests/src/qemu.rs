@@ -31,13 +31,18 @@
 //!
 //! To look at real QEMU 7.2 wire bytes, use [`capture_migration_stream`].
 //!
+//! For migrations of a real Linux (Debian's kernel, a busybox initramfs with
+//! a realistic memory mix) use [`LinuxGuest`] instead of [`GuestImage::build`].
+//!
 //! Everything these helpers start (QEMU processes, sockets, temporary
 //! directories) is killed or removed when its handle is dropped, also while a
 //! test panics.
 
 mod capture;
 mod image;
+mod linux_guest;
 mod migrate;
+mod page_census;
 mod qmp;
 mod serial;
 mod vm;
@@ -49,7 +54,11 @@ use std::time::Duration;
 
 pub use capture::{capture_migration_stream, capture_migration_stream_with, CapturedMigration};
 pub use image::{GuestConfig, GuestImage, GUEST_SOURCE};
+pub use linux_guest::{
+    LinuxGuest, LinuxGuestConfig, LinuxGuestFiles, LINUX_GUEST_APT_HINT, LINUX_INIT_SCRIPT,
+};
 pub use migrate::{migrate_local, MigrationMode, MultifdCompression};
+pub use page_census::PageCensus;
 pub use qmp::{MigrationInfo, QmpClient, RamStats, RunStatus};
 pub use serial::{SerialLog, VerifyReport};
 pub use vm::{Incoming, Qemu, QemuConfig};

@@ -14,9 +14,15 @@ pub const GUEST_SOURCE: &str = include_str!("../../guest/guest.asm");
 static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
 /// The assembled test guest: a multiboot v1 flat kernel for `qemu -kernel`.
+///
+/// It can also describe a Linux guest ([`GuestImage::linux`], used by
+/// [`super::LinuxGuest`]): a kernel, an initramfs (`-initrd`) and a fixed
+/// kernel command line that replaces [`super::QemuConfig::guest`]'s.
 #[derive(Debug, Clone)]
 pub struct GuestImage {
     path: PathBuf,
+    initrd: Option<PathBuf>,
+    append: Option<String>,
 }
 
 impl GuestImage {
@@ -40,7 +46,7 @@ impl GuestImage {
         ));
         if out.is_file() {
             tracing::debug!(path = %out.display(), "guest image cached");
-            return Ok(GuestImage { path: out });
+            return Ok(GuestImage::from_path(out));
         }
         let nasm = ensure_nasm()?;
         std::fs::create_dir_all(dir)
@@ -60,17 +66,46 @@ impl GuestImage {
         std::fs::rename(&bin, &out)
             .map_err(|e| QemuError::io(format!("moving guest image to {}", out.display()), e))?;
         tracing::info!(path = %out.display(), "assembled test guest");
-        Ok(GuestImage { path: out })
+        Ok(GuestImage::from_path(out))
     }
 
     /// Uses an already built image file.
     pub fn from_path(path: impl Into<PathBuf>) -> GuestImage {
-        GuestImage { path: path.into() }
+        GuestImage {
+            path: path.into(),
+            initrd: None,
+            append: None,
+        }
+    }
+
+    /// A Linux kernel with an initramfs and its own command line (`-kernel`,
+    /// `-initrd`, `-append`); [`super::QemuConfig::guest`] is then ignored.
+    pub fn linux(
+        kernel: impl Into<PathBuf>,
+        initrd: impl Into<PathBuf>,
+        append: impl Into<String>,
+    ) -> GuestImage {
+        GuestImage {
+            path: kernel.into(),
+            initrd: Some(initrd.into()),
+            append: Some(append.into()),
+        }
     }
 
     /// Path of the kernel file, for `-kernel`.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The initramfs (`-initrd`), for a Linux guest.
+    pub fn initrd(&self) -> Option<&Path> {
+        self.initrd.as_deref()
+    }
+
+    /// The image's own kernel command line (a Linux guest); `None` for the
+    /// test guest, whose command line is [`GuestConfig::cmdline`].
+    pub fn append(&self) -> Option<&str> {
+        self.append.as_deref()
     }
 }
 
@@ -157,7 +192,7 @@ impl GuestConfig {
     }
 }
 
-fn default_cache_dir() -> PathBuf {
+pub(crate) fn default_cache_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -168,13 +203,13 @@ fn default_cache_dir() -> PathBuf {
     target.join("ferry-guest")
 }
 
-fn fnv1a64(data: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let line = format!("{cmd:?}");
     tracing::debug!(command = %line, "running");
     let out = cmd

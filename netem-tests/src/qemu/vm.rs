@@ -144,11 +144,15 @@ impl QemuConfig {
                 "chardev=qmp1,mode=control".into(),
             ]);
         }
+        a.extend(["-kernel".into(), image.path().display().to_string()]);
+        if let Some(initrd) = image.initrd() {
+            a.extend(["-initrd".into(), initrd.display().to_string()]);
+        }
         a.extend([
-            "-kernel".into(),
-            image.path().display().to_string(),
             "-append".into(),
-            self.guest.cmdline(),
+            image
+                .append()
+                .map_or_else(|| self.guest.cmdline(), str::to_string),
         ]);
         match &self.incoming {
             None => {}
@@ -192,7 +196,9 @@ impl Qemu {
             reason: "not on PATH (install Debian package qemu-system-x86, or set FERRY_QEMU)"
                 .into(),
         })?;
-        if u64::from(config.memory_mib) << 20 < config.guest.min_ram_bytes() {
+        if image.append().is_none()
+            && u64::from(config.memory_mib) << 20 < config.guest.min_ram_bytes()
+        {
             return Err(QemuError::Protocol(format!(
                 "guest layout needs {} MiB of RAM but the VM has {} MiB",
                 config.guest.min_ram_bytes() >> 20,
