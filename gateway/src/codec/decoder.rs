@@ -30,7 +30,42 @@ use crate::codec::frame::{
     next_op, parse_frame_header, BatchHeader, FrameError, FrameHeader, Op, Preamble, MAX_BATCH_PAGE_OPS,
 };
 use crate::codec::page_cache::PageStore;
+use crate::codec::page_hash;
+use crate::codec::stream_hash::StreamHasher;
 use crate::codec::{PageDigest, PAGE_SIZE};
+
+/// Rebuilt bytes are hashed about every this many bytes while a batch is rebuilt, while they are
+/// still in the core's L2 cache (a batch is up to 18 MiB: hashing it afterwards reads it back
+/// from L3 or memory).
+const HASH_STEP: usize = 64 << 10;
+
+/// The caller's output buffer during one public call. The decoder rebuilds straight into it:
+/// `out[..verified]` may be released, `out[verified..]` is reconstructed but not yet covered by
+/// a verified checkpoint. A checkpoint that verifies just moves `verified` (no copy); before the
+/// call returns, the unverified rest moves to [`Decoder::held`] (see [`Decoder::unstage`]).
+/// Dropping a `Staging` (an error, or a panic) cuts `out` back to `verified`, so the caller never
+/// sees an unverified byte.
+struct Staging<'a> {
+    out: &'a mut Vec<u8>,
+    verified: usize,
+}
+
+impl Staging<'_> {
+    fn unverified(&self) -> usize {
+        self.out.len() - self.verified
+    }
+
+    /// Everything rebuilt so far was verified: it may be released.
+    fn release_all(&mut self) {
+        self.verified = self.out.len();
+    }
+}
+
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        self.out.truncate(self.verified);
+    }
+}
 
 /// Decoder settings.
 #[derive(Debug, Clone)]
@@ -238,9 +273,10 @@ pub struct Decoder {
     need: usize,
     preamble: Option<Preamble>,
     window: Window,
-    hasher: blake3::Hasher,
+    hasher: StreamHasher,
     produced: u64,
-    /// Reconstructed bytes not yet covered by a verified checkpoint.
+    /// Reconstructed bytes not yet covered by a verified checkpoint, between calls (during a call
+    /// they are at the end of the caller's buffer, see [`Staging`]).
     held: Vec<u8>,
     trailer_seen: bool,
     failed: bool,
@@ -287,7 +323,7 @@ impl Decoder {
             need: 0,
             preamble: None,
             window: Window { cap: 0, map: HashMap::new(), order: VecDeque::new() },
-            hasher: blake3::Hasher::new(),
+            hasher: StreamHasher::new(),
             produced: 0,
             held: Vec::new(),
             trailer_seen: false,
@@ -355,6 +391,7 @@ impl Decoder {
         if self.failed {
             return Err(DecodeError::Poisoned);
         }
+        let mut out = self.stage(out);
         let r = (|| {
             if !self.requested.remove(&digest) {
                 return Err(DecodeError::UnrequestedPage(digest));
@@ -366,13 +403,11 @@ impl Decoder {
             self.cache.insert(digest, page.clone());
             self.supplied.insert(digest, page);
             if self.stall.as_ref().is_some_and(|s| s.waiting == digest) {
-                self.resume(out)?;
+                self.resume(&mut out)?;
             }
             Ok(())
         })();
-        if r.is_err() {
-            self.fail();
-        }
+        self.unstage(out, r.is_ok());
         r
     }
 
@@ -382,6 +417,7 @@ impl Decoder {
         if self.failed {
             return Err(DecodeError::Poisoned);
         }
+        let mut out = self.stage(out);
         let r = (|| {
             while !wire.is_empty() {
                 if self.stall.is_some() {
@@ -390,7 +426,7 @@ impl Decoder {
                     break;
                 }
                 if self.buf.is_empty() {
-                    let used = self.process(wire, out)?;
+                    let used = self.process(wire, &mut out)?;
                     self.buf.extend_from_slice(&wire[used..]);
                     break;
                 }
@@ -400,22 +436,21 @@ impl Decoder {
                 self.buf.extend_from_slice(&wire[..take]);
                 wire = &wire[take..];
                 // Try even if short of `need`: header needs are estimates, and the wire may end here.
-                self.process_buffered(out)?;
+                self.process_buffered(&mut out)?;
             }
             if self.stall.is_some() && self.buf.len() > self.cfg.max_stalled_input {
                 return Err(DecodeError::StalledInputFull { held: self.buf.len(), limit: self.cfg.max_stalled_input });
             }
             Ok(())
         })();
-        if r.is_err() {
-            self.fail();
-        }
+        self.unstage(out, r.is_ok());
         r
     }
 
     /// The wire ended. Succeeds only if the trailer arrived and verified (held bytes were released
-    /// then); otherwise the stream ended early and held bytes are dropped.
-    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    /// then, by the call that delivered it, so nothing is appended to `_out`); otherwise the
+    /// stream ended early and held bytes are dropped.
+    pub fn finish(&mut self, _out: &mut Vec<u8>) -> Result<(), DecodeError> {
         if self.failed {
             return Err(DecodeError::Poisoned);
         }
@@ -428,8 +463,45 @@ impl Decoder {
             self.fail();
             return Err(DecodeError::Truncated { produced: self.produced, buffered: self.buf.len() });
         }
-        self.release_all(out);
+        // The trailer verified everything (and nothing may follow it): `held` is empty.
+        debug_assert!(self.held.is_empty());
         Ok(())
+    }
+
+    /// Starts a public call that may rebuild into `out` (see [`Staging`]): bytes held from an
+    /// earlier call go first.
+    fn stage<'a>(&mut self, out: &'a mut Vec<u8>) -> Staging<'a> {
+        let verified = out.len();
+        if !self.held.is_empty() {
+            if out.is_empty() && out.capacity() <= self.held.capacity() {
+                std::mem::swap(out, &mut self.held);
+            } else {
+                out.extend_from_slice(&self.held);
+                self.held.clear();
+            }
+        }
+        Staging { out, verified }
+    }
+
+    /// Ends a public call: on success, keeps what is not verified yet for a later call (at most
+    /// one batch: the encoder checkpoints after each, so this is a batch whose checkpoint has not
+    /// arrived, or one stalled on a page); on failure, poisons the decoder. Either way `out` ends
+    /// at the verified bytes.
+    fn unstage(&mut self, out: Staging<'_>, ok: bool) {
+        if !ok {
+            self.fail();
+            return;
+        }
+        debug_assert!(self.held.is_empty());
+        if out.unverified() == 0 {
+            return;
+        }
+        if out.verified == 0 {
+            // Nothing released in this call: keep the whole buffer without copying it.
+            std::mem::swap(out.out, &mut self.held);
+        } else {
+            self.held.extend_from_slice(&out.out[out.verified..]);
+        }
     }
 
     fn fail(&mut self) {
@@ -442,7 +514,7 @@ impl Decoder {
     }
 
     /// Processes what `self.buf` holds, keeping the unprocessed rest.
-    fn process_buffered(&mut self, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    fn process_buffered(&mut self, out: &mut Staging<'_>) -> Result<(), DecodeError> {
         let b = std::mem::take(&mut self.buf);
         let r = self.process(&b, out);
         self.buf = b;
@@ -452,10 +524,10 @@ impl Decoder {
     }
 
     /// Continues the stalled batch after a supply, then the input buffered behind it.
-    fn resume(&mut self, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    fn resume(&mut self, out: &mut Staging<'_>) -> Result<(), DecodeError> {
         let Some(stall) = self.stall.take() else { return Ok(()) };
         let payload = std::mem::take(&mut self.payload);
-        let r = self.rebuild(&stall.header, &payload, stall.cursor);
+        let r = self.rebuild(&stall.header, &payload, stall.cursor, out);
         self.payload = payload;
         if let Some((cursor, waiting)) = r? {
             self.stall = Some(Stall { cursor, waiting, ..stall });
@@ -480,7 +552,7 @@ impl Decoder {
 
     /// Processes complete frames at the start of `data`; returns bytes consumed and sets
     /// `self.need` for the incomplete remainder.
-    fn process(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, DecodeError> {
+    fn process(&mut self, data: &[u8], out: &mut Staging<'_>) -> Result<usize, DecodeError> {
         let mut pos = 0;
         while pos < data.len() {
             let rest = &data[pos..];
@@ -521,7 +593,7 @@ impl Decoder {
                         return Ok(pos);
                     }
                     pos += total;
-                    if self.batch(&b, &rest[hlen..total], total)? {
+                    if self.batch(&b, &rest[hlen..total], total, out)? {
                         // Stalled: the batch's payload is kept; the rest waits in `buf`.
                         self.need = 0;
                         return Ok(pos);
@@ -531,7 +603,7 @@ impl Decoder {
                     if total_len != self.produced || *self.hasher.finalize().as_bytes() != digest {
                         return Err(DecodeError::DigestMismatch { at: self.produced, claimed_len: total_len });
                     }
-                    self.release_all(out);
+                    out.release_all();
                     if matches!(hdr, FrameHeader::Trailer { .. }) {
                         self.trailer_seen = true;
                     }
@@ -546,7 +618,7 @@ impl Decoder {
 
     /// Decodes one batch frame (`frame_len` wire bytes). Returns true if it stalled on a missing
     /// page; its payload is then kept in `self.payload` and `self.stall` says where to resume.
-    fn batch(&mut self, b: &BatchHeader, body: &[u8], frame_len: usize) -> Result<bool, DecodeError> {
+    fn batch(&mut self, b: &BatchHeader, body: &[u8], frame_len: usize, out: &mut Staging<'_>) -> Result<bool, DecodeError> {
         if b.stream_offset != self.produced {
             return Err(DecodeError::OffsetMismatch { at: self.produced, claimed: b.stream_offset });
         }
@@ -554,11 +626,11 @@ impl Decoder {
             let mut payload = std::mem::take(&mut self.payload);
             let r = self
                 .decompress(b, body, &mut payload)
-                .and_then(|()| self.rebuild(b, &payload, OpCursor::default()));
+                .and_then(|()| self.rebuild(b, &payload, OpCursor::default(), out));
             self.payload = payload;
             r?
         } else {
-            let r = self.rebuild(b, body, OpCursor::default())?;
+            let r = self.rebuild(b, body, OpCursor::default(), out)?;
             if r.is_some() {
                 // The wire buffer is not ours to keep: copy the (rare) raw batch that stalled.
                 self.payload.clear();
@@ -597,30 +669,29 @@ impl Decoder {
         Ok(())
     }
 
-    /// Rebuilds one batch's original bytes from its payload into the held buffer, starting at
-    /// `cursor`. Returns where it stalled and on which page, if it did (bytes before the stall
-    /// are rebuilt and hashed; the rest follows on resume).
+    /// Rebuilds one batch's original bytes from its payload at the end of `out` (unverified),
+    /// starting at `cursor`. Returns where it stalled and on which page, if it did (bytes before
+    /// the stall are rebuilt and hashed; the rest follows on resume).
     fn rebuild(
         &mut self,
         b: &BatchHeader,
         payload: &[u8],
         mut cursor: OpCursor,
+        out: &mut Staging<'_>,
     ) -> Result<Option<(OpCursor, PageDigest)>, DecodeError> {
         let pages_len = b.n_literal * PAGE_SIZE;
         let pages = &payload[..pages_len];
         let verbatim = &payload[pages_len..pages_len + b.verbatim_len];
         let ops = &payload[pages_len + b.verbatim_len..];
-        let mut held = std::mem::take(&mut self.held);
-        let start = held.len();
-        let r = self.apply_ops(ops, pages, verbatim, &mut held, &mut cursor);
-        if r.is_ok() {
-            self.hasher.update(&held[start..]);
-            self.produced += (held.len() - start) as u64;
-        }
-        self.held = held;
+        let start = out.out.len();
+        let mut hashed = start;
+        let r = self.apply_ops(ops, pages, verbatim, out.out, &mut cursor, &mut hashed);
+        // On error nothing is released, and the decoder is poisoned: the hash no longer matters.
         let stalled = r?;
-        if self.held.len() > self.cfg.max_unverified_bytes {
-            return Err(DecodeError::Unverified { held: self.held.len(), limit: self.cfg.max_unverified_bytes });
+        self.hasher.update(&out.out[hashed..]);
+        self.produced += (out.out.len() - start) as u64;
+        if out.unverified() > self.cfg.max_unverified_bytes {
+            return Err(DecodeError::Unverified { held: out.unverified(), limit: self.cfg.max_unverified_bytes });
         }
         if let Some(d) = stalled {
             self.stats.stalls += 1;
@@ -693,8 +764,19 @@ impl Decoder {
         Ok(())
     }
 
-    /// Applies ops from `cur` on. Returns the digest of an unresolvable reference, with `cur` at
-    /// that op, or `None` when the op list is done.
+    /// Hashes `dst[*hashed..]` once [`HASH_STEP`] bytes are waiting, up to where the stream hash
+    /// stays 8-KiB aligned (so it copies nothing to align them; see [`StreamHasher`]).
+    fn hash_some(&mut self, dst: &[u8], hashed: &mut usize) {
+        if dst.len() - *hashed >= HASH_STEP {
+            let n = self.hasher.aligned_prefix(dst.len() - *hashed);
+            self.hasher.update(&dst[*hashed..*hashed + n]);
+            *hashed += n;
+        }
+    }
+
+    /// Applies ops from `cur` on, appending to `dst`. Returns the digest of an unresolvable
+    /// reference, with `cur` at that op, or `None` when the op list is done. Hashes `dst` from
+    /// `*hashed` on as it goes, leaving the last (< [`HASH_STEP`]) bytes to the caller.
     fn apply_ops(
         &mut self,
         ops: &[u8],
@@ -702,10 +784,12 @@ impl Decoder {
         verbatim: &[u8],
         dst: &mut Vec<u8>,
         cur: &mut OpCursor,
+        hashed: &mut usize,
     ) -> Result<Option<PageDigest>, DecodeError> {
         let OpCursor { mut opos, mut vpos, mut lpos, mut page_ops } = *cur;
         let bad = |s: &'static str| FrameError::BadBatch(s);
         loop {
+            self.hash_some(dst, hashed);
             let op_start = (opos, page_ops);
             let Some(op) = next_op(ops, &mut opos).map_err(|e| self.frame_err(e))? else { break };
             if let Op::Zero(n) | Op::Literal(n) = op {
@@ -729,17 +813,33 @@ impl Decoder {
                     let Some(run) = pages.get(lpos * PAGE_SIZE..(lpos + n) * PAGE_SIZE) else {
                         return Err(self.frame_err(bad("literal run past the page area")));
                     };
-                    for page in run.chunks_exact(PAGE_SIZE) {
-                        dst.extend_from_slice(page);
-                        let d = PageDigest::of(page);
-                        let handle = Bytes::copy_from_slice(page);
-                        self.window.note(d, &handle);
-                        self.cache.insert(d, handle);
+                    // Pages are hashed several at a time (see `page_hash`).
+                    let mut digests = Vec::with_capacity(page_hash::MAX_GROUP);
+                    for group in run.chunks(page_hash::MAX_GROUP * PAGE_SIZE) {
+                        let mut refs = [&[0u8; PAGE_SIZE]; page_hash::MAX_GROUP];
+                        let k = group.len() / PAGE_SIZE;
+                        for (r, page) in refs.iter_mut().zip(group.chunks_exact(PAGE_SIZE)) {
+                            *r = page.try_into().expect("page length");
+                        }
+                        digests.clear();
+                        page_hash::digest_pages(&refs[..k], &mut digests);
+                        for (page, &d) in refs[..k].iter().zip(&digests) {
+                            dst.extend_from_slice(&page[..]);
+                            let handle = Bytes::copy_from_slice(&page[..]);
+                            self.window.note(d, &handle);
+                            self.cache.insert(d, handle);
+                        }
+                        self.hash_some(dst, hashed);
                     }
                     lpos += n;
                 }
                 Op::Ref(raw) => {
                     let d = PageDigest(raw);
+                    // The common case, a page in the window, is copied without taking a handle.
+                    if let Some(page) = self.window.map.get(&d) {
+                        dst.extend_from_slice(page);
+                        continue;
+                    }
                     let Some(page) = self.resolve(&d)? else {
                         // Stop before this op; it is re-read on resume.
                         (opos, page_ops) = op_start;
@@ -755,17 +855,6 @@ impl Decoder {
             return Err(self.frame_err(bad("payload areas not fully used")));
         }
         Ok(None)
-    }
-
-    /// Everything reconstructed so far was verified: hand it over.
-    fn release_all(&mut self, out: &mut Vec<u8>) {
-        if out.is_empty() {
-            // Common case: the caller passes an empty buffer per call; no copy.
-            std::mem::swap(out, &mut self.held);
-        } else {
-            out.extend_from_slice(&self.held);
-            self.held.clear();
-        }
     }
 }
 

@@ -22,12 +22,32 @@ use crate::codec::frame::{
 use crate::codec::qemu::main_channel::MainChannelTokenizer;
 use crate::codec::qemu::multifd::MultifdTokenizer;
 use crate::codec::qemu::{Token, Tokenizer};
+use crate::codec::page_hash;
 use crate::codec::retained::RetainedPages;
+use crate::codec::stream_hash::StreamHasher;
 use crate::codec::{is_zero_page, PageDigest, PAGE_SIZE};
 
 /// Largest `NeedMore` a tokenizer may ask for; anything larger is a tokenizer bug and is handled
 /// by going opaque rather than by buffering without bound.
 const MAX_PENDING: usize = 64 << 10;
+
+/// Most tokens [`Encoder::tokenize`] reads ahead of the one it applies (a page record is usually
+/// two: its header and its page).
+const LOOKAHEAD_TOKENS: usize = 64;
+
+/// A token read ahead: `(offset, length)` of verbatim bytes, or the offset of a page and the
+/// index of its digest (`None`: a zero page).
+#[derive(Clone, Copy)]
+enum Tok {
+    Verbatim(usize, usize),
+    Page(usize, Option<usize>),
+}
+
+/// Why reading ahead stopped before the end of the input.
+enum Stop {
+    Need(usize),
+    Opaque(String),
+}
 
 /// Encoder settings.
 #[derive(Debug, Clone)]
@@ -207,7 +227,7 @@ pub struct Encoder {
     need: usize,
     batch: Batch,
     window: SessionWindow,
-    hasher: blake3::Hasher,
+    hasher: StreamHasher,
     /// Original-stream bytes placed into batches so far.
     emitted: u64,
     /// `emitted` when the current batch started.
@@ -218,6 +238,8 @@ pub struct Encoder {
     finished: bool,
     zstd: Option<zstd::stream::raw::Encoder<'static>>,
     zbuf: Vec<u8>,
+    /// Digests of the pages read ahead (kept for its allocation).
+    digests: Vec<PageDigest>,
     stats: CodecStats,
     /// Copies of referenced advertised pages, shared with whoever answers the destination.
     retained: Arc<RetainedPages>,
@@ -252,7 +274,7 @@ impl Encoder {
             need: 0,
             batch: Batch::default(),
             window,
-            hasher: blake3::Hasher::new(),
+            hasher: StreamHasher::new(),
             emitted: 0,
             batch_start: 0,
             checkpointed: None,
@@ -260,6 +282,7 @@ impl Encoder {
             finished: false,
             zstd,
             zbuf: Vec::new(),
+            digests: Vec::new(),
             stats: CodecStats {
                 bytes_in: 0,
                 wire_bytes_out: 0,
@@ -412,9 +435,16 @@ impl Encoder {
     /// The stream hash is updated in as few calls as possible (blake3 is several times faster on
     /// long inputs than record by record): `hashed` trails `pos` and catches up only when a batch
     /// is flushed, because its checkpoint must cover exactly the bytes emitted so far.
+    ///
+    /// Tokens are read a few pages ahead ([`LOOKAHEAD_TOKENS`]) so the non-zero pages among them
+    /// are hashed together ([`page_hash`]), then applied in stream order exactly as one by one:
+    /// the tokenizer does not depend on what the encoder does with its tokens.
     fn tokenize(&mut self, data: &[u8], out: &mut Vec<u8>) -> usize {
         let mut pos = 0;
         let mut hashed = 0;
+        let group = page_hash::group_size();
+        let mut toks = [Tok::Verbatim(0, 0); LOOKAHEAD_TOKENS];
+        let mut digests = std::mem::take(&mut self.digests);
         while pos < data.len() {
             let rest = &data[pos..];
             if matches!(self.kind, Kind::Detect) {
@@ -428,29 +458,69 @@ impl Encoder {
                     _ => self.go_opaque("no QEMU magic".into()),
                 }
             }
-            let tok = match &mut self.kind {
-                Kind::Detect => Token::NeedMore(4),
-                Kind::Main(t) => t.next_token(rest),
-                Kind::Multifd(t) => t.next_token(rest),
-                Kind::Opaque => Token::Verbatim(rest.len()),
-            };
-            match tok {
-                Token::Verbatim(n) if n >= 1 && n <= rest.len() => {
-                    self.add_verbatim(data, pos, n, &mut hashed, out);
-                    pos += n;
+            // Look ahead: up to `group` non-zero pages (or LOOKAHEAD_TOKENS tokens).
+            let (mut n_toks, mut scan) = (0, pos);
+            let mut pages = [&[0u8; PAGE_SIZE]; page_hash::MAX_GROUP];
+            let mut n_pages = 0;
+            let mut stop = None;
+            while scan < data.len() && n_toks < LOOKAHEAD_TOKENS && n_pages < group {
+                let rest = &data[scan..];
+                let tok = match &mut self.kind {
+                    Kind::Detect => Token::NeedMore(4),
+                    Kind::Main(t) => t.next_token(rest),
+                    Kind::Multifd(t) => t.next_token(rest),
+                    Kind::Opaque => Token::Verbatim(rest.len()),
+                };
+                match tok {
+                    Token::Verbatim(n) if n >= 1 && n <= rest.len() => {
+                        toks[n_toks] = Tok::Verbatim(scan, n);
+                        scan += n;
+                    }
+                    Token::Page if rest.len() >= PAGE_SIZE => {
+                        let page: &[u8; PAGE_SIZE] = rest[..PAGE_SIZE].try_into().expect("page length");
+                        toks[n_toks] = if is_zero_page(page) {
+                            Tok::Page(scan, None)
+                        } else {
+                            pages[n_pages] = page;
+                            n_pages += 1;
+                            Tok::Page(scan, Some(n_pages - 1))
+                        };
+                        scan += PAGE_SIZE;
+                    }
+                    Token::NeedMore(n) if n > rest.len() && n <= MAX_PENDING => {
+                        stop = Some(Stop::Need(n));
+                        break;
+                    }
+                    Token::Opaque(reason) => {
+                        stop = Some(Stop::Opaque(reason));
+                        break;
+                    }
+                    other => {
+                        stop = Some(Stop::Opaque(format!("internal: tokenizer returned {other:?} for {} bytes", rest.len())));
+                        break;
+                    }
                 }
-                Token::Page if rest.len() >= PAGE_SIZE => {
-                    self.add_page(data, pos, &mut hashed, out);
-                    pos += PAGE_SIZE;
+                n_toks += 1;
+            }
+            digests.clear();
+            page_hash::digest_pages(&pages[..n_pages], &mut digests);
+            for tok in &toks[..n_toks] {
+                match *tok {
+                    Tok::Verbatim(at, n) => self.add_verbatim(data, at, n, &mut hashed, out),
+                    Tok::Page(at, d) => self.add_page(data, at, d.map(|i| digests[i]), &mut hashed, out),
                 }
-                Token::NeedMore(n) if n > rest.len() && n <= MAX_PENDING => {
+            }
+            pos = scan;
+            match stop {
+                Some(Stop::Need(n)) => {
                     self.need = n;
                     break;
                 }
-                Token::Opaque(reason) => self.go_opaque(reason),
-                other => self.go_opaque(format!("internal: tokenizer returned {other:?} for {} bytes", rest.len())),
+                Some(Stop::Opaque(reason)) => self.go_opaque(reason),
+                None => {}
             }
         }
+        self.digests = digests;
         self.hasher.update(&data[hashed..pos]);
         pos
     }
@@ -480,18 +550,16 @@ impl Encoder {
         }
     }
 
-    /// Adds the page at `data[at..at + PAGE_SIZE]`.
-    fn add_page(&mut self, data: &[u8], at: usize, hashed: &mut usize, out: &mut Vec<u8>) {
+    /// Adds the page at `data[at..at + PAGE_SIZE]`, whose digest is `digest` (`None`: a zero
+    /// page).
+    fn add_page(&mut self, data: &[u8], at: usize, digest: Option<PageDigest>, hashed: &mut usize, out: &mut Vec<u8>) {
         let page = &data[at..at + PAGE_SIZE];
         enum PageKind {
             Zero,
             Ref(PageDigest, bool),
             Literal(PageDigest),
         }
-        let mut kind = if is_zero_page(page) {
-            PageKind::Zero
-        } else {
-            let d = PageDigest::of(page);
+        let mut kind = if let Some(d) = digest {
             if self.window.contains(&d) {
                 PageKind::Ref(d, true)
             } else if self.dest_index.may_contain(&d) {
@@ -499,6 +567,8 @@ impl Encoder {
             } else {
                 PageKind::Literal(d)
             }
+        } else {
+            PageKind::Zero
         };
         let literal_full = matches!(kind, PageKind::Literal(_)) && self.batch.n_literal() >= self.cfg.batch_pages;
         if literal_full || self.batch.page_ops >= MAX_BATCH_PAGE_OPS {
@@ -530,8 +600,11 @@ impl Encoder {
                 } else {
                     self.stats.advertised_refs += 1;
                 }
-                // Same rule as the decoder: a page that crossed the connection enters the window.
-                self.window.note(d);
+                // Same rule as the decoder: a page that crossed the connection enters the window
+                // (a window hit is there already).
+                if !from_window {
+                    self.window.note(d);
+                }
                 self.batch.close_run();
                 self.batch.ops.push(frame::OP_REF);
                 self.batch.ops.extend_from_slice(&d.0);

@@ -93,8 +93,10 @@ pub mod encoder;
 pub mod frame;
 pub mod page_cache;
 pub mod page_dir;
+pub mod page_hash;
 pub mod qemu;
 pub mod retained;
+pub mod stream_hash;
 
 #[cfg(test)]
 mod tests;
