@@ -410,7 +410,7 @@ mod tests {
                     self.wire_acked = self.departed.pop_front().map_or(self.wire_acked, |d| d.1);
                 }
             }
-            if (self.t / DT).round() as u64 % 8 == 0 {
+            if ((self.t / DT).round() as u64).is_multiple_of(8) {
                 self.syncs += 1;
             }
             c.update(Sample {

@@ -24,6 +24,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per run")]
 enum Command {
     /// Migrate a running VM to another site (run on the source host).
     Migrate {

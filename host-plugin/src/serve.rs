@@ -286,7 +286,7 @@ impl Session {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let running_unix_ns = unix_now_ns();
-        let resumed_unix_ns = vm.qmp.drain_events().iter().rev().find(|e| e.event == QmpEvent::Resume).and_then(|e| event_time_ns(e));
+        let resumed_unix_ns = vm.qmp.drain_events().iter().rev().find(|e| e.event == QmpEvent::Resume).and_then(event_time_ns);
         let first_heartbeat_unix_ns = match &vm.heartbeat {
             Some(hb) => hb.wait_first(HEARTBEAT_WAIT).await,
             None => None,

@@ -177,9 +177,8 @@ impl Inbound {
     pub async fn read_lane(self: Arc<Self>, mut lane: RecvStream) -> Result<(), FlowError> {
         loop {
             let mut header = [0u8; ChunkHeader::LEN];
-            match read_exact_or_eof(&mut lane, &mut header).await? {
-                false => return Ok(()),
-                true => {}
+            if !read_exact_or_eof(&mut lane, &mut header).await? {
+                return Ok(());
             }
             let chunk = ChunkHeader::decode(header)?;
             let mut data = BytesMut::zeroed(chunk.len as usize);
@@ -447,10 +446,7 @@ async fn pump_out(
         loop {
             let mut buf = BytesMut::with_capacity(READ_CHUNK);
             let read = if unflushed {
-                match tokio::time::timeout(IDLE_FLUSH, tcp.read_buf(&mut buf)).await {
-                    Ok(r) => Some(r),
-                    Err(_) => None,
-                }
+                tokio::time::timeout(IDLE_FLUSH, tcp.read_buf(&mut buf)).await.ok()
             } else {
                 Some(tcp.read_buf(&mut buf).await)
             };
