@@ -245,6 +245,12 @@ impl Run {
             qmp.migrate_set_parameters(&p).await.context("migrate-set-parameters (multifd) on the source")?;
         }
         qmp.migrate_set_parameters(&chosen.source_parameters).await.context("migrate-set-parameters on the source")?;
+        // An operator's Ctrl-C (or a SIGTERM) cancels cleanly rather than leaving QEMU migrating
+        // with whatever cap was last set. They are watched from before `migrate` on, so a signal that
+        // arrives while QEMU or the gateway is being asked is not lost.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
         let started = Instant::now();
         qmp.migrate(&format!("tcp:{}", migration_forward.listen)).await.context("migrate")?;
         self.stage = Stage::Migrating;
@@ -256,9 +262,8 @@ impl Run {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
-                // An operator's Ctrl-C cancels cleanly rather than leaving QEMU migrating with
-                // whatever cap was last set.
-                _ = tokio::signal::ctrl_c() => bail!("interrupted (Ctrl-C)"),
+                _ = interrupt.recv() => bail!("interrupted (Ctrl-C)"),
+                _ = terminate.recv() => bail!("interrupted (SIGTERM)"),
             }
             if let Some(message) = self.control()?.try_recv() {
                 match message? {
