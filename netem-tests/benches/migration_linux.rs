@@ -25,6 +25,10 @@
 //! FERRY_LINUX_DIRTY_KIB (KiB rewritten per 100 ms tick, 256), FERRY_LINUX_CMDLINE (extra kernel
 //! parameters, e.g. `nokaslr`), FERRY_BENCH_VERIFY (1: md5-check the files on the destination).
 
+mod support;
+
+use support::{env_f64, wan_or_exit};
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -33,18 +37,12 @@ use ferry_netem::qemu::{
     self, migrate_over_wan, LinuxGuest, LinuxGuestConfig, MigrationMode, MultifdCompression,
     PageCensus, Qemu, QemuError, VerifyReport, WanMigrationReport, WanRoute,
 };
-use ferry_netem::{Backend, Wan};
+use ferry_netem::Wan;
 
 const BOOT: Duration = Duration::from_secs(600);
 const MIGRATE: Duration = Duration::from_secs(300);
 const ALIVE: Duration = Duration::from_secs(60);
 
-fn env_f64(name: &str, default: f64) -> f64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Run {
     name: String,
@@ -182,20 +180,7 @@ fn main() {
         guest.initramfs_bytes() as f64 / 1e6,
         config.cmdline()
     );
-    let rtt = Duration::from_secs_f64(rtt_ms / 1000.0);
-    let wan = match Wan::builder()
-        .rtt(rtt)
-        .rate_bps((rate_mbit * 1e6) as u64)
-        .loss(loss_pct / 100.0)
-        .backend(Backend::Auto)
-        .up()
-    {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("cannot bring up the WAN: {e}");
-            std::process::exit(1);
-        }
-    };
+    let wan = wan_or_exit(rtt_ms, rate_mbit, loss_pct);
     let b = wan.site_b().addr();
 
     let mut runs: Vec<Result<Run, String>> = Vec::new();

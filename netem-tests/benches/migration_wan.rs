@@ -15,6 +15,10 @@
 //! (percent, 0), FERRY_BENCH_CHANNELS (multifd channels, 4), FERRY_BENCH_RAND_MIB (MiB of
 //! random guest pages, 32), FERRY_BENCH_DIRTY (pages per guest tick, 200).
 
+mod support;
+
+use support::{env_f64, wan_or_exit};
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -23,17 +27,11 @@ use ferry_netem::qemu::{
     self, migrate_over_wan, GuestConfig, GuestImage, MigrationMode, MultifdCompression, Qemu,
     QemuConfig, VerifyReport, WanMigrationReport, WanRoute,
 };
-use ferry_netem::{Backend, Wan};
+use ferry_netem::Wan;
 
 const BOOT: Duration = Duration::from_secs(120);
 const MIGRATE: Duration = Duration::from_secs(300);
 
-fn env_f64(name: &str, default: f64) -> f64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Run {
     name: String,
@@ -129,20 +127,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let rtt = Duration::from_secs_f64(rtt_ms / 1000.0);
-    let wan = match Wan::builder()
-        .rtt(rtt)
-        .rate_bps((rate_mbit * 1e6) as u64)
-        .loss(loss_pct / 100.0)
-        .backend(Backend::Auto)
-        .up()
-    {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("cannot bring up the WAN: {e}");
-            std::process::exit(1);
-        }
-    };
+    let wan = wan_or_exit(rtt_ms, rate_mbit, loss_pct);
     let b = wan.site_b().addr();
 
     let mut runs: Vec<Result<Run, String>> = Vec::new();

@@ -10,12 +10,16 @@
 //! FERRY_BENCH_WARMUP (seconds, default 3), FERRY_BENCH_RTTS (ms list, default "0.2,50,150"),
 //! FERRY_BENCH_LOSSES (percent list, default "0,0.1,1"), FERRY_BENCH_RATE (Mbit/s, default 1000).
 
+mod support;
+
+use support::{env_f64, wan_or_exit};
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_netem::bulk::{self, Receiver};
 use ferry_netem::gateway_pair::{GatewayPair, PairLink};
-use ferry_netem::{Backend, Wan};
+use ferry_netem::Wan;
 
 fn env_list(name: &str, default: &str) -> Vec<f64> {
     std::env::var(name)
@@ -25,9 +29,6 @@ fn env_list(name: &str, default: &str) -> Vec<f64> {
         .collect()
 }
 
-fn env_f64(name: &str, default: f64) -> f64 {
-    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
-}
 
 /// One transfer of at most `seconds` + warm-up; returns goodput in Mbit/s.
 fn measure(wan: &Wan, target: SocketAddr, via: SocketAddr, warmup: Duration, seconds: Duration) -> Result<f64, String> {
@@ -60,20 +61,7 @@ fn main() {
     let mut backend_name = String::new();
     for &rtt_ms in &rtts {
         for &loss_pct in &losses {
-            let rtt = Duration::from_secs_f64(rtt_ms / 1000.0);
-            let wan = match Wan::builder()
-                .rtt(rtt)
-                .rate_bps((rate_mbit * 1e6) as u64)
-                .loss(loss_pct / 100.0)
-                .backend(Backend::Auto)
-                .up()
-            {
-                Ok(w) => w,
-                Err(e) => {
-                    eprintln!("cannot bring up the WAN: {e}");
-                    std::process::exit(1);
-                }
-            };
+            let wan = wan_or_exit(rtt_ms, rate_mbit, loss_pct);
             backend_name = format!("{:?}", wan.backend());
             let b = wan.site_b().addr();
             let direct_target = SocketAddr::from((b, 5001));

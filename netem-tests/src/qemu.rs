@@ -165,6 +165,18 @@ pub fn qemu_available() -> bool {
     qemu_binary().is_some()
 }
 
+/// Why QEMU guests in network namespaces cannot run here (not root, or no QEMU), if they
+/// cannot: the message a skipped test or benchmark prints.
+pub fn unavailable_reason() -> Option<&'static str> {
+    if !crate::netns::is_root() {
+        Some("needs root (network namespaces)")
+    } else if !qemu_available() {
+        Some("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+    } else {
+        None
+    }
+}
+
 /// Finds an executable on `PATH`.
 pub(crate) fn find_in_path(program: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;

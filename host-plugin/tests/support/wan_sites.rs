@@ -59,12 +59,8 @@ pub struct Setup {
 /// `None` (skipped, with a message) when not root or without QEMU.
 pub fn setup(test: &str, rate_bps: u64, bandwidth: &str) -> Option<Setup> {
     init_tracing();
-    if !ferry_netem::netns::is_root() {
-        eprintln!("SKIP {test}: needs root (network namespaces)");
-        return None;
-    }
-    if !qemu::qemu_available() {
-        eprintln!("SKIP {test}: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)");
+    if let Some(why) = qemu::unavailable_reason() {
+        eprintln!("SKIP {test}: {why}");
         return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");

@@ -32,12 +32,8 @@ pub struct Setup {
 /// test is skipped, with a message) when not root or without QEMU.
 pub fn setup(test: &str, rtt: Duration, loss: f64) -> Option<Setup> {
     init_tracing();
-    if !ferry_netem::netns::is_root() {
-        eprintln!("SKIP {test}: needs root (network namespaces)");
-        return None;
-    }
-    if !qemu::qemu_available() {
-        eprintln!("SKIP {test}: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)");
+    if let Some(why) = qemu::unavailable_reason() {
+        eprintln!("SKIP {test}: {why}");
         return None;
     }
     let image = GuestImage::build().expect("building the test guest");
