@@ -6,6 +6,8 @@
 //! - [`control`]: the messages the two exchange, over a forward through the gateways.
 //! - [`gateway_api`]: the client of the local gateway's API (forwards, drain-rate counters).
 //! - [`settings`]: the QEMU capabilities and parameters Ferry picks.
+//! - [`session`]: the sans-IO state machines of both sides' lifecycles (when the source VM
+//!   may run again), driven by [`migrate`] and [`serve`].
 //! - [`convergence`]: the sans-IO controller that keeps QEMU's view of the WAN true and
 //!   throttles guests that outrun it.
 //! - [`heartbeat`]: guest-observed downtime from a heartbeat on a serial port.
@@ -23,6 +25,7 @@ pub mod migrate;
 pub mod progress;
 pub mod qmp;
 pub mod serve;
+pub mod session;
 pub mod settings;
 
 /// Version string reported by `ferry-host --version`.

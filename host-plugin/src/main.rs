@@ -13,6 +13,7 @@ use ferry_host::control::DEFAULT_SERVE_PORT;
 use ferry_host::migrate::{migrate, MigrateOptions};
 use ferry_host::progress::ProgressMode;
 use ferry_host::serve::{serve, ServeConfig};
+use ferry_host::session::Outcome;
 use ferry_host::settings::MultifdChoice;
 
 /// Ferry host-plugin: live-migrates QEMU VMs between sites through the Ferry gateways.
@@ -117,7 +118,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 println!("{}", result.summary());
             }
-            if result.outcome != "completed" {
+            if result.outcome != Outcome::Completed {
                 std::process::exit(1);
             }
             Ok(())

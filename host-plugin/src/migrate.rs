@@ -6,6 +6,9 @@
 //! showing progress; after QEMU completes, wait for the destination to report the VM running,
 //! then quit (or keep paused) the source. Until the destination confirms, any failure cancels
 //! the migration and leaves the source VM running.
+//!
+//! This is the async shell: it does the I/O and leaves every decision about the lifecycle (what
+//! a failure, a signal or a message means at each stage) to [`SourceSession`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -17,12 +20,14 @@ use ferry_gateway::api::protocol::ForwardStats;
 use ferry_gateway::config::CodecMode;
 use tokio::net::TcpStream;
 
-use crate::control::{clock_offset, Channel, ToDestination, ToSource};
-use crate::convergence::{ControllerConfig, ConvergenceController, Sample};
+use crate::control::{clock_offset, Channel, ChannelError, ToDestination, ToSource};
+use crate::convergence::{ControllerConfig, ConvergenceController};
 use crate::gateway_api::GatewayApi;
 use crate::heartbeat::{event_time_ns, guest_downtime_ns, unix_now_ns, Heartbeat};
-use crate::progress::{MigrationReport, Progress, ProgressMode, Snapshot};
-use crate::qmp::{CapabilityState, MigrationCapability, MigrationParameters, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
+use crate::progress::{MigrationReport, Progress, ProgressMode};
+use crate::qmp::{CapabilityState, MigrationCapability, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
+use crate::session::source::{GatewayReading, SourceAction, SourceConfig, SourceSession, Stage};
+use crate::session::{ControlEvent, Signal, SourceVm};
 use crate::settings::{self, MultifdChoice};
 
 /// How often QEMU and the gateway are polled.
@@ -69,68 +74,73 @@ pub struct MigrateOptions {
 /// `max-bandwidth` when not steering: far above any link, so QEMU never limits itself.
 const UNLIMITED_BANDWIDTH: u64 = 10 << 30;
 
-/// Where the migration stands, so a failure is handled for what has been done.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Stage {
-    /// Nothing changed on the source VM yet.
-    Setup,
-    /// QEMU's `migrate` was issued.
-    Migrating,
-    /// QEMU reported `completed`: the source is paused, the destination loaded the state.
-    SourceCompleted,
-    /// The destination reported the VM running.
-    DestinationRunning,
-}
-
 /// Runs one migration; never panics, always returns a report (check `outcome`).
 pub async fn migrate(options: MigrateOptions) -> MigrationReport {
+    let started = Instant::now();
     let mut run = Run {
         report: MigrationReport {
             vm: options.name.clone().unwrap_or_default(),
             to_site: options.to.clone(),
-            source_vm: "running".into(),
+            source_vm: SourceVm::Running,
             ..MigrationReport::default()
         },
         progress: Progress::new(options.progress),
+        session: SourceSession::new(SourceConfig { keep_source: options.keep_source, steer: options.steer }, started),
         options,
-        started: Instant::now(),
-        stage: Stage::Setup,
+        started,
         qmp: None,
         control: None,
+        heartbeat: None,
+        stop_unix_ns: None,
         clock_uncertainty_ms: 0.0,
-        destination_failed: false,
     };
     let result = run.execute().await;
     run.progress.finish();
     run.report.total_time_s = run.started.elapsed().as_secs_f64();
-    match result {
-        Ok(()) => run.report.outcome = "completed".into(),
-        Err(e) => {
-            let message = format!("{e:#}");
-            tracing::error!(error = %message, "migration failed");
-            run.report.outcome = "failed".into();
-            run.report.source_vm = run.recover(&message).await;
-            run.report.error = Some(message);
+    if let Err(e) = result {
+        let message = format!("{e:#}");
+        tracing::error!(error = %message, "migration failed");
+        run.session.handle_failure(&message);
+        // Recovery only queues actions that cannot fail the command further.
+        if let Err(e) = run.perform_actions().await {
+            tracing::warn!(error = format!("{e:#}"), "recovering from the failure");
         }
+        run.report.error = Some(message);
     }
+    let figures = run.session.figures();
+    run.report.iterations = figures.iterations;
+    run.report.max_throttle_percent = figures.max_throttle_percent;
+    run.report.peak_dirty_rate_mb_s = figures.peak_dirty_rate_mb_s;
+    run.report.drain_rate_mb_s = figures.drain_rate_mb_s;
+    run.report.source_vm = run.session.source_vm().clone();
     run.report
 }
 
 /// The source's end of the control channel.
 type Control = Channel<ToSource, ToDestination>;
 
+/// The async shell around [`SourceSession`]: does the I/O, feeds the machine, performs its
+/// actions.
 struct Run {
     options: MigrateOptions,
     report: MigrationReport,
     progress: Progress,
+    session: SourceSession,
     started: Instant,
-    stage: Stage,
     /// Shared so that holding it does not borrow the whole run.
     qmp: Option<Arc<Qmp>>,
     control: Option<Control>,
+    /// The source VM's heartbeat, when watched.
+    heartbeat: Option<Heartbeat>,
+    /// QEMU's timestamp of the source VM's `STOP` event.
+    stop_unix_ns: Option<i128>,
     clock_uncertainty_ms: f64,
-    /// The destination said it failed (so it does not run the VM).
-    destination_failed: bool,
+}
+
+/// What woke a wait: a control-channel event or a signal.
+enum Woken {
+    Control(ControlEvent<ToSource>),
+    Signal(Signal),
 }
 
 impl Run {
@@ -176,6 +186,7 @@ impl Run {
             .await
             .with_context(|| format!("cannot connect to the control forward {}", control_forward.listen))?;
         self.control = Some(Control::new(tcp));
+        self.session.handle_control_opened();
         let offset = self.measure_clock().await.with_context(|| {
             format!("cannot reach the destination host-plugin at {} through site {}", o.dest, o.to)
         })?;
@@ -185,7 +196,7 @@ impl Run {
         }
 
         let rtt = Duration::from_secs_f64(path.rtt_ms.max(info.link_rtt_ms) / 1e3);
-        let mut controller = ConvergenceController::new(ControllerConfig {
+        let controller = ConvergenceController::new(ControllerConfig {
             target_downtime: o.downtime,
             max_time: o.max_time,
             link_bytes_per_sec: info.link_bandwidth_bps / 8,
@@ -229,7 +240,7 @@ impl Run {
             other => bail!("unexpected answer from the destination: {other:?}"),
         };
         let migration_forward = api.open_forward(&o.to, listen, CodecMode::Auto).await?;
-        let heartbeat = match &o.heartbeat {
+        self.heartbeat = match &o.heartbeat {
             Some(p) => Some(Heartbeat::watch(p, Duration::from_secs(5)).await.context("source heartbeat")?),
             None => None,
         };
@@ -247,135 +258,148 @@ impl Run {
         qmp.migrate_set_parameters(&chosen.source_parameters).await.context("migrate-set-parameters on the source")?;
         // An operator's Ctrl-C (or a SIGTERM) cancels cleanly rather than leaving QEMU migrating
         // with whatever cap was last set. They are watched from before `migrate` on, so a signal that
-        // arrives while QEMU or the gateway is being asked is not lost.
+        // arrives while QEMU or the gateway is being asked is not lost; the session decides what
+        // one means (after QEMU completed: nothing).
         use tokio::signal::unix::{signal, SignalKind};
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
         let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
         let started = Instant::now();
         qmp.migrate(&format!("tcp:{}", migration_forward.listen)).await.context("migrate")?;
-        self.stage = Stage::Migrating;
+        self.session.handle_migration_started(controller, started);
 
         // Steer until QEMU completes.
-        let mut stats: ForwardStats;
-        let mut last_info;
-        let mut stop_unix_ns = None;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
-                _ = interrupt.recv() => bail!("interrupted (Ctrl-C)"),
-                _ = terminate.recv() => bail!("interrupted (SIGTERM)"),
+        let (last_info, mut stats) = loop {
+            let signal = tokio::select! {
+                _ = tokio::time::sleep(POLL) => None,
+                _ = interrupt.recv() => Some(Signal::Interrupt),
+                _ = terminate.recv() => Some(Signal::Terminate),
+            };
+            if let Some(signal) = signal {
+                self.session.handle_signal(signal)?;
             }
-            if let Some(message) = self.control()?.try_recv() {
-                match message? {
-                    ToSource::Failed { reason } => {
-                        self.destination_failed = true;
-                        bail!("the destination failed: {reason}")
-                    }
-                    other => bail!("unexpected message from the destination: {other:?}"),
-                }
+            if let Some(received) = self.control()?.try_recv() {
+                self.session.handle_control(received.into())?;
             }
             let qmp = self.qmp()?;
             if let Some(stop) = qmp.drain_events().iter().rev().find(|e| e.event == QmpEvent::Stop) {
-                stop_unix_ns = event_time_ns(stop);
+                self.stop_unix_ns = event_time_ns(stop);
             }
-            last_info = qmp.query_migrate().await.context("query-migrate")?;
-            stats = api.forward_stats(migration_forward.id).await?;
-            let ram = last_info.ram.clone().unwrap_or_default();
-            let throttle = last_info.cpu_throttle_percentage.unwrap_or(0);
-            self.report.max_throttle_percent = self.report.max_throttle_percent.max(throttle);
-            self.report.iterations = ram.dirty_sync_count;
-            let status = last_info.status();
-            match status {
-                MigrationStatus::Completed => break,
-                MigrationStatus::Failed | MigrationStatus::Cancelled => {
-                    let why = last_info.error_desc.clone().unwrap_or_else(|| status.as_str().to_owned());
-                    let gateway = stats.last_error.clone().map(|e| format!(" (gateway: {e})")).unwrap_or_default();
-                    bail!("QEMU reports the migration {}: {why}{gateway}", status.as_str());
-                }
-                _ => {}
+            let info = qmp.query_migrate().await.context("query-migrate")?;
+            let stats = api.forward_stats(migration_forward.id).await?;
+            self.session.handle_progress(Instant::now(), &info, &gateway_reading(&stats))?;
+            if self.session.stage() == Stage::SourceCompleted {
+                break (info, stats);
             }
-            let decision = controller.update(Sample {
-                at: started.elapsed(),
-                transferred: ram.transferred,
-                remaining: ram.remaining,
-                dirty_pages_rate: ram.dirty_pages_rate,
-                page_size: ram.page_size,
-                dirty_sync_count: ram.dirty_sync_count,
-                throttle_percent: throttle,
-                qemu_mbps: ram.mbps,
-                tcp_in: stats.tcp_in,
-                wire_sent: stats.wire_sent,
-                wire_acked: stats.wire_acked,
-                rtt: stats.path.map(|p| Duration::from_secs_f64(p.rtt_ms / 1e3)),
-                cwnd: stats.path.map(|p| p.cwnd),
-            });
-            let estimate = controller.estimate();
-            self.report.peak_dirty_rate_mb_s = self.report.peak_dirty_rate_mb_s.max(estimate.dirty_rate / 1e6);
-            if estimate.drain > 0.0 {
-                self.report.drain_rate_mb_s = estimate.drain / 1e6;
-            }
-            if let Some(reason) = decision.cancel {
-                bail!("{reason}");
-            }
-            let params = MigrationParameters {
-                max_bandwidth: decision.max_bandwidth,
-                downtime_limit: decision.downtime_limit_ms,
-                cpu_throttle_increment: decision.throttle_increment,
-                ..MigrationParameters::default()
-            };
-            if o.steer && params != MigrationParameters::default() {
-                tracing::debug!(?params, estimate = ?controller.estimate(), "adjusting the source");
-                // A parameter QEMU refuses is worth a warning, not the migration.
-                if let Err(e) = qmp.migrate_set_parameters(&params).await {
-                    tracing::warn!(error = %e, "cannot adjust the migration parameters");
-                }
-            }
-            let phase = match status {
-                MigrationStatus::Active => format!("pass {}", ram.dirty_sync_count.max(1)),
-                other => other.as_str().to_owned(),
-            };
-            self.progress.show(&Snapshot {
-                phase,
-                elapsed: self.started.elapsed(),
-                sent: ram.transferred,
-                remaining: ram.remaining,
-                total: ram.total,
-                estimate: controller.estimate(),
-                throttle_percent: throttle,
-            });
-        }
-        self.stage = Stage::SourceCompleted;
+            self.perform_actions().await?;
+        };
         self.report.qemu_total_time_ms = last_info.total_time;
         self.report.qemu_downtime_ms = last_info.downtime;
-        if let Some(ram) = &last_info.ram {
-            self.report.iterations = ram.dirty_sync_count;
-        }
         self.progress.note("source QEMU completed; waiting for the destination to run the VM");
 
-        // Cutover: only a destination that runs the VM releases the source.
-        let control = self.control()?;
-        control.send(&ToDestination::SourceCompleted).await?;
-        let (first_beat, resumed) = loop {
-            match control.recv(DESTINATION_TIMEOUT).await? {
-                ToSource::Running { first_heartbeat_unix_ns, resumed_unix_ns, status, .. } => {
-                    tracing::info!(%status, "destination VM running");
-                    break (first_heartbeat_unix_ns, resumed_unix_ns);
+        // Cutover: only a destination that runs the VM releases the source. Each message gets
+        // DESTINATION_TIMEOUT; signals do not shorten or extend that.
+        self.perform_actions().await?;
+        let mut deadline = tokio::time::Instant::now() + DESTINATION_TIMEOUT;
+        while self.session.stage() == Stage::SourceCompleted {
+            let control = self.control.as_mut().ok_or_else(|| anyhow!("internal: no control channel"))?;
+            let woken = tokio::select! {
+                received = tokio::time::timeout_at(deadline, control.next()) => {
+                    deadline = tokio::time::Instant::now() + DESTINATION_TIMEOUT;
+                    Woken::Control(received.unwrap_or(Err(ChannelError::Timeout(DESTINATION_TIMEOUT))).into())
                 }
-                ToSource::Failed { reason } => {
-                    self.destination_failed = true;
-                    bail!("the destination failed after the source completed: {reason}")
-                }
-                other => tracing::debug!(?other, "ignoring"),
+                _ = interrupt.recv() => Woken::Signal(Signal::Interrupt),
+                _ = terminate.recv() => Woken::Signal(Signal::Terminate),
+            };
+            match woken {
+                Woken::Control(event) => self.session.handle_control(event)?,
+                Woken::Signal(signal) => self.session.handle_signal(signal)?,
             }
-        };
-        self.stage = Stage::DestinationRunning;
-        if stop_unix_ns.is_none() {
-            stop_unix_ns = self.qmp()?.drain_events().iter().rev().find(|e| e.event == QmpEvent::Stop).and_then(event_time_ns);
         }
-        if let (Some(stop), Some(resumed), Some(offset_ms)) = (stop_unix_ns, resumed, self.report.clock_offset_ms) {
+        // The destination runs the VM: record the cutover, quit (or keep) the source.
+        self.perform_actions().await?;
+
+        // Announcement report, and the final byte counts once the flows have ended.
+        let received = self.control()?.recv(Duration::from_secs(10)).await;
+        self.session.handle_control(received.into())?;
+        self.perform_actions().await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stats.open > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match api.forward_stats(migration_forward.id).await {
+                Ok(s) => stats = s,
+                Err(e) => {
+                    self.session.handle_final_counts_failed(&e.to_string());
+                    break;
+                }
+            }
+        }
+        self.report.bytes_from_qemu = stats.tcp_in;
+        self.report.bytes_on_wan = stats.wan_out;
+        self.report.bytes_from_wan = stats.wan_in;
+        self.report.reduction = if stats.wan_out > 0 { stats.tcp_in as f64 / stats.wan_out as f64 } else { 0.0 };
+        self.session.handle_done();
+        self.perform_actions().await
+    }
+
+    /// Carries out the session's queued actions (and those they lead to), in order.
+    async fn perform_actions(&mut self) -> anyhow::Result<()> {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                SourceAction::Send(message) => self.control()?.send(&message).await?,
+                SourceAction::Abort { reason } => {
+                    if let Some(control) = self.control.as_mut() {
+                        let _ = control.send(&ToDestination::Abort { reason }).await;
+                    }
+                }
+                SourceAction::SetParameters(params) => {
+                    tracing::debug!(?params, estimate = ?self.session.estimate().unwrap_or_default(), "adjusting the source");
+                    // A parameter QEMU refuses is worth a warning, not the migration.
+                    if let Err(e) = self.qmp()?.migrate_set_parameters(&params).await {
+                        tracing::warn!(error = %e, "cannot adjust the migration parameters");
+                    }
+                }
+                SourceAction::ShowProgress(snapshot) => self.progress.show(&snapshot),
+                SourceAction::CancelMigration => {
+                    if let Some(qmp) = self.qmp.clone() {
+                        cancel_migration(&qmp).await;
+                    }
+                }
+                SourceAction::ResumeSource => {
+                    let state = match self.qmp.clone() {
+                        Some(qmp) => ensure_running(&qmp).await,
+                        None => SourceVm::Running,
+                    };
+                    self.session.handle_source_state(state);
+                }
+                // QEMU paused the source when it completed; leaving it so needs no command.
+                SourceAction::KeepSourcePaused => {}
+                SourceAction::QuitSource => {
+                    let result = self.qmp()?.quit().await.map_err(|e| e.to_string());
+                    self.session.handle_quit(result);
+                }
+                SourceAction::RecordCutover { resumed_unix_ns, first_heartbeat_unix_ns } => {
+                    self.record_cutover(resumed_unix_ns, first_heartbeat_unix_ns)?
+                }
+                SourceAction::RecordAnnouncement { interface, macs } => {
+                    self.report.announce_interface = interface;
+                    self.report.announced_macs = macs;
+                }
+                SourceAction::Warn(message) => self.warn(message),
+                SourceAction::Finish(outcome) => self.report.outcome = outcome,
+            }
+        }
+        Ok(())
+    }
+
+    /// The cutover pause and the guest-observed downtime, once the destination runs the VM.
+    fn record_cutover(&mut self, resumed: Option<i128>, first_beat: Option<i128>) -> anyhow::Result<()> {
+        if self.stop_unix_ns.is_none() {
+            self.stop_unix_ns = self.qmp()?.drain_events().iter().rev().find(|e| e.event == QmpEvent::Stop).and_then(event_time_ns);
+        }
+        if let (Some(stop), Some(resumed), Some(offset_ms)) = (self.stop_unix_ns, resumed, self.report.clock_offset_ms) {
             self.report.pause_ms = Some(((resumed - (offset_ms * 1e6) as i128) - stop) as f64 / 1e6);
         }
-        match (&heartbeat, first_beat, self.report.clock_offset_ms) {
+        match (&self.heartbeat, first_beat, self.report.clock_offset_ms) {
             (None, _, _) => self.report.guest_downtime_note = Some("no --heartbeat given".into()),
             (Some(_), None, _) => self.report.guest_downtime_note = Some("no heartbeat from the destination VM (is `incoming.heartbeat` configured?)".into()),
             (Some(_), _, None) => self.report.guest_downtime_note = Some("destination clock offset unknown".into()),
@@ -391,47 +415,6 @@ impl Run {
                 }
             },
         }
-        // From here on the VM runs at the destination: the migration succeeded, and whatever
-        // goes wrong now is a warning, never a reason to touch the source VM again.
-        if o.keep_source {
-            self.report.source_vm = "paused".into();
-        } else {
-            match self.qmp()?.quit().await {
-                Ok(()) => self.report.source_vm = "quit".into(),
-                Err(e) => {
-                    self.report.source_vm = "paused".into();
-                    self.warn(format!("cannot quit the source VM (left paused): {e}"));
-                }
-            }
-        }
-
-        // Announcement report, and the final byte counts once the flows have ended.
-        match self.control()?.recv(Duration::from_secs(10)).await {
-            Ok(ToSource::Announced { interface, macs, error, .. }) => {
-                if let Some(e) = error {
-                    self.warn(format!("MAC announcement at the destination failed: {e}"));
-                }
-                self.report.announce_interface = interface;
-                self.report.announced_macs = macs;
-            }
-            Ok(other) => self.warn(format!("unexpected message instead of the announcement report: {other:?}")),
-            Err(e) => self.warn(format!("no announcement report from the destination: {e}")),
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while stats.open > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            match api.forward_stats(migration_forward.id).await {
-                Ok(s) => stats = s,
-                Err(e) => {
-                    self.warn(format!("final byte counts incomplete: {e}"));
-                    break;
-                }
-            }
-        }
-        self.report.bytes_from_qemu = stats.tcp_in;
-        self.report.bytes_on_wan = stats.wan_out;
-        self.report.bytes_from_wan = stats.wan_in;
-        self.report.reduction = if stats.wan_out > 0 { stats.tcp_in as f64 / stats.wan_out as f64 } else { 0.0 };
         Ok(())
     }
 
@@ -465,59 +448,46 @@ impl Run {
         self.clock_uncertainty_ms = offset.map_or(0.0, |(_, e)| e as f64 / 1e6);
         Ok(offset)
     }
+}
 
-    /// After a failure: cancel what runs, make sure the source VM runs unless the destination
-    /// may be running it, tell the destination. Returns the source VM's state for the report.
-    async fn recover(&mut self, reason: &str) -> String {
-        if let Some(control) = self.control.as_mut() {
-            if self.stage < Stage::DestinationRunning {
-                let _ = control.send(&ToDestination::Abort { reason: reason.to_owned() }).await;
-            }
-        }
-        let Some(qmp) = self.qmp.clone() else { return "running".into() };
-        match self.stage {
-            Stage::Setup => "running".into(),
-            Stage::Migrating => {
-                if let Err(e) = qmp.migrate_cancel().await {
-                    tracing::warn!(error = %e, "migrate_cancel failed");
-                }
-                let deadline = Instant::now() + CANCEL_TIMEOUT;
-                loop {
-                    match qmp.query_migrate().await {
-                        Ok(i) if i.status().is_terminal() || i.status() == MigrationStatus::None => break,
-                        Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-                        _ => break,
-                    }
-                }
-                ensure_running(&qmp).await
-            }
-            Stage::SourceCompleted => {
-                // The destination loaded the state but did not confirm running. If it said it
-                // failed, the source can safely take over again; if it went silent it might be
-                // running the VM, and two running copies would be worse than a paused one.
-                if self.destination_failed {
-                    ensure_running(&qmp).await
-                } else {
-                    "paused (destination state unknown: check it before resuming the source with `cont`)".into()
-                }
-            }
-            // Not reached: after this point failures are warnings.
-            Stage::DestinationRunning => self.report.source_vm.clone(),
+/// The gateway's counters as the session reads them.
+fn gateway_reading(stats: &ForwardStats) -> GatewayReading {
+    GatewayReading {
+        tcp_in: stats.tcp_in,
+        wire_sent: stats.wire_sent,
+        wire_acked: stats.wire_acked,
+        rtt: stats.path.map(|p| Duration::from_secs_f64(p.rtt_ms / 1e3)),
+        cwnd: stats.path.map(|p| p.cwnd),
+        last_error: stats.last_error.clone(),
+    }
+}
+
+/// Cancels QEMU's migration and waits (at most [`CANCEL_TIMEOUT`]) for it to settle.
+async fn cancel_migration(qmp: &Qmp) {
+    if let Err(e) = qmp.migrate_cancel().await {
+        tracing::warn!(error = %e, "migrate_cancel failed");
+    }
+    let deadline = Instant::now() + CANCEL_TIMEOUT;
+    loop {
+        match qmp.query_migrate().await {
+            Ok(i) if i.status().is_terminal() || i.status() == MigrationStatus::None => break,
+            Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => break,
         }
     }
 }
 
 /// Resumes the source VM if it is paused; returns its state.
-async fn ensure_running(qmp: &Qmp) -> String {
+async fn ensure_running(qmp: &Qmp) -> SourceVm {
     match qmp.query_status().await {
-        Ok(s) if s.running => "running".into(),
+        Ok(s) if s.running => SourceVm::Running,
         Ok(s) => match qmp.cont().await {
             Ok(()) => {
                 tracing::info!(was = s.status.as_str(), "resumed the source VM");
-                "running".into()
+                SourceVm::Running
             }
-            Err(e) => format!("{} (cont failed: {e})", s.status.as_str()),
+            Err(e) => SourceVm::ResumeFailed { state: s.status.as_str().to_owned(), error: e.to_string() },
         },
-        Err(e) => format!("unknown ({e})"),
+        Err(e) => SourceVm::Unknown { error: e.to_string() },
     }
 }

@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::convergence::Estimate;
+use crate::session::{Outcome, SourceVm};
 
 /// How progress is shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,7 +40,7 @@ impl std::str::FromStr for ProgressMode {
 pub const LINE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// One progress observation.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// What is happening (`setup`, `pass 3`, `switchover`, ...).
     pub phase: String,
@@ -157,12 +158,12 @@ pub struct MigrationReport {
     /// Destination site.
     pub to_site: String,
     /// `completed` or `failed`.
-    pub outcome: String,
+    pub outcome: Outcome,
     /// Why it failed.
     pub error: Option<String>,
     /// What the source VM is now: `quit`, `paused` (kept, per option), `running` (after a
     /// failure), or `unknown`.
-    pub source_vm: String,
+    pub source_vm: SourceVm,
     /// Wall time from the command's start to the VM running at the destination, seconds.
     pub total_time_s: f64,
     /// QEMU's own migration time, ms.

@@ -2,32 +2,32 @@
 //! site gateway), prepares the incoming QEMU each one names, reports when the VM runs, and
 //! re-announces its MACs on the destination L2.
 //!
+//! This is the async shell: the session's lifecycle (what each message or QEMU state means, the
+//! timeouts) is [`DestinationSession`]'s.
+//!
 //! The incoming QEMU is one the operator (or their tooling) started with `-incoming defer`,
 //! with its QMP socket (and optional heartbeat chardev) at the paths `[incoming]` derives from
 //! the VM's name.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::announce::{self, Announcement, MacAddr};
-use crate::control::{Channel, ChannelError, SharedSettings, ToDestination, ToSource};
+use crate::control::{Channel, SharedSettings, ToDestination, ToSource};
 use crate::heartbeat::{event_time_ns, unix_now_ns, Heartbeat};
-use crate::qmp::{CapabilityState, MigrationCapability, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
+use crate::qmp::{CapabilityState, MigrationCapability, Qmp, QmpConfig, QmpEvent, RunState};
+use crate::session::destination::{DestinationAction, DestinationSession};
 use crate::settings;
 
 /// How long the incoming QEMU's QMP socket may take to appear.
 const QMP_WAIT: Duration = Duration::from_secs(30);
-/// How long, after the source completed, the VM may take to run here.
-const RUNNING_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the first heartbeat once the VM runs.
 const HEARTBEAT_WAIT: Duration = Duration::from_secs(10);
-/// How often the incoming QEMU is checked while the migration streams in.
-const WATCH: Duration = Duration::from_millis(100);
 
 /// `ferry-host serve` configuration (TOML; every key in config/README.md).
 #[derive(Clone, Debug, Deserialize)]
@@ -121,6 +121,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig) {
 
 type Control = Channel<ToDestination, ToSource>;
 
+/// The async shell around one [`DestinationSession`]: performs its actions, feeds it the results.
 struct Session {
     control: Control,
     config: ServeConfig,
@@ -139,77 +140,67 @@ impl Session {
     }
 
     async fn run(mut self) -> anyhow::Result<()> {
+        let mut machine = DestinationSession::new();
         let mut incoming: Option<Incoming> = None;
-        loop {
-            let message = match &incoming {
-                None => match self.control.next().await {
-                    // Closed with no migration under way: a probe, or the source gave up.
-                    Err(ChannelError::Closed) => return Ok(()),
-                    other => other?,
+        while let Some(action) = machine.poll_action() {
+            match action {
+                DestinationAction::ReceiveControl => {
+                    let received = self.control.next().await;
+                    machine.handle_control(Instant::now(), received.into());
+                }
+                DestinationAction::ReceiveControlOrWatch(watch) => match tokio::time::timeout(watch, self.control.next()).await {
+                    Ok(received) => machine.handle_control(Instant::now(), received.into()),
+                    Err(_) => machine.handle_watch_due(),
                 },
-                Some(vm) => {
-                    // While the migration streams in, notice an incoming QEMU that gave up.
-                    match self.next_or_failure(&vm.qmp).await.context("the source's control channel failed during the migration")? {
-                        Ok(m) => m,
-                        Err(reason) => {
-                            tracing::warn!(%reason, "incoming migration failed");
-                            self.control.send(&ToSource::Failed { reason: reason.clone() }).await?;
-                            bail!("{reason}");
-                        }
-                    }
-                }
-            };
-            match message {
-                ToDestination::Ping { seq } => self.control.send(&ToSource::Pong { seq, unix_ns: unix_now_ns() }).await?,
-                ToDestination::Prepare { vm, qemu_version, settings, ips } => {
-                    if incoming.is_some() {
-                        bail!("a second Prepare in one session");
-                    }
-                    match self.prepare(&vm, &settings, ips).await {
+                DestinationAction::SendPong { seq } => self.control.send(&ToSource::Pong { seq, unix_ns: unix_now_ns() }).await?,
+                DestinationAction::Send(message) => self.control.send(&message).await?,
+                DestinationAction::Prepare { vm, source_qemu_version, settings, ips } => {
+                    let result = match self.prepare(&vm, &settings, ips).await {
                         Ok((vm_state, listen, version)) => {
-                            tracing::info!(%vm, %listen, source_qemu = %qemu_version, "incoming VM prepared");
+                            tracing::info!(%vm, %listen, source_qemu = %source_qemu_version, "incoming VM prepared");
                             incoming = Some(vm_state);
-                            self.control.send(&ToSource::Prepared { listen, qemu_version: version }).await?;
+                            Ok((listen, version))
                         }
-                        Err(e) => {
-                            let reason = format!("{e:#}");
-                            self.control.send(&ToSource::Failed { reason: reason.clone() }).await?;
-                            bail!("{reason}");
-                        }
-                    }
+                        Err(e) => Err(format!("{e:#}")),
+                    };
+                    machine.handle_prepared(result);
                 }
-                ToDestination::SourceCompleted => {
-                    let vm = incoming.take().ok_or_else(|| anyhow!("SourceCompleted before Prepare"))?;
-                    return self.cut_over(vm).await;
+                DestinationAction::QueryIncomingMigration => {
+                    let result = incoming_vm(&incoming)?.qmp.query_migrate().await;
+                    machine.handle_incoming_migration(Instant::now(), result);
                 }
-                ToDestination::Abort { reason } => {
-                    tracing::warn!(%reason, "the source gave the migration up");
-                    return Ok(());
+                DestinationAction::QueryRunState => {
+                    let result = incoming_vm(&incoming)?.qmp.query_status().await;
+                    machine.handle_run_state(Instant::now(), result);
                 }
+                DestinationAction::Resume => {
+                    let result = incoming_vm(&incoming)?.qmp.cont().await;
+                    machine.handle_resumed(Instant::now(), result);
+                }
+                DestinationAction::Sleep(pause) => tokio::time::sleep(pause).await,
+                DestinationAction::ReportRunning { status } => {
+                    let vm = incoming_vm(&incoming)?;
+                    let running_unix_ns = unix_now_ns();
+                    let resumed_unix_ns = vm.qmp.drain_events().iter().rev().find(|e| e.event == QmpEvent::Resume).and_then(event_time_ns);
+                    let first_heartbeat_unix_ns = match &vm.heartbeat {
+                        Some(hb) => hb.wait_first(HEARTBEAT_WAIT).await,
+                        None => None,
+                    };
+                    self.control
+                        .send(&ToSource::Running { running_unix_ns, resumed_unix_ns, first_heartbeat_unix_ns, status: status.as_str().to_owned() })
+                        .await?;
+                    tracing::info!("VM running at the destination");
+                }
+                DestinationAction::Announce => {
+                    let announced = self.announce(incoming_vm(&incoming)?).await;
+                    self.control.send(&announced).await?;
+                }
+                DestinationAction::GiveUpIncoming => incoming = None,
+                DestinationAction::Finish(Ok(())) => return Ok(()),
+                DestinationAction::Finish(Err(reason)) => bail!("{reason}"),
             }
         }
-    }
-
-    /// The next control message, or `Err(reason)` as soon as the incoming QEMU failed.
-    async fn next_or_failure(&mut self, qmp: &Qmp) -> anyhow::Result<Result<ToDestination, String>> {
-        loop {
-            if let Ok(m) = tokio::time::timeout(WATCH, self.control.next()).await {
-                return Ok(Ok(m?));
-            }
-            match qmp.query_migrate().await {
-                Ok(info) if info.status() == MigrationStatus::Failed => {
-                    return Ok(Err(format!(
-                        "the incoming migration failed: {}",
-                        info.error_desc.unwrap_or_else(|| "no reason given".into())
-                    )))
-                }
-                Ok(_) => {}
-                Err(e) if e.is_connection_lost() => {
-                    return Ok(Err("the incoming QEMU exited (it rejected or lost the migration stream)".into()))
-                }
-                Err(e) => tracing::warn!(error = %e, "query-migrate on the incoming VM"),
-            }
-        }
+        Ok(())
     }
 
     async fn prepare(&self, vm: &str, shared: &SharedSettings, ips: Vec<IpAddr>) -> anyhow::Result<(Incoming, SocketAddr, String)> {
@@ -250,57 +241,6 @@ impl Session {
         Ok((Incoming { qmp, heartbeat, ips }, SocketAddr::new(address, port), version))
     }
 
-    async fn cut_over(mut self, vm: Incoming) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + RUNNING_TIMEOUT;
-        let status = loop {
-            let failure = match vm.qmp.query_status().await {
-                Ok(s) if s.running => break s,
-                // Started with -S: the state is loaded, run it.
-                Ok(s) if matches!(s.status, RunState::Paused | RunState::Prelaunch) => match vm.qmp.query_migrate().await {
-                    Ok(i) if i.status() == MigrationStatus::Completed => {
-                        if let Err(e) = vm.qmp.cont().await {
-                            Some(format!("cont failed: {e}"))
-                        } else {
-                            continue;
-                        }
-                    }
-                    _ => None,
-                },
-                Ok(_) => match vm.qmp.query_migrate().await {
-                    Ok(i) if i.status() == MigrationStatus::Failed => {
-                        Some(format!("the incoming migration failed: {}", i.error_desc.unwrap_or_default()))
-                    }
-                    _ => None,
-                },
-                Err(e) => Some(format!("the incoming QEMU is gone: {e}")),
-            };
-            if let Some(reason) = failure {
-                self.control.send(&ToSource::Failed { reason: reason.clone() }).await?;
-                bail!("{reason}");
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let reason = format!("the VM did not start running within {RUNNING_TIMEOUT:?}");
-                self.control.send(&ToSource::Failed { reason: reason.clone() }).await?;
-                bail!("{reason}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let running_unix_ns = unix_now_ns();
-        let resumed_unix_ns = vm.qmp.drain_events().iter().rev().find(|e| e.event == QmpEvent::Resume).and_then(event_time_ns);
-        let first_heartbeat_unix_ns = match &vm.heartbeat {
-            Some(hb) => hb.wait_first(HEARTBEAT_WAIT).await,
-            None => None,
-        };
-        self.control
-            .send(&ToSource::Running { running_unix_ns, resumed_unix_ns, first_heartbeat_unix_ns, status: status.status.as_str().to_owned() })
-            .await?;
-        tracing::info!("VM running at the destination");
-
-        let announced = self.announce(&vm).await;
-        self.control.send(&announced).await?;
-        Ok(())
-    }
-
     /// Re-announces every NIC's MAC on the configured interface; the VM's IPs go with the first.
     async fn announce(&self, vm: &Incoming) -> ToSource {
         let Some(interface) = self.config.announce_interface.clone() else {
@@ -339,6 +279,11 @@ impl Session {
         tracing::info!(%interface, ?macs, frames, ?error, "announced");
         ToSource::Announced { interface: Some(interface), macs, frames, error }
     }
+}
+
+/// The prepared incoming VM an action needs.
+fn incoming_vm(incoming: &Option<Incoming>) -> anyhow::Result<&Incoming> {
+    incoming.as_ref().ok_or_else(|| anyhow!("internal: no incoming VM"))
 }
 
 #[cfg(test)]
