@@ -15,8 +15,7 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::net::TcpListener;
 
 use crate::config::{CodecMode, ForwardConfig};
-use crate::tunnel::flow::FlowCounters;
-use crate::tunnel::{FlowError, FlowObserver, Tunnel};
+use crate::tunnel::{FlowCounters, FlowError, FlowObserver, Tunnel};
 
 /// How long an accepted connection waits for the tunnel to its peer before it is dropped.
 const PEER_WAIT: Duration = Duration::from_secs(15);
