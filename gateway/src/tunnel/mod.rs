@@ -11,7 +11,7 @@
 //!
 //! Interface for the layers above (forwards, the API): [`Tunnel`] (connection permits, path
 //! stats, the flow log), [`PeerTable`] and [`PeerLink`] (carrying a connection), and what the tunnel
-//! reports about a flow: its [`FlowCounters`](flow::FlowCounters), to whichever [`FlowObserver`]
+//! reports about a flow: its [`FlowCounters`], to whichever [`FlowObserver`]
 //! the carrier passed. The tunnel knows nothing of forwards or the API. On codec flows it runs
 //! the `ferry_codec` encoder or decoder with the stores of [`crate::store`].
 
