@@ -187,7 +187,7 @@ impl Default for CacheConfig {
             advertise_max_pages: 1 << 20,
             dir: None,
             session_window_pages: 65536,
-            resupply_budget: ByteSize(crate::codec::encoder::DEFAULT_RETAIN_BUDGET as u64),
+            resupply_budget: ByteSize(crate::store::retained::DEFAULT_RETAIN_BUDGET as u64),
         }
     }
 }
@@ -285,10 +285,10 @@ impl Config {
                 ));
             }
         }
-        if !(MIN_SESSION_WINDOW_PAGES..=crate::codec::frame::MAX_SESSION_WINDOW).contains(&raw.cache.session_window_pages) {
+        if !(MIN_SESSION_WINDOW_PAGES..=ferry_codec::frame::MAX_SESSION_WINDOW).contains(&raw.cache.session_window_pages) {
             return Err(invalid(
                 "cache.session_window_pages".into(),
-                format!("must be between {MIN_SESSION_WINDOW_PAGES} and {}", crate::codec::frame::MAX_SESSION_WINDOW),
+                format!("must be between {MIN_SESSION_WINDOW_PAGES} and {}", ferry_codec::frame::MAX_SESSION_WINDOW),
             ));
         }
         if raw.cache.resupply_budget.0 > MAX_RESUPPLY_BUDGET {

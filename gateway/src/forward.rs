@@ -2,18 +2,20 @@
 //!
 //! Connections are numbered in accept order per forward, so the peer gateway can dial its target
 //! in the same order (QEMU's destination takes the first connection as the main channel).
+//!
+//! A forward uses the tunnel's public interface only: it takes a connection permit, waits for
+//! the peer's link, hands the connection over, and learns how its flows go through the
+//! [`FlowObserver`] it passes along ([`ForwardTally`], summed into [`ForwardTotals`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::{Mutex, MutexGuard};
 use tokio::net::TcpListener;
 
-use crate::api::protocol::ForwardStats;
 use crate::config::{CodecMode, ForwardConfig};
-use crate::tunnel::flow::FlowCounters;
-use crate::tunnel::{FlowError, Tunnel};
+use crate::tunnel::{FlowCounters, FlowError, FlowObserver, Tunnel};
 
 /// How long an accepted connection waits for the tunnel to its peer before it is dropped.
 const PEER_WAIT: Duration = Duration::from_secs(15);
@@ -51,7 +53,7 @@ impl Forward {
         loop {
             // Take a connection permit before accepting: at the limit, new connections wait in
             // the kernel's backlog instead of piling up here.
-            let Ok(permit) = tunnel.shared.connections.clone().acquire_owned().await else { return };
+            let Some(permit) = tunnel.connection_permit().await else { return };
             let (tcp, remote) = match self.listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -68,8 +70,8 @@ impl Forward {
             let (flow, seq) = link.reserve_flow(self.index);
             tracing::debug!(%remote, %peer, flow, seq, "carrying connection");
             let codec = self.config.codec == CodecMode::Auto;
-            let tally = self.tally.clone();
-            tokio::spawn(link.carry(tcp, flow, self.index, seq, self.config.connect, codec, permit, tally));
+            let observer: Arc<dyn FlowObserver> = self.tally.clone();
+            tokio::spawn(link.carry(tcp, flow, self.index, seq, self.config.connect, codec, permit, observer));
         }
     }
 }
@@ -81,22 +83,59 @@ pub struct ForwardTally {
     inner: Mutex<TallyState>,
 }
 
+/// A forward's counters: its connections, and the bytes of the open and the finished ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ForwardTotals {
+    /// Connections being carried now.
+    pub open: u32,
+    /// Connections that completed.
+    pub completed: u32,
+    /// Connections that failed.
+    pub failed: u32,
+    /// The latest failure's reason.
+    pub last_error: Option<String>,
+    /// Bytes read from local connections (towards the peer).
+    pub tcp_in: u64,
+    /// Bytes written to local connections (from the peer).
+    pub tcp_out: u64,
+    /// Wire bytes handed to QUIC towards the peer.
+    pub wire_sent: u64,
+    /// Wire bytes the peer acknowledged as delivered to its target.
+    pub wire_acked: u64,
+    /// Bytes sent on the WAN for these connections, framing included.
+    pub wan_out: u64,
+    /// Bytes received from the WAN for these connections, framing included.
+    pub wan_in: u64,
+}
+
+impl ForwardTotals {
+    fn add(&mut self, c: &FlowCounters) {
+        let t = c.totals();
+        self.tcp_in += t.tcp_in;
+        self.tcp_out += t.tcp_out;
+        self.wire_sent += t.wire_sent.get();
+        self.wire_acked += t.acked.get();
+        self.wan_out += t.wan_out;
+        self.wan_in += t.wan_in;
+    }
+}
+
 #[derive(Debug, Default)]
 struct TallyState {
     open: Vec<Arc<FlowCounters>>,
-    finished: ForwardStats,
+    finished: ForwardTotals,
 }
 
-impl ForwardTally {
-    pub(crate) fn started(&self, counters: Arc<FlowCounters>) {
-        self.lock().open.push(counters);
+impl FlowObserver for ForwardTally {
+    fn flow_started(&self, counters: &Arc<FlowCounters>) {
+        self.lock().open.push(counters.clone());
     }
 
-    pub(crate) fn finished(&self, counters: &Arc<FlowCounters>, result: &Result<(), FlowError>) {
+    fn flow_finished(&self, counters: &Arc<FlowCounters>, result: &Result<(), FlowError>) {
         let mut state = self.lock();
         state.open.retain(|c| !Arc::ptr_eq(c, counters));
         let totals = &mut state.finished;
-        add_counters(totals, counters);
+        totals.add(counters);
         match result {
             Ok(()) => totals.completed += 1,
             Err(e) => {
@@ -105,29 +144,21 @@ impl ForwardTally {
             }
         }
     }
-
-    /// The sums as they stand (without `path`, which belongs to the tunnel).
-    pub fn snapshot(&self) -> ForwardStats {
-        let state = self.lock();
-        let mut stats = state.finished.clone();
-        stats.open = state.open.len() as u32;
-        for counters in &state.open {
-            add_counters(&mut stats, counters);
-        }
-        stats
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, TallyState> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
-fn add_counters(stats: &mut ForwardStats, c: &FlowCounters) {
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    stats.tcp_in += get(&c.tcp_in);
-    stats.tcp_out += get(&c.tcp_out);
-    stats.wire_sent += get(&c.wire_sent);
-    stats.wire_acked += get(&c.acked);
-    stats.wan_out += get(&c.wan_out);
-    stats.wan_in += get(&c.wan_in);
+impl ForwardTally {
+    /// The sums as they stand.
+    pub fn snapshot(&self) -> ForwardTotals {
+        let state = self.lock();
+        let mut totals = state.finished.clone();
+        totals.open = state.open.len() as u32;
+        for counters in &state.open {
+            totals.add(counters);
+        }
+        totals
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TallyState> {
+        self.inner.lock()
+    }
 }

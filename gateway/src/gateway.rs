@@ -77,7 +77,7 @@ impl Gateway {
 
     /// The most recent finished flows (a live handle: it keeps filling).
     pub fn flow_log(&self) -> FlowLog {
-        self.tunnel.shared.flow_log.clone()
+        self.tunnel.flow_log()
     }
 
     /// Stops listening and closes the tunnel.

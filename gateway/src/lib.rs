@@ -6,21 +6,25 @@
 //! QEMU ─TCP─▶ forward (ingress) ─▶ [codec: pages → frames] ─▶ tunnel (QUIC lanes)
 //!      ─▶ [codec: frames → bytes] ─▶ egress (TCP dial) ─▶ QEMU
 //! ```
-//! Layout:
-//! - [`config`], [`units`]: the TOML configuration.
-//! - [`certs`], [`tls`]: the site PKI and mutual TLS.
-//! - [`tunnel`]: QUIC endpoint, peers, flows, wire protocol.
-//! - [`forward`]: TCP ingress listeners.
-//! - [`codec`]: the page-aware QEMU migration stream codec (sans-IO).
-//! - [`api`]: the local API host-plugins open forwards and read counters through.
-//! - [`gateway`]: ties them together.
+//! Layout, dependencies pointing down only:
+//! - [`gateway`]: ties the pieces below together.
+//! - [`api`]: the local API host-plugins open forwards and read counters through; maps the
+//!   forward's and the tunnel's own stats types to API messages.
+//! - [`forward`]: TCP ingress listeners; counts its flows through the tunnel's
+//!   [`FlowObserver`](tunnel::FlowObserver).
+//! - [`tunnel`]: QUIC endpoint, peers, flows, wire protocol. Knows nothing of forwards or the API;
+//!   runs the codec on codec flows.
+//! - [`store`]: the stores the codec works with (page cache and its directory, retained pages,
+//!   the peer's advertised index).
+//! - `ferry_codec` (its own crate): the page-aware QEMU migration stream codec (sans-IO).
+//! - [`config`], [`units`]: the TOML configuration. [`certs`], [`tls`]: the site PKI and mutual TLS.
 
 pub mod api;
 pub mod certs;
-pub mod codec;
 pub mod config;
 pub mod forward;
 pub mod gateway;
+pub mod store;
 pub mod tls;
 pub mod tunnel;
 pub mod units;

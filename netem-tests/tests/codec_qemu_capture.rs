@@ -5,14 +5,15 @@
 
 use std::sync::Arc;
 
-use ferry_gateway::codec::{CodecStats, Decoder, Encoder, EncoderConfig, NoIndex, PageCache, StreamMode};
+use ferry_codec::{CodecStats, Decoder, Encoder, EncoderConfig, NoIndex, NoRetainer, StreamMode};
+use ferry_gateway::store::PageCache;
 use ferry_netem::qemu::{capture_migration_stream, qemu_available, MigrationMode, MultifdCompression};
 
 /// Encodes in 64 KiB reads (with an idle flush every 1 MiB, as the tunnel would), decodes in
 /// 16 KiB wire chunks, and checks the result is byte-identical. Returns the encoder's stats and
 /// the wire size.
 fn round_trip(stream: &[u8]) -> (CodecStats, usize) {
-    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex));
+    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex), Arc::new(NoRetainer));
     let mut wire = Vec::new();
     for (i, c) in stream.chunks(64 << 10).enumerate() {
         enc.push(c, &mut wire);

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_gateway::codec::StreamMode;
+use ferry_codec::StreamMode;
 use ferry_gateway::tunnel::FlowRecord;
 use qemu_support::{check_migration, Setup, BOOT};
 use ferry_netem::qemu::{

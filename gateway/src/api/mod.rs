@@ -23,10 +23,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ForwardConfig};
-use crate::forward::{Forward, ForwardTally};
-use crate::tunnel::{PeerLink, Tunnel};
+use crate::forward::{Forward, ForwardTally, ForwardTotals};
+use crate::tunnel::{PathStats, Tunnel};
 use framing::JsonLines;
-use protocol::{ForwardInfo, GatewayInfo, PathInfo, PeerInfo, Request, Response};
+use protocol::{ForwardInfo, ForwardStats, GatewayInfo, PathInfo, PeerInfo, Request, Response};
 
 /// Forward ids (which double as dial-order keys) of API forwards start here, clear of the
 /// configured forwards' indices.
@@ -132,9 +132,8 @@ impl Session {
             Request::ForwardStats { forward } => match self.forwards.get(&forward) {
                 None => Response::Error(format!("no forward {forward} in this session")),
                 Some(f) => {
-                    let mut stats = f.tally.snapshot();
-                    stats.path = self.tunnel.peers.current(&f.peer).map(|l| path_info(&l));
-                    Response::ForwardStats(stats)
+                    let path = self.tunnel.path_stats(&f.peer).map(path_info);
+                    Response::ForwardStats(forward_stats(f.tally.snapshot(), path))
                 }
             },
             Request::CloseForward { forward } => match self.forwards.remove(&forward) {
@@ -157,18 +156,22 @@ impl Session {
                 .config
                 .peers
                 .iter()
-                .map(|p| PeerInfo { site: p.site.clone(), path: self.tunnel.peers.current(&p.site).map(|l| path_info(&l)) })
+                .map(|p| PeerInfo { site: p.site.clone(), path: self.tunnel.path_stats(&p.site).map(path_info) })
                 .collect(),
         }
     }
 }
 
-fn path_info(link: &PeerLink) -> PathInfo {
-    let stats = link.conn.stats();
+fn path_info(path: PathStats) -> PathInfo {
     PathInfo {
-        rtt_ms: stats.path.rtt.as_secs_f64() * 1e3,
-        cwnd: stats.path.cwnd,
-        sent_packets: stats.path.sent_packets,
-        lost_packets: stats.path.lost_packets,
+        rtt_ms: path.rtt.as_secs_f64() * 1e3,
+        cwnd: path.cwnd,
+        sent_packets: path.sent_packets,
+        lost_packets: path.lost_packets,
     }
+}
+
+fn forward_stats(totals: ForwardTotals, path: Option<PathInfo>) -> ForwardStats {
+    let ForwardTotals { open, completed, failed, last_error, tcp_in, tcp_out, wire_sent, wire_acked, wan_out, wan_in } = totals;
+    ForwardStats { open, completed, failed, last_error, tcp_in, tcp_out, wire_sent, wire_acked, wan_out, wan_in, path }
 }

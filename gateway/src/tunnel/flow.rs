@@ -18,9 +18,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{Advertisement, CodecStats, Decoder, Encoder, PageDigest, RetainedPages, MAX_REQUESTED_PAGES};
+use ferry_codec::{Advertisement, CodecStats, Decoder, Encoder, PageDigest, WireOffset, MAX_REQUESTED_PAGES};
+
+use crate::store::RetainedPages;
 use crate::tunnel::protocol::{
-    ChunkHeader, FlowKey, LaneHeader, LaneKind, Message, ProtocolError, CONNECTION_FLOW, MAX_ADVERT, MESSAGE_HEADER_LEN,
+    ChunkHeader, FlowKey, LaneHeader, LaneKind, Message, ProtocolError, CONNECTION_FLOW, FIN_MESSAGE_LEN, MAX_ADVERT,
+    MESSAGE_HEADER_LEN,
 };
 use crate::tunnel::reorder::{Admission, Reassembler};
 use crate::tunnel::FlowError;
@@ -65,29 +68,59 @@ pub struct FlowCounters {
     /// `wire_sent - acked` is what is in flight or queued towards the peer.
     pub wire_sent: AtomicU64,
     /// blake3 of every byte read from the local socket.
-    tcp_in_digest: std::sync::Mutex<blake3::Hasher>,
+    tcp_in_digest: parking_lot::Mutex<blake3::Hasher>,
     /// blake3 of every byte written to the local socket.
-    tcp_out_digest: std::sync::Mutex<blake3::Hasher>,
+    tcp_out_digest: parking_lot::Mutex<blake3::Hasher>,
     /// Encoder statistics of a codec flow's outbound direction, set when it ends.
-    pub codec: std::sync::Mutex<Option<CodecStats>>,
+    pub codec: parking_lot::Mutex<Option<CodecStats>>,
     /// Codec miss path: pages our decoder asked the peer for (egress).
     pub pages_needed: AtomicU64,
     /// Codec miss path: pages sent to the peer's decoder again (ingress), or received (egress).
     pub pages_resupplied: AtomicU64,
 }
 
+/// The byte counters of a [`FlowCounters`] as they stand.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTotals {
+    /// See [`FlowCounters::tcp_in`].
+    pub tcp_in: u64,
+    /// See [`FlowCounters::tcp_out`].
+    pub tcp_out: u64,
+    /// See [`FlowCounters::wan_out`].
+    pub wan_out: u64,
+    /// See [`FlowCounters::wan_in`].
+    pub wan_in: u64,
+    /// See [`FlowCounters::acked`].
+    pub acked: WireOffset,
+    /// See [`FlowCounters::wire_sent`].
+    pub wire_sent: WireOffset,
+}
+
 impl FlowCounters {
     fn hash_in(&self, data: &[u8]) {
-        self.tcp_in_digest.lock().unwrap_or_else(|e| e.into_inner()).update(data);
+        self.tcp_in_digest.lock().update(data);
     }
 
     fn hash_out(&self, data: &[u8]) {
-        self.tcp_out_digest.lock().unwrap_or_else(|e| e.into_inner()).update(data);
+        self.tcp_out_digest.lock().update(data);
+    }
+
+    /// The byte counters as they stand.
+    pub fn totals(&self) -> FlowTotals {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        FlowTotals {
+            tcp_in: get(&self.tcp_in),
+            tcp_out: get(&self.tcp_out),
+            wan_out: get(&self.wan_out),
+            wan_in: get(&self.wan_in),
+            acked: WireOffset::new(get(&self.acked)),
+            wire_sent: WireOffset::new(get(&self.wire_sent)),
+        }
     }
 
     /// A record of the flow as it stands.
     pub fn record(&self, peer: &str, key: FlowKey, started: Instant, result: &Result<(), FlowError>) -> FlowRecord {
-        let digest = |h: &std::sync::Mutex<blake3::Hasher>| *h.lock().unwrap_or_else(|e| e.into_inner()).finalize().as_bytes();
+        let digest = |h: &parking_lot::Mutex<blake3::Hasher>| *h.lock().finalize().as_bytes();
         FlowRecord {
             peer: peer.to_owned(),
             flow: key.id,
@@ -100,14 +133,15 @@ impl FlowCounters {
             tcp_in_digest: digest(&self.tcp_in_digest),
             tcp_out_digest: digest(&self.tcp_out_digest),
             duration: started.elapsed(),
-            codec: self.codec.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            codec: self.codec.lock().clone(),
             pages_needed: self.pages_needed.load(Ordering::Relaxed),
             pages_resupplied: self.pages_resupplied.load(Ordering::Relaxed),
         }
     }
 }
 
-/// What a finished flow did; gateways keep the most recent ones (see `Gateway::flow_records`).
+/// What a finished flow did; gateways keep the most recent ones (see
+/// [`Gateway::flow_log`](crate::Gateway::flow_log)).
 /// The digests let tests and operators check end to end that the destination received exactly
 /// what the source sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,7 +179,7 @@ pub struct FlowRecord {
 /// The receiving half of one flow direction, shared with the lane readers.
 #[derive(Debug)]
 pub struct Inbound {
-    reorder: std::sync::Mutex<Reassembler>,
+    reorder: parking_lot::Mutex<Reassembler>,
     /// Signalled when deliverable data or the end may be available.
     ready: Notify,
     /// Signalled when the reorder buffer has room again.
@@ -159,7 +193,7 @@ impl Inbound {
     /// A receiver with the given reorder budget.
     pub fn new(budget: u64, counters: Arc<FlowCounters>) -> Arc<Self> {
         Arc::new(Self {
-            reorder: std::sync::Mutex::new(Reassembler::new(budget)),
+            reorder: parking_lot::Mutex::new(Reassembler::new(budget)),
             ready: Notify::new(),
             space: Notify::new(),
             cancel: CancellationToken::new(),
@@ -167,10 +201,10 @@ impl Inbound {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Reassembler> {
-        // A poisoned lock means a panic elsewhere already failed this flow; the data is still
-        // consistent because Reassembler never panics mid-update.
-        self.reorder.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Reassembler> {
+        // A panic elsewhere already failed this flow; the data is still consistent because
+        // Reassembler never panics mid-update (and parking_lot's lock does not poison).
+        self.reorder.lock()
     }
 
     /// Reads chunks from one lane into the reorder buffer until the lane ends.
@@ -206,7 +240,7 @@ impl Inbound {
         }
     }
 
-    fn set_end(&self, length: u64) -> Result<(), FlowError> {
+    fn set_end(&self, length: WireOffset) -> Result<(), FlowError> {
         self.lock().set_end(length)?;
         self.ready.notify_one();
         Ok(())
@@ -266,6 +300,9 @@ pub struct FlowParts {
     pub counters: Arc<FlowCounters>,
     /// Encodes our direction (ingress of a codec flow).
     pub encoder: Option<Encoder>,
+    /// The encoder's copies of advertised pages it referred to: answers the peer decoder's
+    /// Need, released by its Acks (with `encoder`).
+    pub retained: Option<Arc<RetainedPages>>,
     /// Decodes the peer's direction (egress of a codec flow).
     pub decoder: Option<Decoder>,
 }
@@ -276,7 +313,7 @@ pub struct FlowParts {
 /// The ingress side calls this right after sending Open, so data starts flowing without waiting
 /// a round trip; the peer's Opened or Refused arrives on the control stream meanwhile.
 pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError> {
-    let FlowParts { key, conn, control_send, mut control_recv, inbound, lanes, counters, encoder, decoder } = parts;
+    let FlowParts { key, conn, control_send, mut control_recv, inbound, lanes, counters, encoder, retained, decoder } = parts;
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let control = Arc::new(Mutex::new(control_send));
     let cancel = inbound.cancel.clone();
@@ -284,7 +321,6 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
     // peer decoder's Need; Supply messages for our decoder go to `pump_in`. Every supply answers
     // a request our decoder made, and it has at most MAX_REQUESTED_PAGES outstanding, so the
     // channel never fills with an honest peer and the control reader never waits on it.
-    let retained = encoder.as_ref().map(Encoder::retained);
     let (supply_tx, supply_rx) = match decoder {
         Some(_) => {
             let (tx, rx) = mpsc::channel(MAX_REQUESTED_PAGES);
@@ -311,7 +347,7 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
                     Some(Message::Refused(reason)) => return Err(FlowError::Refused(reason)),
                     Some(Message::Fin { length }) => inbound.set_end(length)?,
                     Some(Message::Ack { delivered }) => {
-                        counters.acked.store(delivered, Ordering::Relaxed);
+                        counters.acked.store(delivered.get(), Ordering::Relaxed);
                         if let Some(store) = &retained {
                             store.release(delivered);
                         }
@@ -345,7 +381,7 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
                     let changed = acked_changed.notified();
                     tokio::pin!(changed);
                     changed.as_mut().enable();
-                    if counters.acked.load(Ordering::Relaxed) >= sent || peer_done.load(Ordering::Relaxed) {
+                    if counters.acked.load(Ordering::Relaxed) >= sent.get() || peer_done.load(Ordering::Relaxed) {
                         break;
                     }
                     changed.await;
@@ -390,7 +426,7 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
     }
     if let Some(store) = &retained {
         // Pages may be resupplied after the outbound pump recorded its statistics.
-        if let Some(codec) = counters.codec.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if let Some(codec) = counters.codec.lock().as_mut() {
             codec.resupplied_pages = store.stats().resupplied;
         }
     }
@@ -430,15 +466,15 @@ async fn pump_out(
     counters: &Arc<FlowCounters>,
     cancel: CancellationToken,
     mut encoder: Option<Encoder>,
-) -> Result<u64, FlowError> {
-    let (tx, rx) = mpsc::channel::<(u64, Bytes)>(lanes.max(2));
+) -> Result<WireOffset, FlowError> {
+    let (tx, rx) = mpsc::channel::<(WireOffset, Bytes)>(lanes.max(2));
     let rx = Arc::new(Mutex::new(rx));
     let header = LaneHeader { kind: LaneKind::Data, sender_opened_flow: key.opened_locally, flow: key.id };
     let mut writers = tokio::task::JoinSet::new();
     for _ in 0..lanes {
         writers.spawn(write_lane(conn.clone(), header, rx.clone(), counters.clone(), cancel.clone()));
     }
-    let mut sender = ChunkSender { tx, offset: 0 };
+    let mut sender = ChunkSender { tx, offset: WireOffset::ZERO };
     let read_result = async {
         let mut wire = Vec::new();
         // Whether the encoder holds input it has not flushed yet.
@@ -464,7 +500,7 @@ async fn pump_out(
                 if let Some(enc) = encoder.as_mut() {
                     enc.finish(&mut wire);
                     sender.send_all(&mut wire).await?;
-                    *counters.codec.lock().unwrap_or_else(|e| e.into_inner()) = Some(enc.stats());
+                    *counters.codec.lock() = Some(enc.stats());
                 }
                 return Ok::<(), FlowError>(());
             }
@@ -493,21 +529,21 @@ async fn pump_out(
     }
     let mut send = control.lock().await;
     write_message(&mut send, &Message::Fin { length }).await?;
-    counters.wan_out.fetch_add(11, Ordering::Relaxed);
+    counters.wan_out.fetch_add(FIN_MESSAGE_LEN as u64, Ordering::Relaxed);
     Ok(length)
 }
 
 /// Hands chunks to the lane writers, numbering them by offset in the direction's byte stream.
 struct ChunkSender {
-    tx: mpsc::Sender<(u64, Bytes)>,
-    offset: u64,
+    tx: mpsc::Sender<(WireOffset, Bytes)>,
+    offset: WireOffset,
 }
 
 impl ChunkSender {
     async fn send(&mut self, data: Bytes) -> Result<(), FlowError> {
         let len = data.len() as u64;
         self.tx.send((self.offset, data)).await.map_err(|_| FlowError::Cancelled)?;
-        self.offset += len;
+        self.offset = self.offset.advanced(len);
         Ok(())
     }
 
@@ -526,7 +562,7 @@ impl ChunkSender {
 async fn write_lane(
     conn: quinn::Connection,
     header: LaneHeader,
-    chunks: Arc<Mutex<mpsc::Receiver<(u64, Bytes)>>>,
+    chunks: Arc<Mutex<mpsc::Receiver<(WireOffset, Bytes)>>>,
     counters: Arc<FlowCounters>,
     cancel: CancellationToken,
 ) -> Result<(), FlowError> {
@@ -561,7 +597,7 @@ async fn write_lane(
             }
         }
         counters.wan_out.fetch_add((ChunkHeader::LEN + len) as u64, Ordering::Relaxed);
-        counters.wire_sent.fetch_max(offset + len as u64, Ordering::Relaxed);
+        counters.wire_sent.fetch_max(offset.advanced(len as u64).get(), Ordering::Relaxed);
     }
     if let Some(mut s) = stream {
         let _ = s.finish();
@@ -587,7 +623,7 @@ async fn pump_in(
     let mut since_ack = 0u64;
     let mut last_ack = tokio::time::Instant::now();
     let mut decoded = Vec::new();
-    let mut delivered = 0u64;
+    let mut delivered = WireOffset::ZERO;
     // While the decoder is stalled, the next requested page must arrive by then (moved on when
     // it stalls and whenever a page arrives).
     let mut supply_deadline = tokio::time::Instant::now() + SUPPLY_TIMEOUT;

@@ -4,18 +4,20 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_codec::{Decoder, DecoderConfig, Encoder, EncoderConfig};
+use parking_lot::Mutex;
 use quinn::{RecvStream, SendStream};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::oneshot;
 
-use crate::tunnel::flow::{self, FlowCounters, FlowParts, Inbound};
-use crate::codec::{AdvertisedIndex, Decoder, DecoderConfig, Encoder, EncoderConfig};
 use crate::config::MIN_SESSION_WINDOW_PAGES;
+use crate::store::{AdvertisedIndex, RetainedPages};
+use crate::tunnel::flow::{self, FlowCounters, FlowParts, Inbound};
 use crate::tunnel::protocol::{self, FlowKey, LaneHeader, LaneKind, Message, CONTROL_MAGIC};
-use crate::tunnel::{FlowError, TunnelShared};
+use crate::tunnel::{ConnectionPermit, FlowError, FlowObserver, PathStats, TunnelShared};
 
 /// How long a flow waits for its predecessor in dial order before going ahead anyway.
 const ORDER_WAIT: Duration = Duration::from_secs(10);
@@ -60,7 +62,7 @@ pub struct PeerLink {
     /// Peer site name (from its certificate).
     pub site: String,
     /// The QUIC connection.
-    pub conn: quinn::Connection,
+    pub(super) conn: quinn::Connection,
     /// Whether this gateway dialed the connection.
     pub dialed: bool,
     next_flow: AtomicU64,
@@ -95,10 +97,16 @@ impl PeerLink {
         self.conn.close_reason().is_none()
     }
 
+    /// The QUIC path's state as it stands.
+    pub fn path_stats(&self) -> PathStats {
+        let path = self.conn.stats().path;
+        PathStats { rtt: path.rtt, cwnd: path.cwnd, sent_packets: path.sent_packets, lost_packets: path.lost_packets }
+    }
+
     /// Reserves the next flow number and dial position for `order`; call in accept order.
     pub(crate) fn reserve_flow(&self, order: u32) -> (u64, u64) {
         let flow = self.next_flow.fetch_add(1, Ordering::Relaxed);
-        let mut seqs = lock(&self.order_seq);
+        let mut seqs = self.order_seq.lock();
         let seq = seqs.entry(order).or_insert(0);
         let mine = *seq;
         *seq += 1;
@@ -115,8 +123,8 @@ impl PeerLink {
         seq: u64,
         connect: SocketAddr,
         codec: bool,
-        _permit: OwnedSemaphorePermit,
-        tally: Arc<crate::forward::ForwardTally>,
+        _permit: ConnectionPermit,
+        observer: Arc<dyn FlowObserver>,
     ) {
         let started = Instant::now();
         let key = FlowKey { opened_locally: true, id: flow };
@@ -125,15 +133,12 @@ impl PeerLink {
             // configuration must accept.
             let window = self.advertised.session_window_pages().unwrap_or(MIN_SESSION_WINDOW_PAGES);
             let defaults = EncoderConfig::default();
-            let cfg = EncoderConfig {
-                session_window_pages: window.min(defaults.session_window_pages),
-                retain_budget_bytes: self.shared.resupply_budget,
-                ..defaults
-            };
-            Encoder::new(cfg, self.advertised.clone())
+            let cfg = EncoderConfig { session_window_pages: window.min(defaults.session_window_pages), ..defaults };
+            let retained = Arc::new(RetainedPages::new(self.shared.resupply_budget));
+            (Encoder::new(cfg, self.advertised.clone(), retained.clone()), retained)
         });
         let (counters, inbound) = self.begin_flow(key);
-        tally.started(counters.clone());
+        observer.flow_started(&counters);
         let result = async {
             let (mut send, recv) = self.conn.open_bi().await?;
             let mut hello = protocol::control_preamble().to_vec();
@@ -145,7 +150,7 @@ impl PeerLink {
             flow::run_flow(parts, tcp).await
         }
         .await;
-        tally.finished(&counters, &result);
+        observer.flow_finished(&counters, &result);
         self.end_flow(key, &inbound, &counters, started, &result);
     }
 
@@ -197,7 +202,7 @@ impl PeerLink {
         let reason = self.conn.close_reason().map(|r| r.to_string()).unwrap_or_default();
         tracing::info!(peer = %self.site, %reason, "tunnel connection closed");
         // Fail every flow still on this connection.
-        let slots = std::mem::take(&mut lock(&self.registry).slots);
+        let slots = std::mem::take(&mut self.registry.lock().slots);
         for slot in slots.into_values() {
             if let Slot::Open(inbound) = slot {
                 inbound.cancel.cancel();
@@ -368,9 +373,10 @@ impl PeerLink {
         (control_send, control_recv): (SendStream, RecvStream),
         inbound: &Arc<Inbound>,
         counters: &Arc<FlowCounters>,
-        encoder: Option<Encoder>,
+        encoder: Option<(Encoder, Arc<RetainedPages>)>,
         decoder: Option<Decoder>,
     ) -> FlowParts {
+        let (encoder, retained) = encoder.unzip();
         FlowParts {
             key,
             conn: self.conn.clone(),
@@ -380,6 +386,7 @@ impl PeerLink {
             lanes: self.shared.sizing.lanes,
             counters: counters.clone(),
             encoder,
+            retained,
             decoder,
         }
     }
@@ -392,7 +399,7 @@ impl PeerLink {
     }
 
     fn register(&self, key: FlowKey, inbound: Arc<Inbound>) {
-        let mut reg = lock(&self.registry);
+        let mut reg = self.registry.lock();
         if let Some(Slot::Waiting(waiters)) = reg.slots.insert(key, Slot::Open(inbound.clone())) {
             for w in waiters {
                 let _ = w.send(inbound.clone());
@@ -401,7 +408,7 @@ impl PeerLink {
     }
 
     fn close(&self, key: FlowKey) {
-        let mut reg = lock(&self.registry);
+        let mut reg = self.registry.lock();
         reg.slots.insert(key, Slot::Closed);
         reg.closed_order.push_back(key);
         while reg.closed_order.len() > MAX_CLOSED_FLOWS {
@@ -416,7 +423,7 @@ impl PeerLink {
     /// The flow a lane belongs to, waiting briefly if its Open has not been read yet.
     async fn lane_target(&self, key: FlowKey) -> Option<Arc<Inbound>> {
         let rx = {
-            let mut reg = lock(&self.registry);
+            let mut reg = self.registry.lock();
             match reg.slots.get_mut(&key) {
                 Some(Slot::Open(inbound)) => return Some(inbound.clone()),
                 Some(Slot::Closed) => return None,
@@ -440,7 +447,7 @@ impl PeerLink {
         match tokio::time::timeout(LANE_ORPHAN_TIMEOUT, rx).await {
             Ok(Ok(inbound)) => Some(inbound),
             _ => {
-                let mut reg = lock(&self.registry);
+                let mut reg = self.registry.lock();
                 if matches!(reg.slots.get(&key), Some(Slot::Waiting(_))) {
                     reg.slots.remove(&key);
                 }
@@ -452,7 +459,7 @@ impl PeerLink {
     /// Waits until the flows before `seq` in `order` have been dialed (or the wait timed out).
     async fn wait_turn(&self, order: u32, seq: u64) {
         let rx = {
-            let mut orders = lock(&self.dial_order);
+            let mut orders = self.dial_order.lock();
             let state = orders.entry(order).or_default();
             if state.next >= seq {
                 return;
@@ -467,15 +474,11 @@ impl PeerLink {
     }
 
     fn turn_done(&self, order: u32, seq: u64) {
-        let mut orders = lock(&self.dial_order);
+        let mut orders = self.dial_order.lock();
         let state = orders.entry(order).or_default();
         state.next = state.next.max(seq + 1);
         if let Some(next) = state.waiters.remove(&state.next) {
             let _ = next.send(());
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

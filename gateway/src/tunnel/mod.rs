@@ -8,6 +8,12 @@
 //! - `peers`: which connection serves which peer; dialing, accepting, tie-breaking, reconnecting.
 //! - `link`: one connection: opening and accepting flows and lanes.
 //! - `flow`: pumping one flow's bytes both ways.
+//!
+//! Interface for the layers above (forwards, the API): [`Tunnel`] (connection permits, path
+//! stats, the flow log), [`PeerTable`] and [`PeerLink`] (carrying a connection), and what the tunnel
+//! reports about a flow: its [`FlowCounters`], to whichever [`FlowObserver`]
+//! the carrier passed. The tunnel knows nothing of forwards or the API. On codec flows it runs
+//! the `ferry_codec` encoder or decoder with the stores of [`crate::store`].
 
 pub mod congestion;
 pub mod flow;
@@ -19,13 +25,42 @@ pub mod transport;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub use flow::FlowRecord;
+pub use flow::{FlowCounters, FlowRecord};
 pub use link::PeerLink;
 pub use peers::{PeerTable, Tunnel};
 use transport::LinkSizing;
+
+/// Told when a flow a carrier (e.g. a forward) handed to the tunnel starts and ends, so the
+/// carrier can follow its flows' live [`FlowCounters`].
+pub trait FlowObserver: Send + Sync {
+    /// The flow started; `counters` stay live until it finishes.
+    fn flow_started(&self, counters: &Arc<FlowCounters>);
+    /// The flow ended, with `result`; `counters` hold its final values.
+    fn flow_finished(&self, counters: &Arc<FlowCounters>, result: &Result<(), FlowError>);
+}
+
+/// The right to carry one forwarded connection (`[limits] max_connections`); held for the
+/// connection's life.
+#[derive(Debug)]
+pub struct ConnectionPermit(#[allow(dead_code)] OwnedSemaphorePermit);
+
+/// The QUIC path to a peer as quinn sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PathStats {
+    /// Smoothed round-trip time.
+    pub rtt: Duration,
+    /// Congestion window, bytes.
+    pub cwnd: u64,
+    /// Packets sent on the connection so far.
+    pub sent_packets: u64,
+    /// Packets declared lost so far.
+    pub lost_packets: u64,
+}
 
 /// Why a flow ended without completing.
 #[derive(Debug, thiserror::Error)]
@@ -62,11 +97,11 @@ pub enum FlowError {
     PeerReset(String),
     /// The codec rejected the peer's stream (corrupt, or a page it cannot resolve).
     #[error("codec: {0}")]
-    Decode(#[from] crate::codec::DecodeError),
+    Decode(#[from] ferry_codec::DecodeError),
     /// The peer's decoder asked for a page this gateway did not keep (should not happen: every
     /// advertised page referred to is kept until acknowledged). The flow fails safely.
     #[error("peer asked for page {0}, which is not retained here")]
-    CannotResupply(crate::codec::PageDigest),
+    CannotResupply(ferry_codec::PageDigest),
     /// Our decoder waited this long for a page it asked the peer for.
     #[error("peer did not supply a missing page within {0:?}")]
     SupplyTimeout(std::time::Duration),
@@ -116,29 +151,29 @@ impl TunnelStats {
     }
 }
 
-/// State shared by every connection of a gateway.
-pub struct TunnelShared {
+/// State shared by every connection of a gateway (private to the tunnel).
+pub(crate) struct TunnelShared {
     /// Sizes derived from the link.
-    pub sizing: LinkSizing,
+    sizing: LinkSizing,
     /// Permits for concurrently forwarded connections (both directions of forwarding).
-    pub connections: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
     /// The configured bound behind `connections`.
-    pub max_connections: usize,
+    max_connections: usize,
     /// Counters.
-    pub stats: TunnelStats,
+    stats: TunnelStats,
     /// Recently finished flows.
-    pub flow_log: FlowLog,
+    flow_log: FlowLog,
     /// Destination page cache, shared by every decoder of this gateway.
-    pub page_cache: Arc<crate::codec::PageCache>,
+    page_cache: Arc<crate::store::PageCache>,
     /// Most pages advertised to a peer.
-    pub advertise_max_pages: usize,
+    advertise_max_pages: usize,
     /// Session window our decoders accept (and advertise).
-    pub session_window_pages: u64,
+    session_window_pages: u64,
     /// Bytes each of our encoders may keep of advertised pages for resupply (`[cache]
     /// resupply_budget`).
-    pub resupply_budget: usize,
+    resupply_budget: usize,
     /// Each peer's configuration, for the targets it may have us dial.
-    pub peer_configs: Vec<crate::config::PeerConfig>,
+    peer_configs: Vec<crate::config::PeerConfig>,
 }
 
 impl TunnelShared {
@@ -153,7 +188,7 @@ impl TunnelShared {
 /// The most recent finished flows of a gateway, newest last. Cheap to clone; bounded.
 #[derive(Clone, Debug, Default)]
 pub struct FlowLog {
-    records: Arc<std::sync::Mutex<std::collections::VecDeque<FlowRecord>>>,
+    records: Arc<Mutex<std::collections::VecDeque<FlowRecord>>>,
 }
 
 impl FlowLog {
@@ -161,7 +196,7 @@ impl FlowLog {
     pub const CAPACITY: usize = 1024;
 
     fn push(&self, record: FlowRecord) {
-        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let mut records = self.records.lock();
         if records.len() == Self::CAPACITY {
             records.pop_front();
         }
@@ -170,6 +205,6 @@ impl FlowLog {
 
     /// A copy of the records.
     pub fn records(&self) -> Vec<FlowRecord> {
-        self.records.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+        self.records.lock().iter().cloned().collect()
     }
 }

@@ -14,12 +14,12 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::codec::PageCache;
 use crate::config::{Config, PeerConfig};
+use crate::store::PageCache;
 use crate::tls::{self, TunnelTls};
 use crate::tunnel::link::PeerLink;
 use crate::tunnel::transport::{self, LinkSizing};
-use crate::tunnel::{FlowLog, TunnelShared, TunnelStats};
+use crate::tunnel::{ConnectionPermit, FlowLog, PathStats, TunnelShared, TunnelStats};
 
 /// Close code: this connection duplicates a preferred one.
 const CLOSE_DUPLICATE: u32 = 1;
@@ -70,9 +70,9 @@ pub struct Tunnel {
     /// Connections per peer.
     pub peers: PeerTable,
     /// State shared with every connection.
-    pub shared: Arc<TunnelShared>,
+    shared: Arc<TunnelShared>,
     client_config: quinn::ClientConfig,
-    tasks: std::sync::Mutex<JoinSet<()>>,
+    tasks: parking_lot::Mutex<JoinSet<()>>,
 }
 
 /// Failure to start the tunnel.
@@ -83,7 +83,7 @@ pub enum TunnelError {
     Tls(#[from] tls::TlsError),
     /// The page cache directory is unusable.
     #[error("key `cache.dir`: {0}")]
-    CacheDir(#[from] crate::codec::PageDirError),
+    CacheDir(#[from] crate::store::PageDirError),
     /// The UDP socket could not be bound.
     #[error("key `listen`: cannot bind UDP {addr}: {source}")]
     Bind {
@@ -160,10 +160,10 @@ impl Tunnel {
             peers: PeerTable::new(&config.peers),
             shared,
             client_config,
-            tasks: std::sync::Mutex::new(JoinSet::new()),
+            tasks: parking_lot::Mutex::new(JoinSet::new()),
         });
         {
-            let mut tasks = tunnel.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tasks = tunnel.tasks.lock();
             tasks.spawn(tunnel.clone().accept_loop());
             for peer in &config.peers {
                 tasks.spawn(tunnel.clone().dial_loop(peer.clone()));
@@ -182,9 +182,26 @@ impl Tunnel {
         &self.shared.stats
     }
 
+    /// The most recent finished flows (a live handle: it keeps filling).
+    pub fn flow_log(&self) -> FlowLog {
+        self.shared.flow_log.clone()
+    }
+
+    /// Waits for the right to carry one more forwarded connection (`[limits]
+    /// max_connections`, shared with the connections the peers have us dial). `None` once the
+    /// tunnel is shut down.
+    pub async fn connection_permit(&self) -> Option<ConnectionPermit> {
+        self.shared.connections.clone().acquire_owned().await.ok().map(ConnectionPermit)
+    }
+
+    /// The QUIC path to `site` as it stands, if connected.
+    pub fn path_stats(&self, site: &str) -> Option<PathStats> {
+        self.peers.current(site).map(|link| link.path_stats())
+    }
+
     /// Closes every connection and stops dialing.
     pub fn shutdown(&self) {
-        self.tasks.lock().unwrap_or_else(|e| e.into_inner()).abort_all();
+        self.tasks.lock().abort_all();
         self.endpoint.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
     }
 
@@ -285,7 +302,7 @@ impl Tunnel {
             return;
         }
         let tunnel = self.clone();
-        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tasks = self.tasks.lock();
         while tasks.try_join_next().is_some() {}
         tasks.spawn(async move {
             link.clone().serve().await;

@@ -33,6 +33,10 @@
 //! Why offsets and acks: every chunk names its byte offset in the flow's direction, and the
 //! receiver acknowledges what it has delivered to its TCP peer. That is what a later version
 //! needs to resume a flow on a new QUIC connection: resend from the last acknowledged offset.
+//! Chunk offsets, [`Message::Fin`] lengths and [`Message::Ack`]s count bytes of the direction's
+//! wire stream, typed [`WireOffset`]: the encoded stream of a codec direction, the TCP bytes of a
+//! plain one. Offsets in the original (source QEMU) stream of a codec flow are
+//! [`ferry_codec::StreamOffset`]s and never appear in this protocol.
 //!
 //! Versioning: the control stream and every lane start with a magic and [`VERSION`]; a peer
 //! refuses a version it does not speak. The ALPN (`ferry/1`) changes with incompatible versions.
@@ -41,7 +45,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 
-use crate::codec::{PageDigest, PAGE_SIZE};
+use ferry_codec::{PageDigest, WireOffset, PAGE_SIZE};
 
 /// Protocol version carried in every stream preamble.
 pub const VERSION: u8 = 1;
@@ -50,7 +54,7 @@ pub const CONTROL_MAGIC: [u8; 4] = *b"FRYC";
 /// First bytes of a data lane.
 pub const LANE_MAGIC: [u8; 4] = *b"FRYL";
 /// First bytes of an advertisement lane: the sending gateway's page-cache advertisement (one u32
-/// length + the encoded `codec::Advertisement`), for the whole connection ([`CONNECTION_FLOW`]).
+/// length + the encoded [`ferry_codec::Advertisement`]), for the whole connection ([`CONNECTION_FLOW`]).
 pub const ADVERT_MAGIC: [u8; 4] = *b"FRYP";
 /// Flow number of lanes that belong to the connection rather than to a flow.
 pub const CONNECTION_FLOW: u64 = u64::MAX;
@@ -127,7 +131,7 @@ pub enum Message {
     /// The sender's direction is complete: exactly `length` bytes were sent.
     Fin {
         /// Total bytes in the sender's direction.
-        length: u64,
+        length: WireOffset,
     },
     /// The sender's side of the flow failed; abort.
     Reset(String),
@@ -136,7 +140,7 @@ pub enum Message {
     /// resolved), so the ingress may drop the pages it kept for references before this offset.
     Ack {
         /// Bytes delivered.
-        delivered: u64,
+        delivered: WireOffset,
     },
     /// Codec flows, egress → ingress: the decoder cannot resolve these page references; send the
     /// pages. 1..=[`MAX_NEED_DIGESTS`] digests (see [`Message::needs`] for more).
@@ -165,6 +169,8 @@ const T_SUPPLY: u8 = 8;
 
 /// Length of a message header: type (u8) + body length (u16, big-endian).
 pub const MESSAGE_HEADER_LEN: usize = 3;
+/// Encoded length of a [`Message::Fin`]: header and its 8-byte length.
+pub const FIN_MESSAGE_LEN: usize = MESSAGE_HEADER_LEN + 8;
 
 impl Message {
     /// [`Message::Need`]s asking for `digests`, at most [`MAX_NEED_DIGESTS`] each.
@@ -193,7 +199,7 @@ impl Message {
                 T_REFUSED
             }
             Self::Fin { length } => {
-                out.extend_from_slice(&length.to_be_bytes());
+                out.extend_from_slice(&length.get().to_be_bytes());
                 T_FIN
             }
             Self::Reset(reason) => {
@@ -201,7 +207,7 @@ impl Message {
                 T_RESET
             }
             Self::Ack { delivered } => {
-                out.extend_from_slice(&delivered.to_be_bytes());
+                out.extend_from_slice(&delivered.get().to_be_bytes());
                 T_ACK
             }
             Self::Need { digests } => {
@@ -262,10 +268,10 @@ impl Message {
             T_OPENED if body.is_empty() => Ok(Self::Opened),
             T_OPENED => Err(ProtocolError::Malformed("opened")),
             T_REFUSED => Ok(Self::Refused(text("refused")?)),
-            T_FIN if body.len() == 8 => Ok(Self::Fin { length: u64_at(0, "fin")? }),
+            T_FIN if body.len() == 8 => Ok(Self::Fin { length: WireOffset::new(u64_at(0, "fin")?) }),
             T_FIN => Err(ProtocolError::Malformed("fin")),
             T_RESET => Ok(Self::Reset(text("reset")?)),
-            T_ACK if body.len() == 8 => Ok(Self::Ack { delivered: u64_at(0, "ack")? }),
+            T_ACK if body.len() == 8 => Ok(Self::Ack { delivered: WireOffset::new(u64_at(0, "ack")?) }),
             T_ACK => Err(ProtocolError::Malformed("ack")),
             T_NEED if !body.is_empty() && body.len().is_multiple_of(32) && body.len() <= MAX_NEED_DIGESTS * 32 => {
                 let digests = body.chunks_exact(32).map(digest_of).collect();
@@ -382,8 +388,8 @@ impl LaneHeader {
 /// Header of a data record on a lane: where its payload sits in the flow's direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkHeader {
-    /// Byte offset of the payload's first byte.
-    pub offset: u64,
+    /// Offset of the payload's first byte in the flow direction's wire stream.
+    pub offset: WireOffset,
     /// Payload length (1..=[`MAX_CHUNK`]).
     pub len: u32,
 }
@@ -395,7 +401,7 @@ impl ChunkHeader {
     /// Encodes offset and length.
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0; Self::LEN];
-        b[..8].copy_from_slice(&self.offset.to_be_bytes());
+        b[..8].copy_from_slice(&self.offset.get().to_be_bytes());
         b[8..].copy_from_slice(&self.len.to_be_bytes());
         b
     }
@@ -412,7 +418,7 @@ impl ChunkHeader {
         if offset.checked_add(len as u64).is_none() {
             return Err(ProtocolError::Malformed("chunk offset"));
         }
-        Ok(Self { offset, len })
+        Ok(Self { offset: WireOffset::new(offset), len })
     }
 }
 
@@ -434,9 +440,12 @@ mod tests {
         round_trip(Message::Open { flow: 1, order: 0, seq: 0, codec: false, connect: "[::1]:80".parse().unwrap() });
         round_trip(Message::Opened);
         round_trip(Message::Refused("connection refused".into()));
-        round_trip(Message::Fin { length: 1 << 40 });
+        round_trip(Message::Fin { length: WireOffset::new(1 << 40) });
+        let mut fin = Vec::new();
+        Message::Fin { length: WireOffset::ZERO }.encode(&mut fin);
+        assert_eq!(fin.len(), FIN_MESSAGE_LEN);
         round_trip(Message::Reset("peer reset".into()));
-        round_trip(Message::Ack { delivered: 12345 });
+        round_trip(Message::Ack { delivered: WireOffset::new(12345) });
         let digests: Vec<PageDigest> = (0..MAX_NEED_DIGESTS as u32).map(|i| PageDigest::of(&i.to_le_bytes())).collect();
         round_trip(Message::Need { digests: digests[..1].to_vec() });
         round_trip(Message::Need { digests: digests.clone() });
@@ -487,9 +496,9 @@ mod tests {
         assert!(Message::decode_body(T_OPEN, &[0; 5]).is_err());
         assert!(Message::decode_body(T_REFUSED, &[0xff, 0xfe]).is_err());
         assert!(Message::decode_header([1, 0xff, 0xff]).is_err());
-        assert!(ChunkHeader::decode(ChunkHeader { offset: 0, len: 0 }.encode()).is_err());
-        assert!(ChunkHeader::decode(ChunkHeader { offset: 0, len: MAX_CHUNK + 1 }.encode()).is_err());
-        assert!(ChunkHeader::decode(ChunkHeader { offset: u64::MAX, len: 2 }.encode()).is_err());
+        assert!(ChunkHeader::decode(ChunkHeader { offset: WireOffset::ZERO, len: 0 }.encode()).is_err());
+        assert!(ChunkHeader::decode(ChunkHeader { offset: WireOffset::ZERO, len: MAX_CHUNK + 1 }.encode()).is_err());
+        assert!(ChunkHeader::decode(ChunkHeader { offset: WireOffset::new(u64::MAX), len: 2 }.encode()).is_err());
         let advert = LaneHeader { kind: LaneKind::Advert, sender_opened_flow: false, flow: 4 };
         assert_eq!(LaneHeader::decode(advert.encode()).unwrap(), advert);
         let mut lane = LaneHeader { kind: LaneKind::Data, sender_opened_flow: true, flow: 3 }.encode();

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use ferry_codec::WireOffset;
 
 /// A chunk that contradicts what the flow already received.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -61,7 +62,8 @@ impl Reassembler {
     }
 
     /// Offers a chunk. The chunk continuing the delivered prefix is always accepted.
-    pub fn offer(&mut self, offset: u64, data: Bytes) -> Result<Admission, ReorderError> {
+    pub fn offer(&mut self, offset: WireOffset, data: Bytes) -> Result<Admission, ReorderError> {
+        let offset = offset.get();
         let len = data.len() as u64;
         let end = offset + len;
         if let Some(fin) = self.end {
@@ -99,7 +101,8 @@ impl Reassembler {
     }
 
     /// Records the sender's announced total length.
-    pub fn set_end(&mut self, length: u64) -> Result<(), ReorderError> {
+    pub fn set_end(&mut self, length: WireOffset) -> Result<(), ReorderError> {
+        let length = length.get();
         let highest = self.chunks.last_key_value().map_or(self.delivered, |(o, c)| o + c.len() as u64);
         if length < highest {
             return Err(ReorderError::PastEnd { offset: highest, len: 0, end: length });
@@ -109,8 +112,8 @@ impl Reassembler {
     }
 
     /// Bytes handed out so far.
-    pub fn delivered(&self) -> u64 {
-        self.delivered
+    pub fn delivered(&self) -> WireOffset {
+        WireOffset::new(self.delivered)
     }
 
     /// Bytes held out of order.
@@ -135,12 +138,12 @@ mod tests {
     #[test]
     fn reorders_and_completes() {
         let mut r = Reassembler::new(100);
-        assert_eq!(r.offer(10, b(10, 2)).unwrap(), Admission::Accepted);
+        assert_eq!(r.offer(WireOffset::new(10), b(10, 2)).unwrap(), Admission::Accepted);
         assert!(r.take().is_none());
-        assert_eq!(r.offer(0, b(10, 1)).unwrap(), Admission::Accepted);
+        assert_eq!(r.offer(WireOffset::new(0), b(10, 1)).unwrap(), Admission::Accepted);
         assert_eq!(r.take().unwrap()[0], 1);
         assert_eq!(r.take().unwrap()[0], 2);
-        r.set_end(20).unwrap();
+        r.set_end(WireOffset::new(20)).unwrap();
         assert!(r.is_complete());
         assert_eq!(r.buffered(), 0);
     }
@@ -148,24 +151,24 @@ mod tests {
     #[test]
     fn budget_never_blocks_the_next_chunk() {
         let mut r = Reassembler::new(15);
-        assert_eq!(r.offer(10, b(10, 0)).unwrap(), Admission::Accepted);
-        assert_eq!(r.offer(20, b(10, 0)).unwrap(), Admission::Full);
-        assert_eq!(r.offer(0, b(10, 0)).unwrap(), Admission::Accepted);
-        assert_eq!(r.delivered(), 0);
+        assert_eq!(r.offer(WireOffset::new(10), b(10, 0)).unwrap(), Admission::Accepted);
+        assert_eq!(r.offer(WireOffset::new(20), b(10, 0)).unwrap(), Admission::Full);
+        assert_eq!(r.offer(WireOffset::new(0), b(10, 0)).unwrap(), Admission::Accepted);
+        assert_eq!(r.delivered(), WireOffset::ZERO);
     }
 
     #[test]
     fn rejects_overlaps_and_overruns() {
         let mut r = Reassembler::new(100);
-        r.offer(0, b(10, 0)).unwrap();
-        assert!(r.offer(5, b(10, 0)).is_err());
-        r.offer(20, b(10, 0)).unwrap();
-        assert!(r.offer(15, b(10, 0)).is_err());
-        assert!(r.offer(25, b(1, 0)).is_err());
+        r.offer(WireOffset::new(0), b(10, 0)).unwrap();
+        assert!(r.offer(WireOffset::new(5), b(10, 0)).is_err());
+        r.offer(WireOffset::new(20), b(10, 0)).unwrap();
+        assert!(r.offer(WireOffset::new(15), b(10, 0)).is_err());
+        assert!(r.offer(WireOffset::new(25), b(1, 0)).is_err());
         r.take();
-        assert!(r.offer(0, b(1, 0)).is_err());
-        assert!(r.set_end(25).is_err());
-        r.set_end(30).unwrap();
-        assert!(r.offer(30, b(1, 0)).is_err());
+        assert!(r.offer(WireOffset::new(0), b(1, 0)).is_err());
+        assert!(r.set_end(WireOffset::new(25)).is_err());
+        r.set_end(WireOffset::new(30)).unwrap();
+        assert!(r.offer(WireOffset::new(30), b(1, 0)).is_err());
     }
 }

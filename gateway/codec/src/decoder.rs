@@ -26,13 +26,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::codec::frame::{
+use crate::frame::{
     next_op, parse_frame_header, BatchHeader, FrameError, FrameHeader, Op, Preamble, MAX_BATCH_PAGE_OPS,
 };
-use crate::codec::page_cache::PageStore;
-use crate::codec::page_hash;
-use crate::codec::stream_hash::StreamHasher;
-use crate::codec::{PageDigest, PAGE_SIZE};
+use crate::offset::{StreamOffset, WireOffset};
+use crate::stores::PageStore;
+use crate::page_hash;
+use crate::stream_hash::StreamHasher;
+use crate::{PageDigest, PAGE_SIZE};
 
 /// Rebuilt bytes are hashed about every this many bytes while a batch is rebuilt, while they are
 /// still in the core's L2 cache (a batch is up to 18 MiB: hashing it afterwards reads it back
@@ -204,7 +205,7 @@ pub enum DecodeError {
     Poisoned,
 }
 
-/// The decoder's half of the session window (see [`crate::codec`]): the same FIFO rule as the
+/// The decoder's half of the session window (see [crate docs](crate)): the same FIFO rule as the
 /// encoder's, holding page handles so cache eviction can't take them away mid-session.
 struct Window {
     cap: usize,
@@ -340,8 +341,8 @@ impl Decoder {
     }
 
     /// Bytes reconstructed so far (released or held).
-    pub fn produced(&self) -> u64 {
-        self.produced
+    pub fn produced(&self) -> StreamOffset {
+        StreamOffset::new(self.produced)
     }
 
     /// Bytes currently held back awaiting verification.
@@ -357,8 +358,8 @@ impl Decoder {
     /// Wire bytes fully decoded: every frame before this offset was processed and every page it
     /// refers to resolved. A stalled batch is not counted until it completes. The source may drop
     /// its copies of pages referenced before this offset.
-    pub fn consumed(&self) -> u64 {
-        self.consumed
+    pub fn consumed(&self) -> WireOffset {
+        WireOffset::new(self.consumed)
     }
 
     /// Whether decoding waits for a page (see [`supply`](Self::supply)).

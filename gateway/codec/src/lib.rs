@@ -1,4 +1,11 @@
-//! Page-aware codec for QEMU migration streams (sans-IO: no sockets, no tokio, no clocks).
+//! Page-aware codec for QEMU migration streams (sans-IO: no sockets, no tokio, no clocks, no
+//! threads, no files).
+//!
+//! The codec core only: frames, encoder, decoder, the QEMU tokenizers and the hashing they share.
+//! The stores it works with (the destination's page cache and its directory, the source's retained
+//! pages, the peer's advertised index) live in the gateway (`ferry_gateway::store`); the codec sees
+//! them through the consumer traits in [`stores`] ([`PageStore`], [`PageRetainer`],
+//! [`DestinationIndex`]), and its unit tests use small in-memory implementations.
 //!
 //! # Where it sits
 //! ```text
@@ -38,19 +45,18 @@
 //! 1. **Session window (guaranteed).** Encoder and decoder run the same deterministic FIFO of the
 //!    last `session_window_pages` distinct pages that crossed this connection (literal or resolved
 //!    reference). The decoder holds a reference-counted handle ([`bytes::Bytes`]) to each page in the
-//!    window, so eviction from the shared [`PageCache`] cannot make it disappear. The encoder refers
+//!    window, so eviction from the shared [`PageStore`] cannot make it disappear. The encoder refers
 //!    to a page in the window without any luck involved. The window size is announced in the
 //!    preamble and the decoder refuses a window larger than its configured maximum (memory bound:
 //!    `window × 4 KiB`, shared with the cache when pages are also cached).
 //! 2. **Advertised pages (resuppliable).** The destination gateway sends an [`Advertisement`]
-//!    exported from its [`PageCache`] (16-byte digest prefixes). The encoder refers to an
+//!    exported from its page cache (16-byte digest prefixes). The encoder refers to an
 //!    advertised page by its *full* 32-byte digest, but only after keeping a copy in its
-//!    [`RetainedPages`] store (bounded by [`EncoderConfig::retain_budget_bytes`]; when full, the
-//!    page goes literally). If the page was evicted from the destination's cache since (or a
+//!    [`PageRetainer`] (bounded by the retainer's budget; when full, the page goes literally). If the page was evicted from the destination's cache since (or a
 //!    prefix matched by accident), the decoder *stalls* at that reference, lists the pages it
 //!    needs ([`Decoder::take_needs`]) and resumes when they are supplied ([`Decoder::supply`],
 //!    checked against the digest). The source keeps each copy until the destination acknowledges
-//!    ([`Decoder::consumed`], in wire bytes) the batch that referred to it, so it can always
+//!    ([`Decoder::consumed`], a [`WireOffset`]) the batch that referred to it, so it can always
 //!    answer. Correctness never depends on the advertisement being right: a wrong one costs a
 //!    round trip, never wrong bytes. If a page cannot be supplied after all (a bug), the stream
 //!    fails as before: the destination never receives EOF and the source VM keeps running.
@@ -77,7 +83,7 @@
 //! # Bounds
 //! Encoder memory: one batch (≤ `batch_pages` literal pages, ≤ 1 MiB verbatim, ≤ 4096 page ops)
 //! plus one partial QEMU record plus the session window index (40 B/page) plus the retained pages
-//! (≤ `retain_budget_bytes`). Decoder memory: one frame (≤ ~6.5 MiB, checked against limits
+//! (bounded by the [`PageRetainer`]'s budget). Decoder memory: one frame (≤ ~6.5 MiB, checked against limits
 //! *before* buffering), one unverified batch, the session window; while stalled, also the
 //! batch's payload, the input pushed behind it (≤ `max_stalled_input`) and the supplied pages
 //! (≤ [`MAX_REQUESTED_PAGES`]). No length read from the wire is allocated before it is checked against a limit.
@@ -87,21 +93,26 @@
 //! page size in its CONFIGURATION section (`configuration/target-page-bits`); such a stream is
 //! handled in opaque mode. Multifd headers are sized for 128 pages of 4 KiB (1344 bytes).
 
+//!
+//! # Offsets
+//! Two offset spaces meet in the codec and are kept apart by type: [`StreamOffset`] counts bytes
+//! of the original stream (what the source QEMU wrote, what the decoder releases), [`WireOffset`]
+//! counts bytes of the encoded stream (what the tunnel carries and acknowledges).
+
 pub mod decoder;
 pub mod digest_set;
 pub mod encoder;
 pub mod frame;
-pub mod page_cache;
-pub mod page_dir;
+pub mod offset;
 pub mod page_hash;
 pub mod qemu;
-pub mod retained;
 pub mod stream_hash;
+pub mod stores;
 
 #[cfg(test)]
 mod tests;
 
-/// A distinct page numbered `i` and its digest, for the page store tests.
+/// A distinct page numbered `i` and its digest, for the tests.
 #[cfg(test)]
 pub(crate) fn numbered_test_page(i: u32) -> (PageDigest, bytes::Bytes) {
     let mut p = vec![0u8; PAGE_SIZE];
@@ -110,11 +121,10 @@ pub(crate) fn numbered_test_page(i: u32) -> (PageDigest, bytes::Bytes) {
 }
 
 pub use decoder::{DecodeError, Decoder, DecoderConfig, DecoderStats, MAX_REQUESTED_PAGES};
-pub use digest_set::{Advertisement, AdvertisementError, AdvertisedIndex, DestinationIndex, DigestSet, NoIndex};
+pub use digest_set::{Advertisement, AdvertisementError, DestinationIndex, DigestSet, NoIndex};
 pub use encoder::{CodecStats, Encoder, EncoderConfig, StreamMode};
-pub use page_cache::{PageCache, PageCacheStats, PageStore};
-pub use page_dir::{PageDir, PageDirError};
-pub use retained::{RetainedPages, RetainedStats};
+pub use offset::{StreamOffset, WireOffset};
+pub use stores::{NoRetainer, PageRetainer, PageStore};
 
 /// Size of a page frame: the x86 target page size.
 pub const PAGE_SIZE: usize = 4096;

@@ -1,10 +1,136 @@
 //! Codec round-trip, split-point, cache-advertisement, corruption and fuzz tests on synthetic QEMU
 //! streams built from the grammar in `/work/shared/docs/qemu-migration-stream.md`.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use super::frame::{put_varint, T_BATCH_ZSTD};
 use super::*;
+
+/// In-memory [`PageStore`] for the tests: bounded by `capacity_bytes`, first in, first out.
+pub(crate) struct MemPages {
+    capacity_pages: usize,
+    inner: Mutex<(HashMap<PageDigest, Bytes>, VecDeque<PageDigest>)>,
+}
+
+impl MemPages {
+    pub(crate) fn new(capacity_bytes: usize) -> Self {
+        Self { capacity_pages: capacity_bytes / PAGE_SIZE, inner: Mutex::default() }
+    }
+
+    /// Every digest held, oldest first.
+    pub(crate) fn digests(&self) -> Vec<PageDigest> {
+        self.inner.lock().unwrap().1.iter().copied().collect()
+    }
+}
+
+impl PageStore for MemPages {
+    fn get(&self, digest: &PageDigest) -> Option<Bytes> {
+        self.inner.lock().unwrap().0.get(digest).cloned()
+    }
+
+    fn insert(&self, digest: PageDigest, page: Bytes) {
+        let mut g = self.inner.lock().unwrap();
+        let (map, order) = &mut *g;
+        if self.capacity_pages == 0 || map.contains_key(&digest) {
+            return;
+        }
+        while map.len() >= self.capacity_pages {
+            let Some(old) = order.pop_front() else { break };
+            map.remove(&old);
+        }
+        map.insert(digest, page);
+        order.push_back(digest);
+    }
+
+    fn contains(&self, digest: &PageDigest) -> bool {
+        self.inner.lock().unwrap().0.contains_key(digest)
+    }
+}
+
+/// Counters of a [`MemRetained`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MemRetainedStats {
+    pub(crate) pages: u64,
+    pub(crate) bytes: u64,
+}
+
+struct Held {
+    page: Bytes,
+    release_at: WireOffset,
+    unsealed: u32,
+}
+
+/// In-memory [`PageRetainer`] for the tests, playing the source gateway's part: `budget_bytes`
+/// of distinct pages, released by acknowledged wire offsets, resupplied on request.
+pub(crate) struct MemRetained {
+    budget_pages: usize,
+    pages: Mutex<HashMap<PageDigest, Held>>,
+    resupplied: AtomicU64,
+}
+
+impl MemRetained {
+    pub(crate) fn new(budget_bytes: usize) -> Self {
+        Self { budget_pages: budget_bytes / PAGE_SIZE, pages: Mutex::default(), resupplied: AtomicU64::new(0) }
+    }
+
+    /// The destination acknowledged the wire up to `acked`.
+    pub(crate) fn release(&self, acked: WireOffset) {
+        self.pages.lock().unwrap().retain(|_, h| h.unsealed > 0 || h.release_at > acked);
+    }
+
+    /// The page, counted as resupplied.
+    pub(crate) fn resupply(&self, digest: &PageDigest) -> Option<Bytes> {
+        let page = self.pages.lock().unwrap().get(digest).map(|h| h.page.clone())?;
+        self.resupplied.fetch_add(1, Ordering::Relaxed);
+        Some(page)
+    }
+
+    pub(crate) fn stats(&self) -> MemRetainedStats {
+        let pages = self.pages.lock().unwrap().len() as u64;
+        MemRetainedStats { pages, bytes: pages * PAGE_SIZE as u64 }
+    }
+}
+
+impl PageRetainer for MemRetained {
+    fn retain(&self, digest: PageDigest, page: &[u8]) -> bool {
+        let mut pages = self.pages.lock().unwrap();
+        if !pages.contains_key(&digest) && pages.len() >= self.budget_pages {
+            return false;
+        }
+        pages
+            .entry(digest)
+            .or_insert_with(|| Held { page: Bytes::copy_from_slice(page), release_at: WireOffset::ZERO, unsealed: 0 })
+            .unsealed += 1;
+        true
+    }
+
+    fn seal(&self, digests: &[PageDigest], end: WireOffset) {
+        let mut pages = self.pages.lock().unwrap();
+        for d in digests {
+            if let Some(h) = pages.get_mut(d) {
+                h.unsealed = h.unsealed.saturating_sub(1);
+                h.release_at = h.release_at.max(end);
+            }
+        }
+    }
+
+    fn resupplied_pages(&self) -> u64 {
+        self.resupplied.load(Ordering::Relaxed)
+    }
+}
+
+/// The retention budget the gateway uses by default (64 MiB per connection).
+const TEST_RETAIN_BUDGET: usize = 64 << 20;
+
+/// An encoder retaining advertised pages in a fresh [`MemRetained`] of the default budget.
+fn encoder(cfg: EncoderConfig, index: Arc<dyn DestinationIndex>) -> (Encoder, Arc<MemRetained>) {
+    let store = Arc::new(MemRetained::new(TEST_RETAIN_BUDGET));
+    (Encoder::new(cfg, index, store.clone()), store)
+}
 
 /// xorshift64*: deterministic, dependency-free test randomness.
 pub(crate) struct Rng(u64);
@@ -275,7 +401,18 @@ pub(crate) fn sample_multifd_stream(seed: u64, packets: usize, contents: &[Conte
 }
 
 pub(crate) fn encode_with(input: &[u8], cfg: EncoderConfig, index: Arc<dyn DestinationIndex>, splits: &mut dyn FnMut(usize) -> usize) -> (Vec<u8>, CodecStats) {
-    let mut enc = Encoder::new(cfg, index);
+    encode_retaining(input, cfg, index, Arc::new(MemRetained::new(TEST_RETAIN_BUDGET)), splits)
+}
+
+/// [`encode_with`], keeping advertised pages in `retained`.
+pub(crate) fn encode_retaining(
+    input: &[u8],
+    cfg: EncoderConfig,
+    index: Arc<dyn DestinationIndex>,
+    retained: Arc<dyn PageRetainer>,
+    splits: &mut dyn FnMut(usize) -> usize,
+) -> (Vec<u8>, CodecStats) {
+    let mut enc = Encoder::new(cfg, index, retained);
     let mut wire = Vec::new();
     let mut pos = 0;
     while pos < input.len() {
@@ -310,7 +447,7 @@ fn whole(n: usize) -> usize {
 
 pub(crate) fn round_trip(input: &[u8]) -> (Vec<u8>, CodecStats) {
     let (wire, stats) = encode_with(input, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
-    let out = decode_with(&wire, Arc::new(PageCache::new(64 << 20)), &mut whole).expect("decode");
+    let out = decode_with(&wire, Arc::new(MemPages::new(64 << 20)), &mut whole).expect("decode");
     assert_eq!(blake3::hash(&out), blake3::hash(input), "round trip must be byte-identical");
     assert_eq!(out.len(), input.len());
     (wire, stats)
@@ -380,8 +517,8 @@ fn opaque_round_trip() {
 #[test]
 fn flush_releases_bytes_held_for_detection() {
     // A source that sends 1 byte and waits for an answer must not stall in the encoder.
-    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex));
-    let mut dec = Decoder::new(Arc::new(PageCache::new(1 << 20)));
+    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex), Arc::new(NoRetainer));
+    let mut dec = Decoder::new(Arc::new(MemPages::new(1 << 20)));
     let (mut wire, mut out) = (Vec::new(), Vec::new());
     enc.push(b"Q", &mut wire);
     enc.flush(&mut wire);
@@ -466,7 +603,7 @@ fn every_split_point_small_streams() {
     for input in [&s.bytes[..], &multifd[..4096 * 3]] {
         let (ref_wire, _) = encode_with(input, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
         for cut in 0..=input.len() {
-            let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex));
+            let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex), Arc::new(NoRetainer));
             let mut wire = Vec::new();
             enc.push(&input[..cut], &mut wire);
             enc.push(&input[cut..], &mut wire);
@@ -477,14 +614,14 @@ fn every_split_point_small_streams() {
         let (wire1, _) = encode_with(input, EncoderConfig::default(), Arc::new(NoIndex), &mut one);
         assert!(wire1 == ref_wire, "byte-at-a-time encoding differs");
         for cut in 0..=ref_wire.len() {
-            let mut dec = Decoder::new(Arc::new(PageCache::new(1 << 20)));
+            let mut dec = Decoder::new(Arc::new(MemPages::new(1 << 20)));
             let mut out = Vec::new();
             dec.push(&ref_wire[..cut], &mut out).unwrap();
             dec.push(&ref_wire[cut..], &mut out).unwrap();
             dec.finish(&mut out).unwrap();
             assert!(out == input, "decoder split at {cut}");
         }
-        let out = decode_with(&ref_wire, Arc::new(PageCache::new(1 << 20)), &mut one).unwrap();
+        let out = decode_with(&ref_wire, Arc::new(MemPages::new(1 << 20)), &mut one).unwrap();
         assert!(out == input);
     }
 }
@@ -505,7 +642,7 @@ fn random_split_sizes_large_streams() {
             };
             let (wire, _) = encode_with(input, EncoderConfig::default(), Arc::new(NoIndex), &mut sizes);
             assert!(wire == ref_wire);
-            let out = decode_with(&wire, Arc::new(PageCache::new(64 << 20)), &mut sizes).unwrap();
+            let out = decode_with(&wire, Arc::new(MemPages::new(64 << 20)), &mut sizes).unwrap();
             assert_eq!(blake3::hash(&out), blake3::hash(input));
         }
     }
@@ -531,14 +668,15 @@ fn second_migration_with_advertisement_sends_far_less() {
         s.bytes
     };
     let first = build(&pages, &mut rng);
-    let cache = Arc::new(PageCache::new(64 << 20));
+    let cache = Arc::new(MemPages::new(64 << 20));
     let (wire1, st1) = encode_with(&first, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
     let out = decode_with(&wire1, cache.clone(), &mut whole).unwrap();
     assert!(out == first);
     assert_eq!(st1.literal_pages, 2000);
 
     // Destination advertises; the advert crosses the wire encoded.
-    let ad = Advertisement::decode(&cache.advertise(1 << 20, 65536).encode()).unwrap();
+    let advertised = Advertisement { session_window_pages: 65536, digests: DigestSet::from_digests(&cache.digests()) };
+    let ad = Advertisement::decode(&advertised.encode()).unwrap();
     assert_eq!(ad.digests.len(), 2000);
     let mut pages2 = pages.clone();
     for p in pages2.iter_mut().step_by(50) {
@@ -573,7 +711,7 @@ fn main_stream_of(pages: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
 /// Decodes like the tunnel does: pushes `chunk`-sized pieces, stops pushing while stalled,
 /// answers every need from `store` (the encoder's retained pages), and releases pages the
 /// decoder has consumed. Returns the output and the decoder.
-fn decode_resupplying(wire: &[u8], cache: Arc<dyn PageStore>, store: &RetainedPages, chunk: usize) -> (Vec<u8>, Decoder) {
+fn decode_resupplying(wire: &[u8], cache: Arc<dyn PageStore>, store: &MemRetained, chunk: usize) -> (Vec<u8>, Decoder) {
     let mut dec = Decoder::new(cache);
     let mut out = Vec::new();
     let mut pos = 0;
@@ -607,14 +745,13 @@ fn decoder_stalls_on_an_evicted_page_and_resumes_byte_identical_after_supply() {
     let input = main_stream_of(&pages, &mut rng);
     // The source believes the destination holds every page; the destination holds the odd ones.
     let idx = DigestSet::from_digests(&pages.iter().map(|p| PageDigest::of(p)).collect::<Vec<_>>());
-    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(idx));
+    let (mut enc, store) = encoder(EncoderConfig::default(), Arc::new(idx));
     let mut wire = Vec::new();
     enc.push(&input, &mut wire);
     enc.finish(&mut wire);
     assert_eq!(enc.stats().advertised_refs, 300);
-    let store = enc.retained();
     assert_eq!(store.stats().pages, 300);
-    let cache = Arc::new(PageCache::new(64 << 20));
+    let cache = Arc::new(MemPages::new(64 << 20));
     for p in pages.iter().skip(1).step_by(2) {
         cache.insert(PageDigest::of(p), bytes::Bytes::copy_from_slice(p));
     }
@@ -630,7 +767,7 @@ fn decoder_stalls_on_an_evicted_page_and_resumes_byte_identical_after_supply() {
     let expect: std::collections::HashSet<_> = pages.iter().step_by(2).map(|p| PageDigest::of(p)).collect();
     assert_eq!(needs.len(), 150);
     assert_eq!(needs.iter().copied().collect::<std::collections::HashSet<_>>(), expect);
-    assert!(dec.consumed() < wire.len() as u64);
+    assert!(dec.consumed() < WireOffset::new(wire.len() as u64));
     for (i, d) in needs.iter().enumerate() {
         dec.supply(*d, store.resupply(d).unwrap(), &mut out).unwrap();
         assert_eq!(dec.is_stalled(), i + 1 < needs.len(), "resumes once every page it waits for arrived");
@@ -638,7 +775,7 @@ fn decoder_stalls_on_an_evicted_page_and_resumes_byte_identical_after_supply() {
     assert!(dec.take_needs().is_empty());
     dec.finish(&mut out).unwrap();
     assert!(out == input, "round trip must be byte-identical");
-    assert_eq!(dec.consumed(), wire.len() as u64);
+    assert_eq!(dec.consumed(), WireOffset::new(wire.len() as u64));
     assert_eq!(dec.stats(), DecoderStats { stalls: 150, pages_requested: 150, pages_supplied: 150 });
     assert_eq!(enc.stats().resupplied_pages, 150);
     // Supplied pages enter the cache like literals.
@@ -648,15 +785,14 @@ fn decoder_stalls_on_an_evicted_page_and_resumes_byte_identical_after_supply() {
     // (Idle flushes every few pages make many batches.)
     for chunk in [1, 777, 64 << 10, usize::MAX] {
         let idx = DigestSet::from_digests(&pages.iter().map(|p| PageDigest::of(p)).collect::<Vec<_>>());
-        let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(idx));
+        let (mut enc, store) = encoder(EncoderConfig::default(), Arc::new(idx));
         let mut wire = Vec::new();
         for piece in input.chunks(5 * 4096) {
             enc.push(piece, &mut wire);
             enc.flush(&mut wire);
         }
         enc.finish(&mut wire);
-        let store = enc.retained();
-        let (out, dec) = decode_resupplying(&wire, Arc::new(PageCache::new(0)), &store, chunk);
+        let (out, dec) = decode_resupplying(&wire, Arc::new(MemPages::new(0)), &store, chunk);
         assert!(dec.stats().stalls > 10, "chunk {chunk}");
         assert_eq!(store.stats().pages, 0, "chunk {chunk}: everything acknowledged");
         assert!(out == input, "chunk {chunk}");
@@ -672,7 +808,7 @@ fn wrong_or_unrequested_supply_is_rejected() {
     let digests: Vec<PageDigest> = pages.iter().map(|p| PageDigest::of(p)).collect();
     let (wire, _) = encode_with(&input, EncoderConfig::default(), Arc::new(DigestSet::from_digests(&digests)), &mut whole);
     let stalled = || {
-        let mut dec = Decoder::new(Arc::new(PageCache::new(0)));
+        let mut dec = Decoder::new(Arc::new(MemPages::new(0)));
         let mut out = Vec::new();
         dec.push(&wire, &mut out).unwrap();
         assert_eq!(dec.take_needs(), digests);
@@ -706,7 +842,7 @@ fn input_pushed_while_stalled_is_bounded() {
     let input = main_stream_of(std::slice::from_ref(&p), &mut rng);
     let (wire, _) = encode_with(&input, EncoderConfig::default(), Arc::new(DigestSet::from_digests(&[PageDigest::of(&p)])), &mut whole);
     let cfg = DecoderConfig { max_stalled_input: 1000, ..DecoderConfig::default() };
-    let mut dec = Decoder::with_config(cfg, Arc::new(PageCache::new(0)));
+    let mut dec = Decoder::with_config(cfg, Arc::new(MemPages::new(0)));
     let mut out = Vec::new();
     dec.push(&wire, &mut out).unwrap();
     assert!(dec.is_stalled());
@@ -720,19 +856,20 @@ fn retention_budget_full_sends_advertised_pages_literally() {
     let pages: Vec<Vec<u8>> = (0..10).map(|_| page(&mut rng, Content::Random)).collect();
     let input = main_stream_of(&pages, &mut rng);
     let idx = DigestSet::from_digests(&pages.iter().map(|p| PageDigest::of(p)).collect::<Vec<_>>());
-    let budget = 3 * (PAGE_SIZE + retained::REF_COST);
-    let cfg = EncoderConfig { retain_budget_bytes: budget, ..EncoderConfig::default() };
-    let (wire, st) = encode_with(&input, cfg.clone(), Arc::new(idx.clone()), &mut whole);
+    let budget = 3 * PAGE_SIZE;
+    let cfg = EncoderConfig::default();
+    let (wire, st) = encode_retaining(&input, cfg.clone(), Arc::new(idx.clone()), Arc::new(MemRetained::new(budget)), &mut whole);
     assert_eq!((st.advertised_refs, st.unretained_literals, st.literal_pages), (3, 7, 7));
     // An empty destination cache still decodes it, asking only for the three references.
-    let mut dec = Decoder::new(Arc::new(PageCache::new(0)));
+    let mut dec = Decoder::new(Arc::new(MemPages::new(0)));
     let mut out = Vec::new();
     dec.push(&wire, &mut out).unwrap();
     assert_eq!(dec.take_needs().len(), 3);
 
     // No budget: no advertised references at all.
-    let cfg = EncoderConfig { retain_budget_bytes: 0, ..EncoderConfig::default() };
-    let (_, st) = encode_with(&input, cfg, Arc::new(idx), &mut whole);
+    let (_, st) = encode_retaining(&input, cfg.clone(), Arc::new(idx.clone()), Arc::new(MemRetained::new(0)), &mut whole);
+    assert_eq!((st.advertised_refs, st.literal_pages), (0, 10));
+    let (_, st) = encode_retaining(&input, cfg, Arc::new(idx), Arc::new(NoRetainer), &mut whole);
     assert_eq!((st.advertised_refs, st.literal_pages), (0, 10));
 }
 
@@ -743,18 +880,17 @@ fn retained_pages_are_released_by_the_acknowledged_wire_offset() {
     let input = main_stream_of(&pages, &mut rng);
     let idx = DigestSet::from_digests(&pages.iter().map(|p| PageDigest::of(p)).collect::<Vec<_>>());
     // Idle flushes spread the references over several batches.
-    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(idx));
+    let (mut enc, store) = encoder(EncoderConfig::default(), Arc::new(idx));
     let mut wire = Vec::new();
     for piece in input.chunks(8 * 4096) {
         enc.push(piece, &mut wire);
         enc.flush(&mut wire);
     }
     enc.finish(&mut wire);
-    let store = enc.retained();
     assert_eq!(store.stats().pages, 64);
     // A destination holding every page decodes without a miss; as it acknowledges more of the
     // wire, the source holds fewer pages, and none once everything is acknowledged.
-    let cache = Arc::new(PageCache::new(64 << 20));
+    let cache = Arc::new(MemPages::new(64 << 20));
     for p in &pages {
         cache.insert(PageDigest::of(p), bytes::Bytes::copy_from_slice(p));
     }
@@ -774,7 +910,7 @@ fn retained_pages_are_released_by_the_acknowledged_wire_offset() {
     dec.finish(&mut out).unwrap();
     assert!(out == input);
     assert!(partial, "pages are released batch by batch");
-    assert_eq!(dec.consumed(), wire.len() as u64);
+    assert_eq!(dec.consumed(), WireOffset::new(wire.len() as u64));
     assert_eq!(store.stats().pages, 0);
     assert_eq!(store.stats().bytes, 0);
 }
@@ -796,7 +932,7 @@ fn evicted_advertised_page_is_a_clean_missing_page_error() {
     let idx = DigestSet::from_digests(&[PageDigest::of(&p)]);
     let (wire, st) = encode_with(&s.bytes, EncoderConfig::default(), Arc::new(idx), &mut whole);
     assert_eq!(st.advertised_refs, 1);
-    let (err, released) = decode_with(&wire, Arc::new(PageCache::new(1 << 20)), &mut whole).unwrap_err();
+    let (err, released) = decode_with(&wire, Arc::new(MemPages::new(1 << 20)), &mut whole).unwrap_err();
     assert!(matches!(err, DecodeError::MissingPage(d) if d == PageDigest::of(&p)), "{err}");
     assert!(released.is_empty(), "nothing of a main channel may be released before verification");
 }
@@ -822,14 +958,14 @@ fn session_window_survives_cache_eviction() {
     }
     let (wire, st) = encode_with(&input, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
     assert_eq!((st.literal_pages, st.window_refs), (50, 100));
-    let out = decode_with(&wire, Arc::new(PageCache::new(2 * PAGE_SIZE)), &mut whole).unwrap();
+    let out = decode_with(&wire, Arc::new(MemPages::new(2 * PAGE_SIZE)), &mut whole).unwrap();
     assert!(out == input);
 
     // A window smaller than the working set: the encoder re-sends, never dangles.
     let cfg = EncoderConfig { session_window_pages: 10, ..EncoderConfig::default() };
     let (wire, st) = encode_with(&input, cfg, Arc::new(NoIndex), &mut whole);
     assert_eq!(st.literal_pages, 150);
-    let out = decode_with(&wire, Arc::new(PageCache::new(0)), &mut whole).unwrap();
+    let out = decode_with(&wire, Arc::new(MemPages::new(0)), &mut whole).unwrap();
     assert!(out == input);
 }
 
@@ -837,7 +973,7 @@ fn session_window_survives_cache_eviction() {
 fn window_larger_than_decoder_limit_is_refused() {
     let cfg = EncoderConfig { session_window_pages: 1 << 20, ..EncoderConfig::default() };
     let (wire, _) = encode_with(b"hello", cfg, Arc::new(NoIndex), &mut whole);
-    let err = decode_with(&wire, Arc::new(PageCache::new(0)), &mut whole).unwrap_err().0;
+    let err = decode_with(&wire, Arc::new(MemPages::new(0)), &mut whole).unwrap_err().0;
     assert!(matches!(err, DecodeError::WindowTooLarge { .. }), "{err}");
 }
 
@@ -845,11 +981,11 @@ fn window_larger_than_decoder_limit_is_refused() {
 fn main_channel_end_is_held_until_verified() {
     let s = sample_main_stream(13, 300);
     let eof = s.eof_at.unwrap();
-    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex));
+    let mut enc = Encoder::new(EncoderConfig::default(), Arc::new(NoIndex), Arc::new(NoRetainer));
     let mut wire = Vec::new();
     enc.push(&s.bytes, &mut wire);
     // Without a flush/finish the decoder can't release anything of a short main channel.
-    let mut dec = Decoder::new(Arc::new(PageCache::new(1 << 20)));
+    let mut dec = Decoder::new(Arc::new(MemPages::new(1 << 20)));
     let mut out = Vec::new();
     dec.push(&wire, &mut out).unwrap();
     assert!(out.len() <= eof);
@@ -871,10 +1007,10 @@ fn main_channel_end_is_held_until_verified() {
 
     // Each full batch is verified and released on its own, long before the trailer.
     let m = sample_multifd_stream(14, 8, &[Content::Random]);
-    let mut enc = Encoder::new(EncoderConfig { batch_pages: 64, ..EncoderConfig::default() }, Arc::new(NoIndex));
+    let mut enc = Encoder::new(EncoderConfig { batch_pages: 64, ..EncoderConfig::default() }, Arc::new(NoIndex), Arc::new(NoRetainer));
     let mut wire = Vec::new();
     enc.push(&m, &mut wire);
-    let mut dec = Decoder::new(Arc::new(PageCache::new(1 << 20)));
+    let mut dec = Decoder::new(Arc::new(MemPages::new(1 << 20)));
     let mut out = Vec::new();
     dec.push(&wire, &mut out).unwrap();
     assert!(out.len() > m.len() / 2 && out[..] == m[..out.len()]);
@@ -908,7 +1044,7 @@ fn unverified_bytes_never_reach_the_callers_buffer() {
     assert!(checkpoints.len() >= 2, "{checkpoints:?}");
     let ((_, _, len0), (cp1, cp1_len, len1)) = (checkpoints[0], checkpoints[1]);
     for corrupt in [false, true] {
-        let mut dec = Decoder::new(Arc::new(PageCache::new(1 << 20)));
+        let mut dec = Decoder::new(Arc::new(MemPages::new(1 << 20)));
         let mut out = b"caller".to_vec();
         // Up to the second batch's checkpoint, without it.
         dec.push(&wire[..cp1], &mut out).unwrap();
@@ -932,7 +1068,7 @@ fn unverified_bytes_never_reach_the_callers_buffer() {
 /// Decodes in one push, returning what was released even on error.
 fn decode_gated(wire: &[u8]) -> (Result<(), DecodeError>, Vec<u8>) {
     let cfg = DecoderConfig { max_unverified_bytes: 4 << 20, ..DecoderConfig::default() };
-    let mut dec = Decoder::with_config(cfg, Arc::new(PageCache::new(1 << 20)));
+    let mut dec = Decoder::with_config(cfg, Arc::new(MemPages::new(1 << 20)));
     let mut out = Vec::new();
     let r = dec.push(wire, &mut out).and_then(|()| dec.finish(&mut out));
     (r, out)
@@ -984,7 +1120,7 @@ fn hostile_lengths_fail_without_allocating() {
     put_varint(&mut w, 10);
     put_varint(&mut w, 1);
     put_varint(&mut w, 4 << 30);
-    let mut dec = Decoder::new(Arc::new(PageCache::new(0)));
+    let mut dec = Decoder::new(Arc::new(MemPages::new(0)));
     let mut out = Vec::new();
     let e = dec.push(&w, &mut out).unwrap_err();
     assert!(matches!(e, DecodeError::Frame { .. }), "{e}");
@@ -997,7 +1133,7 @@ fn hostile_lengths_fail_without_allocating() {
     frame::BatchHeader { compressed: false, stream_offset: 0, n_literal: 0, verbatim_len: 0, ops_len: ops.len(), body_len: ops.len() }
         .encode(&mut w);
     w.extend_from_slice(&ops);
-    let mut dec = Decoder::new(Arc::new(PageCache::new(0)));
+    let mut dec = Decoder::new(Arc::new(MemPages::new(0)));
     assert!(dec.push(&w, &mut out).is_err());
     assert!(out.is_empty());
 }
@@ -1032,7 +1168,7 @@ fn fuzz_decoder_never_panics() {
                 }
             }
             let mut sizes = |left: usize| 1 + rng.below(left.min(3000));
-            if let Ok(out) = decode_with(&bad, Arc::new(PageCache::new(1 << 20)), &mut sizes) {
+            if let Ok(out) = decode_with(&bad, Arc::new(MemPages::new(1 << 20)), &mut sizes) {
                 assert!(&out == input, "a mutated wire decoded to different bytes without error");
             }
         }
@@ -1047,7 +1183,7 @@ fn fuzz_decoder_never_panics() {
             w.extend_from_slice(&noise);
             noise = w;
         }
-        assert!(decode_with(&noise, Arc::new(PageCache::new(1 << 20)), &mut whole).is_err());
+        assert!(decode_with(&noise, Arc::new(MemPages::new(1 << 20)), &mut whole).is_err());
     }
 }
 
@@ -1076,7 +1212,7 @@ fn fuzz_encoder_mutated_qemu_streams_round_trip() {
         }
         let mut sizes = |left: usize| 1 + rng.below(left.min(9000));
         let (wire, _) = encode_with(&input, EncoderConfig::default(), Arc::new(NoIndex), &mut sizes);
-        let out = decode_with(&wire, Arc::new(PageCache::new(1 << 20)), &mut whole).unwrap();
+        let out = decode_with(&wire, Arc::new(MemPages::new(1 << 20)), &mut whole).unwrap();
         assert!(out == input);
     }
 }
@@ -1127,7 +1263,7 @@ fn cpu_now() -> std::time::Duration {
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Throughput of encode and decode (run: `cargo test -p ferry-gateway --release --lib codec::tests::bench -- --ignored --nocapture`).
+/// Throughput of encode and decode (run: `cargo test -p ferry-codec --release --lib tests::bench -- --ignored --nocapture`).
 /// Times are the thread's CPU time, so MB/s are per core even when other work shares the CPU;
 /// each case runs 3 times and the best is reported (cache and memory-bus contention from other
 /// work can still only slow a run down).
@@ -1205,7 +1341,7 @@ fn bench_throughput() {
         for _ in 0..runs {
             wire.clear();
             let t = cpu_now();
-            let mut enc = Encoder::new(cfg.clone(), Arc::new(NoIndex));
+            let mut enc = Encoder::new(cfg.clone(), Arc::new(NoIndex), Arc::new(NoRetainer));
             for c in input.chunks(64 << 10) {
                 enc.push(c, &mut buf);
                 wire.extend_from_slice(&buf);
@@ -1219,7 +1355,7 @@ fn bench_throughput() {
             // Only the decoder's calls are timed; the output is compared with the input between them.
             let mut td = std::time::Duration::ZERO;
             let t = cpu_now();
-            let mut dec = Decoder::new(Arc::new(PageCache::new(512 << 20)));
+            let mut dec = Decoder::new(Arc::new(MemPages::new(512 << 20)));
             td += cpu_now() - t;
             let mut total = 0;
             for c in wire.chunks(64 << 10) {

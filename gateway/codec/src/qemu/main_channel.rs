@@ -19,7 +19,7 @@
 //! recognised by its `0x7e` byte, which is never a top-level section type.
 
 use super::{be16, be32, be64, Token, Tokenizer};
-use crate::codec::PAGE_SIZE;
+use crate::PAGE_SIZE;
 
 /// "QEVM".
 pub const QEMU_VM_FILE_MAGIC: u32 = 0x5145_564d;

@@ -1,13 +1,13 @@
 //! What the source believes the destination holds.
 //!
-//! The destination gateway exports an [`Advertisement`] from its [`PageCache`](super::PageCache)
+//! The destination gateway exports an [`Advertisement`] from its page cache
 //! at session start: the session window it accepts and a set of 16-byte digest prefixes. The
 //! source's [`Encoder`](super::Encoder) consults it through [`DestinationIndex`].
 //!
 //! Why prefixes are safe: the encoder's reference still carries the *full* 32-byte digest, and the
 //! decoder looks pages up by full digest. A prefix that matches by accident (≈ n²/2¹²⁹) or a page
 //! evicted since the advert makes the decoder ask the source for the page, which it kept for that
-//! ([`RetainedPages`](super::RetainedPages)): a round trip, never wrong bytes. 16 bytes per page
+//! ([`PageRetainer`](crate::PageRetainer)): a round trip, never wrong bytes. 16 bytes per page
 //! keeps an advert of a 4 GiB cache (1 Mi pages) at 16 MiB.
 //!
 //! Wire form: `"FRYA" u8 version(=1) varint session_window_pages varint count  count × u8[16]`.
@@ -16,13 +16,13 @@ use std::collections::HashSet;
 
 use thiserror::Error;
 
-use crate::codec::frame::{get_varint, put_varint, MAX_SESSION_WINDOW};
-use crate::codec::PageDigest;
+use crate::frame::{get_varint, put_varint, MAX_SESSION_WINDOW};
+use crate::PageDigest;
 
 /// Source-side view of the destination's page store.
 pub trait DestinationIndex: Send + Sync {
     /// Whether the destination (probably) holds this page. A wrong `true` costs a resupply round
-    /// trip (see [`RetainedPages`](super::RetainedPages)), never corruption.
+    /// trip (see [`PageRetainer`](crate::PageRetainer)), never corruption.
     fn may_contain(&self, digest: &PageDigest) -> bool;
 }
 
@@ -33,45 +33,6 @@ pub struct NoIndex;
 impl DestinationIndex for NoIndex {
     fn may_contain(&self, _digest: &PageDigest) -> bool {
         false
-    }
-}
-
-/// A destination index that starts empty and is filled when the destination's advertisement
-/// arrives, one round trip after the connection opened; until then only the session window yields
-/// references.
-#[derive(Debug, Default)]
-pub struct AdvertisedIndex {
-    set: std::sync::RwLock<DigestSet>,
-    /// The peer decoder's largest accepted session window, once advertised.
-    window: std::sync::OnceLock<u64>,
-}
-
-impl AdvertisedIndex {
-    /// Installs the destination's advertisement.
-    pub fn install(&self, advertisement: Advertisement) {
-        let _ = self.window.set(advertisement.session_window_pages);
-        *self.set.write().unwrap_or_else(|e| e.into_inner()) = advertisement.digests;
-    }
-
-    /// The session window the peer's decoders accept, if it advertised yet.
-    pub fn session_window_pages(&self) -> Option<u64> {
-        self.window.get().copied()
-    }
-
-    /// Number of advertised pages.
-    pub fn len(&self) -> usize {
-        self.set.read().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether nothing was advertised (yet).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl DestinationIndex for AdvertisedIndex {
-    fn may_contain(&self, digest: &PageDigest) -> bool {
-        self.set.read().unwrap_or_else(|e| e.into_inner()).contains_prefix(&digest.prefix())
     }
 }
 

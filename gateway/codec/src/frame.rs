@@ -25,7 +25,7 @@
 
 use thiserror::Error;
 
-use crate::codec::PAGE_SIZE;
+use crate::PAGE_SIZE;
 
 /// Preamble magic.
 pub const MAGIC: [u8; 4] = *b"FRYC";

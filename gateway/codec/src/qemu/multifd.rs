@@ -13,7 +13,7 @@
 //! `next_packet_size` that disagrees with `normal_pages × 4096`.
 
 use super::{be32, Token, Tokenizer};
-use crate::codec::PAGE_SIZE;
+use crate::PAGE_SIZE;
 
 /// `MULTIFD_MAGIC`.
 pub const MULTIFD_MAGIC: u32 = 0x1122_3344;

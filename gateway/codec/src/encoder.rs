@@ -6,26 +6,27 @@
 //! (opaque mode), so the round trip is exact for *any* byte stream.
 //!
 //! Memory is bounded by the batch thresholds, one partial QEMU record (≤ 4 KiB + header), the
-//! session window index (digests only, no page data), and the pages retained for resupply
-//! ([`EncoderConfig::retain_budget_bytes`], see [`RetainedPages`]).
+//! session window index (digests only, no page data), and the pages retained for resupply (held
+//! by the [`PageRetainer`] the encoder was given, within its budget).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
 
-use crate::codec::digest_set::DestinationIndex;
-use crate::codec::frame::{
+use crate::digest_set::DestinationIndex;
+use crate::frame::{
     self, encode_digest_frame, put_varint, BatchHeader, Preamble, MAX_BATCH_LITERAL, MAX_BATCH_PAGE_OPS,
     MAX_BATCH_VERBATIM, MAX_SESSION_WINDOW,
 };
-use crate::codec::qemu::main_channel::MainChannelTokenizer;
-use crate::codec::qemu::multifd::MultifdTokenizer;
-use crate::codec::qemu::{Token, Tokenizer};
-use crate::codec::page_hash;
-use crate::codec::retained::RetainedPages;
-use crate::codec::stream_hash::StreamHasher;
-use crate::codec::{is_zero_page, PageDigest, PAGE_SIZE};
+use crate::qemu::main_channel::MainChannelTokenizer;
+use crate::qemu::multifd::MultifdTokenizer;
+use crate::qemu::{Token, Tokenizer};
+use crate::page_hash;
+use crate::offset::WireOffset;
+use crate::stores::PageRetainer;
+use crate::stream_hash::StreamHasher;
+use crate::{is_zero_page, PageDigest, PAGE_SIZE};
 
 /// Largest `NeedMore` a tokenizer may ask for; anything larger is a tokenizer bug and is handled
 /// by going opaque rather than by buffering without bound.
@@ -63,14 +64,7 @@ pub struct EncoderConfig {
     /// ([`Advertisement::session_window_pages`](super::Advertisement)). 0 disables in-session
     /// references.
     pub session_window_pages: u64,
-    /// Most bytes of advertised pages kept so the destination can ask for them again (see
-    /// [`RetainedPages`]). An advertised page is only referenced if it fits; otherwise it goes
-    /// literally. 0 disables references to advertised pages.
-    pub retain_budget_bytes: usize,
 }
-
-/// Default [`EncoderConfig::retain_budget_bytes`]: 64 MiB per connection.
-pub const DEFAULT_RETAIN_BUDGET: usize = 64 << 20;
 
 impl Default for EncoderConfig {
     fn default() -> Self {
@@ -79,7 +73,6 @@ impl Default for EncoderConfig {
             batch_pages: 256,
             batch_verbatim_bytes: 1 << 20,
             session_window_pages: 65536,
-            retain_budget_bytes: DEFAULT_RETAIN_BUDGET,
         }
     }
 }
@@ -117,7 +110,7 @@ pub struct CodecStats {
     /// Advertised pages sent literally because the retention budget was full.
     pub unretained_literals: u64,
     /// Advertised pages sent again because the destination no longer held them (counted by the
-    /// shared [`RetainedPages`] store, as the destination asks for them).
+    /// [`PageRetainer`], as the destination asks for them).
     pub resupplied_pages: u64,
     /// Pages sent literally (zstd-compressed in batches).
     pub literal_pages: u64,
@@ -216,7 +209,7 @@ impl SessionWindow {
     }
 }
 
-/// Source-side encoder. See the [module docs](self) and [`crate::codec`].
+/// Source-side encoder. See the [module docs](self) and [crate docs](crate).
 pub struct Encoder {
     cfg: EncoderConfig,
     dest_index: Arc<dyn DestinationIndex>,
@@ -242,7 +235,7 @@ pub struct Encoder {
     digests: Vec<PageDigest>,
     stats: CodecStats,
     /// Copies of referenced advertised pages, shared with whoever answers the destination.
-    retained: Arc<RetainedPages>,
+    retained: Arc<dyn PageRetainer>,
     /// `(stats.wire_bytes_out, out.len())` when the current public call started: turns a
     /// position in the caller's `out` into a wire offset.
     call_base: (u64, usize),
@@ -257,15 +250,16 @@ impl std::fmt::Debug for Encoder {
 impl Encoder {
     /// A new encoder for one connection. `dest_index` says which pages the destination already
     /// holds (e.g. a [`DigestSet`](super::DigestSet) from its advertisement, or
-    /// [`NoIndex`](super::NoIndex)).
-    pub fn new(mut cfg: EncoderConfig, dest_index: Arc<dyn DestinationIndex>) -> Self {
+    /// [`NoIndex`](super::NoIndex)). `retained` keeps a copy of every advertised page the encoder
+    /// refers to until the destination acknowledged the batch (see [`PageRetainer`]); with
+    /// [`NoRetainer`](crate::stores::NoRetainer) the encoder never refers to advertised pages.
+    pub fn new(mut cfg: EncoderConfig, dest_index: Arc<dyn DestinationIndex>, retained: Arc<dyn PageRetainer>) -> Self {
         cfg.batch_pages = cfg.batch_pages.clamp(1, MAX_BATCH_LITERAL);
         cfg.batch_verbatim_bytes = cfg.batch_verbatim_bytes.clamp(1, MAX_BATCH_VERBATIM);
         cfg.session_window_pages = cfg.session_window_pages.min(MAX_SESSION_WINDOW);
         // If zstd can't set up a context (out of memory), batches go uncompressed: still correct.
         let zstd = zstd::stream::raw::Encoder::new(cfg.zstd_level).ok();
         let window = SessionWindow::new(cfg.session_window_pages as usize);
-        let retained = Arc::new(RetainedPages::new(cfg.retain_budget_bytes));
         Self {
             cfg,
             dest_index,
@@ -303,13 +297,6 @@ impl Encoder {
         }
     }
 
-    /// The store of advertised pages this encoder referred to: answer the destination's requests
-    /// with [`RetainedPages::resupply`] and pass its acknowledged wire offsets to
-    /// [`RetainedPages::release`]. Wire offsets count every byte this encoder produced.
-    pub fn retained(&self) -> Arc<RetainedPages> {
-        self.retained.clone()
-    }
-
     /// Counters and mode.
     pub fn stats(&self) -> CodecStats {
         let mut s = self.stats.clone();
@@ -320,7 +307,7 @@ impl Encoder {
             Kind::Multifd(_) => StreamMode::Multifd,
             Kind::Opaque => StreamMode::Opaque,
         };
-        s.resupplied_pages = self.retained.stats().resupplied;
+        s.resupplied_pages = self.retained.resupplied_pages();
         s
     }
 
@@ -359,7 +346,7 @@ impl Encoder {
 
     /// The source went idle: flushes the pending batch (and its checkpoint) so the destination
     /// gets every byte read so far. Call it whenever the source connection has been idle for a few
-    /// milliseconds (see [`crate::codec`]); cheap if nothing changed.
+    /// milliseconds (see [crate docs](crate)); cheap if nothing changed.
     pub fn flush(&mut self, out: &mut Vec<u8>) {
         if self.finished {
             return;
@@ -645,7 +632,7 @@ impl Encoder {
         }
         if !b.retained.is_empty() {
             // The destination has decoded this batch once it acknowledges the wire up to here.
-            let end = self.call_base.0 + (out.len() - self.call_base.1) as u64;
+            let end = WireOffset::new(self.call_base.0 + (out.len() - self.call_base.1) as u64);
             self.retained.seal(&b.retained, end);
         }
         self.stats.batches += 1;

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use blake3::platform::Platform;
 use blake3::IncrementCounter;
 
-use crate::codec::{PageDigest, PAGE_SIZE};
+use crate::{PageDigest, PAGE_SIZE};
 
 /// blake3's IV (the SHA-256 IV), the key of unkeyed hashing.
 const IV: [u32; 8] = [0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19];
@@ -90,7 +90,7 @@ mod tests {
 
     #[test]
     fn same_as_blake3_hash_for_every_count() {
-        let mut rng = crate::codec::tests::Rng::new(3);
+        let mut rng = crate::tests::Rng::new(3);
         let pages: Vec<[u8; PAGE_SIZE]> = (0..40)
             .map(|i| {
                 let mut p = [0u8; PAGE_SIZE];

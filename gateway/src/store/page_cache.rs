@@ -1,33 +1,21 @@
 //! Destination page store: content-addressed 4 KiB pages, bounded, shared by every migration
 //! through a gateway.
 //!
-//! [`PageStore`] is the consumer-side trait the decoder uses; [`PageCache`] is the in-memory
-//! backend (CLOCK eviction, capacity in bytes). Pages are [`Bytes`] handles, so a decoder that keeps
+//! [`PageStore`] is the consumer-side trait the decoder uses (defined by the codec); [`PageCache`]
+//! is the in-memory backend (CLOCK eviction, capacity in bytes), optionally persisted in a
+//! [`PageDir`]. Pages are [`Bytes`] handles, so a decoder that keeps
 //! a page in its session window shares the allocation with the cache, and eviction from the cache
 //! never invalidates a page a running session still relies on.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use bytes::Bytes;
+use ferry_codec::{Advertisement, DigestSet, PageDigest, PageStore, PAGE_SIZE};
+use parking_lot::{Mutex, MutexGuard};
 
-use std::path::Path;
-
-use crate::codec::digest_set::{Advertisement, DigestSet};
-use crate::codec::page_dir::{PageDir, PageDirError, PageDirStats};
-use crate::codec::{PageDigest, PAGE_SIZE};
-
-/// A content-addressed page store (destination side).
-pub trait PageStore: Send + Sync {
-    /// The page with this digest, if held.
-    fn get(&self, digest: &PageDigest) -> Option<Bytes>;
-    /// Stores a page. `digest` must be the blake3 of `page` (callers compute it themselves).
-    /// A store may decline (full, or write failure); that is never an error for the caller.
-    fn insert(&self, digest: PageDigest, page: Bytes);
-    /// Whether the page is held.
-    fn contains(&self, digest: &PageDigest) -> bool;
-}
+use crate::store::page_dir::{PageDir, PageDirError, PageDirStats};
 
 /// Counters of a [`PageCache`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -112,10 +100,10 @@ impl PageCache {
         self.dir.as_ref().map(PageDir::stats)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the map inconsistent in a way that matters
-        // for a cache (worst case a stale ring entry), so poisoning is ignored.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        // for a cache (worst case a stale ring entry); parking_lot's lock does not poison.
+        self.inner.lock()
     }
 
     /// Counters.
@@ -210,7 +198,7 @@ impl PageStore for PageCache {
 mod tests {
     use super::*;
 
-    use crate::codec::numbered_test_page as page;
+    use crate::store::numbered_test_page as page;
 
     #[test]
     fn bounded_with_clock_eviction() {

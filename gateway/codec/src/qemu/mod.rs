@@ -15,7 +15,7 @@ pub mod multifd;
 pub enum Token {
     /// The next `n` (≥ 1, ≤ offered) bytes travel verbatim.
     Verbatim(usize),
-    /// The next [`PAGE_SIZE`](crate::codec::PAGE_SIZE) bytes are one guest page.
+    /// The next [`PAGE_SIZE`](crate::PAGE_SIZE) bytes are one guest page.
     Page,
     /// At least this many bytes (counted from the start of the offered slice) are needed.
     NeedMore(usize),

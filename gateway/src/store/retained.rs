@@ -11,16 +11,19 @@
 //! Bounded: retained bytes (4 KiB per page plus [`REF_COST`] per reference) never exceed the
 //! budget; when it is full the encoder sends the page literally instead.
 //!
-//! Shared between the encoder (which retains and seals) and whatever answers the destination's
-//! requests and receives its acknowledgements, hence the internal lock.
+//! Shared between the encoder (which retains and seals, through [`PageRetainer`]) and the flow's
+//! control reader (which answers the destination's requests and receives its acknowledgements),
+//! hence the internal lock.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use bytes::Bytes;
+use ferry_codec::{PageDigest, PageRetainer, WireOffset, PAGE_SIZE};
+use parking_lot::{Mutex, MutexGuard};
 
-use crate::codec::{PageDigest, PAGE_SIZE};
+/// Default retention budget (`[cache] resupply_budget`): 64 MiB per connection.
+pub const DEFAULT_RETAIN_BUDGET: usize = 64 << 20;
 
 /// Bookkeeping charged against the budget for each retained reference (queue entry and map
 /// overhead), so a stream of repeated references cannot grow the store past its budget either.
@@ -30,7 +33,7 @@ struct Held {
     page: Bytes,
     /// Wire offset the destination must acknowledge before the page may go (the end of the last
     /// sealed batch referring to it).
-    release_at: u64,
+    release_at: WireOffset,
     /// References in batches not yet written (retained, not sealed): while any, never released.
     unsealed: u32,
 }
@@ -39,7 +42,7 @@ struct Held {
 struct Inner {
     pages: HashMap<PageDigest, Held>,
     /// One entry per sealed reference, in wire order (so release offsets are non-decreasing).
-    queue: VecDeque<(u64, PageDigest)>,
+    queue: VecDeque<(WireOffset, PageDigest)>,
     bytes: usize,
 }
 
@@ -77,47 +80,15 @@ impl RetainedPages {
         Self { inner: Mutex::new(Inner::default()), budget: budget_bytes, resupplied: AtomicU64::new(0) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // Every update leaves the maps consistent before it can panic, so a poisoned lock's data
-        // is still usable.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Retains `page` for a reference in the batch being built. Returns false, retaining
-    /// nothing, if the budget cannot take it: the caller must then send the page literally.
-    /// Every successful call must be followed by a [`seal`](Self::seal) naming `digest` once the
-    /// batch is written; until then the page is never released.
-    pub fn retain(&self, digest: PageDigest, page: &[u8]) -> bool {
-        let mut g = self.lock();
-        let held = g.pages.contains_key(&digest);
-        let cost = REF_COST + if held { 0 } else { PAGE_SIZE };
-        if g.bytes + cost > self.budget {
-            return false;
-        }
-        g.bytes += cost;
-        g.pages
-            .entry(digest)
-            .or_insert_with(|| Held { page: Bytes::copy_from_slice(page), release_at: 0, unsealed: 0 })
-            .unsealed += 1;
-        true
-    }
-
-    /// The batch whose references retained `digests` ends at wire offset `end`: each page may go
-    /// once the destination acknowledged `end` (unless a later batch referenced it again).
-    pub fn seal(&self, digests: &[PageDigest], end: u64) {
-        let mut g = self.lock();
-        for d in digests {
-            if let Some(h) = g.pages.get_mut(d) {
-                h.unsealed = h.unsealed.saturating_sub(1);
-                h.release_at = h.release_at.max(end);
-            }
-            g.queue.push_back((end, *d));
-        }
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every update leaves the maps consistent before it can panic; parking_lot's lock does
+        // not poison.
+        self.inner.lock()
     }
 
     /// The destination acknowledged the flow's wire stream up to `acked` (it fully decoded every
     /// frame before it): releases the pages no reference beyond it needs.
-    pub fn release(&self, acked: u64) {
+    pub fn release(&self, acked: WireOffset) {
         let mut g = self.lock();
         while let Some(&(end, d)) = g.queue.front() {
             if end > acked {
@@ -156,10 +127,48 @@ impl RetainedPages {
     }
 }
 
+impl PageRetainer for RetainedPages {
+    /// Retains `page` for a reference in the batch being built. Returns false, retaining
+    /// nothing, if the budget cannot take it: the caller must then send the page literally.
+    /// Every successful call must be followed by a [`seal`](PageRetainer::seal) naming `digest` once the
+    /// batch is written; until then the page is never released.
+    fn retain(&self, digest: PageDigest, page: &[u8]) -> bool {
+        let mut g = self.lock();
+        let held = g.pages.contains_key(&digest);
+        let cost = REF_COST + if held { 0 } else { PAGE_SIZE };
+        if g.bytes + cost > self.budget {
+            return false;
+        }
+        g.bytes += cost;
+        g.pages
+            .entry(digest)
+            .or_insert_with(|| Held { page: Bytes::copy_from_slice(page), release_at: WireOffset::ZERO, unsealed: 0 })
+            .unsealed += 1;
+        true
+    }
+
+    /// The batch whose references retained `digests` ends at wire offset `end`: each page may go
+    /// once the destination acknowledged `end` (unless a later batch referenced it again).
+    fn seal(&self, digests: &[PageDigest], end: WireOffset) {
+        let mut g = self.lock();
+        for d in digests {
+            if let Some(h) = g.pages.get_mut(d) {
+                h.unsealed = h.unsealed.saturating_sub(1);
+                h.release_at = h.release_at.max(end);
+            }
+            g.queue.push_back((end, *d));
+        }
+    }
+
+    fn resupplied_pages(&self) -> u64 {
+        self.resupplied.load(Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::numbered_test_page as page;
+    use crate::store::numbered_test_page as page;
 
     #[test]
     fn pages_live_until_the_last_batch_referring_to_them_is_acknowledged() {
@@ -168,17 +177,17 @@ mod tests {
         let (d1, p1) = page(1);
         assert!(store.retain(d0, &p0));
         assert!(store.retain(d1, &p1));
-        store.seal(&[d0, d1], 100);
+        store.seal(&[d0, d1], WireOffset::new(100));
         // Referenced again in a batch not yet written: an ack of the first batch keeps it.
         assert!(store.retain(d0, &p0));
-        store.release(100);
+        store.release(WireOffset::new(100));
         assert_eq!(store.get(&d0).as_deref(), Some(&p0[..]));
         assert_eq!(store.get(&d1), None);
-        store.seal(&[d0], 250);
-        store.release(249);
+        store.seal(&[d0], WireOffset::new(250));
+        store.release(WireOffset::new(249));
         assert!(store.get(&d0).is_some());
         assert_eq!(store.resupply(&d0).as_deref(), Some(&p0[..]));
-        store.release(250);
+        store.release(WireOffset::new(250));
         assert_eq!(store.get(&d0), None);
         let s = store.stats();
         assert_eq!((s.pages, s.bytes, s.resupplied), (0, 0, 1));
@@ -194,8 +203,8 @@ mod tests {
         assert!(store.retain(d1, &p1));
         assert!(!store.retain(d2, &p2));
         assert_eq!(store.get(&d2), None);
-        store.seal(&[d0, d1], 10);
-        store.release(10);
+        store.seal(&[d0, d1], WireOffset::new(10));
+        store.release(WireOffset::new(10));
         assert!(store.retain(d2, &p2));
         assert!(store.stats().bytes <= store.stats().budget);
         assert!(!RetainedPages::new(0).retain(d0, &p0));

@@ -90,7 +90,7 @@ mod tests {
         for (i, b) in data.iter_mut().enumerate() {
             *b = (i * 31 % 251) as u8;
         }
-        let mut rng = crate::codec::tests::Rng::new(1);
+        let mut rng = crate::tests::Rng::new(1);
         for _ in 0..50 {
             let mut h = StreamHasher::new();
             let mut pos = 0;

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 
-use crate::codec::{PageDigest, PAGE_SIZE};
+use ferry_codec::{PageDigest, PAGE_SIZE};
 
 /// Operations queued for the writer thread before pages are dropped instead.
 const QUEUE: usize = 8192;
@@ -170,7 +170,7 @@ fn write_page(root: &Path, digest: &PageDigest, page: &[u8]) -> std::io::Result<
 mod tests {
     use super::*;
 
-    use crate::codec::numbered_test_page as page;
+    use crate::store::numbered_test_page as page;
 
     #[test]
     fn pages_survive_a_reopen_and_damage_is_discarded() {
