@@ -200,3 +200,40 @@ impl BlockingQmp {
         self.client.drain_events()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_qemu::FakeQemu;
+    use serde_json::json;
+
+    #[test]
+    fn blocking_calls_reach_qemu_and_drop_is_allowed_in_async_code() {
+        let fake = FakeQemu::start(Box::new(|name, _| match name {
+            "query-status" => Ok(json!({"status": "running", "running": true})),
+            "stop" => Ok(json!({})),
+            other => Err(("CommandNotFound".into(), format!("no {other}"))),
+        }));
+        let qmp = BlockingQmp::connect(&fake.path, Duration::from_secs(5)).expect("connect");
+        assert_eq!(qmp.greeting().version.qemu.minor, 2);
+        let status = qmp.query_status().expect("query-status");
+        assert_eq!((status.status, status.running), (RunState::Running, true));
+        assert_eq!(
+            qmp.wait_status(&RunState::Running, Duration::from_secs(5))
+                .expect("already running")
+                .status,
+            RunState::Running
+        );
+        qmp.stop().expect("stop");
+        let err = qmp.cont().expect_err("the fake does not know cont");
+        assert_eq!(err.class(), Some("CommandNotFound"));
+        let names: Vec<String> = fake.commands().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["query-status", "query-status", "stop", "cont"]);
+        // Dropping inside an async task must not panic (the runtime shuts down in the
+        // background).
+        let outer = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        outer.block_on(async move { drop(qmp) });
+    }
+}

@@ -42,6 +42,8 @@ mod client;
 pub mod codec;
 pub mod error;
 mod events;
+#[cfg(test)]
+mod fake_qemu;
 pub mod migration;
 pub mod types;
 

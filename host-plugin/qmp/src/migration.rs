@@ -281,3 +281,154 @@ impl<'a> MigrationPair<'a> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocking::BlockingQmp;
+    use crate::fake_qemu::FakeQemu;
+    use crate::types::UNLIMITED_BANDWIDTH;
+    use serde_json::{json, Value};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    const T: Duration = Duration::from_secs(5);
+
+    fn ram() -> Value {
+        json!({"transferred": 4096, "remaining": 0, "total": 1 << 20, "mbps": 1.0,
+            "dirty-sync-count": 2, "multifd-bytes": 100})
+    }
+
+    /// A source whose migration is `active` for one poll, then ends in `last`.
+    fn source(last: Value) -> FakeQemu {
+        let polls = Arc::new(AtomicU32::new(0));
+        FakeQemu::start(Box::new(move |name, _| match name {
+            "query-migrate" if polls.fetch_add(1, Ordering::Relaxed) == 0 => {
+                Ok(json!({"status": "active", "ram": ram()}))
+            }
+            "query-migrate" => Ok(last.clone()),
+            _ => Ok(json!({})),
+        }))
+    }
+
+    fn destination(port: &str) -> FakeQemu {
+        let port = port.to_owned();
+        FakeQemu::start(Box::new(move |name, _| match name {
+            "query-migrate" => Ok(json!({"status": "setup", "socket-address":
+                [{"type": "inet", "host": "127.0.0.1", "port": port}]})),
+            "query-status" => Ok(json!({"status": "running", "running": true})),
+            _ => Ok(json!({})),
+        }))
+    }
+
+    fn connect(fake: &FakeQemu) -> BlockingQmp {
+        BlockingQmp::connect(&fake.path, T).expect("connect")
+    }
+
+    fn fast(pair: MigrationPair<'_>) -> MigrationPair<'_> {
+        MigrationPair {
+            poll: Duration::from_millis(1),
+            ..pair
+        }
+    }
+
+    #[test]
+    fn pair_sets_both_ends_alike_then_migrates_to_completion() {
+        let completed = json!({"status": "completed", "total-time": 9, "downtime": 3, "ram": ram()});
+        let (src_fake, dst_fake) = (source(completed), destination("4444"));
+        let (src, dst) = (connect(&src_fake), connect(&dst_fake));
+        let pair = fast(MigrationPair::new(src.client(), dst.client()));
+        let setup = MigrationSetup {
+            mode: MigrationMode::multifd(2),
+            return_path: Some(true),
+            source_max_bandwidth: Some(1000),
+            destination_max_bandwidth: Some(UNLIMITED_BANDWIDTH),
+        };
+        let listen: std::net::SocketAddr = "127.0.0.1:4444".parse().expect("address");
+        let done = src
+            .block_on(async {
+                pair.configure(&setup).await?;
+                assert_eq!(pair.listen_tcp(listen).await?, 4444);
+                pair.migrate("tcp:127.0.0.1:4444", T).await
+            })
+            .expect("migration");
+        assert_eq!(done.info.status(), MigrationStatus::Completed);
+        assert_eq!((done.info.total_time, done.info.downtime), (Some(9), Some(3)));
+        assert_eq!(done.info.ram.and_then(|r| r.multifd_bytes), Some(100));
+
+        let multifd_on = json!({"capabilities": [{"capability": "multifd", "state": true}]});
+        let multifd_params = json!({"multifd-channels": 2, "multifd-compression": "none"});
+        let return_path = json!({"capabilities": [{"capability": "return-path", "state": true}]});
+        let dst_cmds = dst_fake.commands();
+        assert_eq!(
+            dst_cmds,
+            [
+                ("migrate-set-capabilities".into(), multifd_on.clone()),
+                ("migrate-set-parameters".into(), multifd_params.clone()),
+                ("migrate-set-capabilities".into(), return_path.clone()),
+                ("migrate-set-parameters".into(), json!({"max-bandwidth": UNLIMITED_BANDWIDTH})),
+                ("migrate-incoming".into(), json!({"uri": "tcp:127.0.0.1:4444"})),
+                ("query-migrate".into(), Value::Null),
+                ("query-status".into(), Value::Null),
+            ]
+        );
+        let src_cmds = src_fake.commands();
+        assert_eq!(
+            src_cmds,
+            [
+                ("migrate-set-capabilities".into(), multifd_on),
+                ("migrate-set-parameters".into(), multifd_params),
+                ("migrate-set-parameters".into(), json!({"max-bandwidth": 1000})),
+                ("migrate-set-capabilities".into(), return_path),
+                ("migrate".into(), json!({"uri": "tcp:127.0.0.1:4444"})),
+                ("query-migrate".into(), Value::Null),
+                ("query-migrate".into(), Value::Null),
+            ]
+        );
+    }
+
+    #[test]
+    fn main_mode_turns_multifd_off_and_leaves_the_rest() {
+        let (src_fake, dst_fake) = (source(json!({})), destination("1"));
+        let (src, dst) = (connect(&src_fake), connect(&dst_fake));
+        let pair = MigrationPair::new(src.client(), dst.client());
+        src.block_on(pair.configure(&MigrationSetup::new(MigrationMode::Main)))
+            .expect("configure");
+        let multifd_off = (
+            "migrate-set-capabilities".to_string(),
+            json!({"capabilities": [{"capability": "multifd", "state": false}]}),
+        );
+        assert_eq!(src_fake.commands(), [multifd_off.clone()]);
+        assert_eq!(dst_fake.commands(), [multifd_off]);
+        assert_eq!(MigrationMode::Main.connections(), 1);
+        assert_eq!(MigrationMode::multifd(4).connections(), 5);
+    }
+
+    #[test]
+    fn failed_migration_and_wrong_port_are_errors() {
+        let failed = json!({"status": "failed", "error-desc": "Connection reset"});
+        let (src_fake, dst_fake) = (source(failed), destination("5555"));
+        let (src, dst) = (connect(&src_fake), connect(&dst_fake));
+        let pair = fast(MigrationPair::new(src.client(), dst.client()));
+        let listen: std::net::SocketAddr = "127.0.0.1:4444".parse().expect("address");
+        match src.block_on(pair.listen_tcp(listen)) {
+            Err(MigrationError::NotListening { expected, listening }) => {
+                assert_eq!((expected, listening), (4444, vec![5555]))
+            }
+            other => panic!("expected NotListening, got {other:?}"),
+        }
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+        assert_eq!(src.block_on(pair.listen_tcp(any)).expect("any port"), 5555);
+        match src.block_on(pair.migrate("tcp:127.0.0.1:5555", T)) {
+            Err(e @ MigrationError::Failed { .. }) => {
+                assert_eq!(e.to_string(), "migration failed: Connection reset")
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        // The destination is not waited for after a failure.
+        assert!(!dst_fake
+            .commands()
+            .iter()
+            .any(|(name, _)| name == "query-status"));
+    }
+}
