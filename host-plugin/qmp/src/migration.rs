@@ -398,7 +398,7 @@ mod tests {
             "migrate-set-capabilities".to_string(),
             json!({"capabilities": [{"capability": "multifd", "state": false}]}),
         );
-        assert_eq!(src_fake.commands(), [multifd_off.clone()]);
+        assert_eq!(src_fake.commands(), std::slice::from_ref(&multifd_off));
         assert_eq!(dst_fake.commands(), [multifd_off]);
         assert_eq!(MigrationMode::Main.connections(), 1);
         assert_eq!(MigrationMode::multifd(4).connections(), 5);
