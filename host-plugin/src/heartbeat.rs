@@ -29,7 +29,7 @@ pub fn unix_now_ns() -> i128 {
 }
 
 /// A QMP event's QEMU timestamp (the host's wall clock), ns since the Unix epoch.
-pub fn event_time_ns(event: &crate::qmp::Event) -> Option<i128> {
+pub fn event_time_ns(event: &ferry_qmp::Event) -> Option<i128> {
     event.timestamp.map(|(s, us)| i128::from(s) * 1_000_000_000 + i128::from(us) * 1_000)
 }
 

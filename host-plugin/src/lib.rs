@@ -12,7 +12,8 @@
 //!   throttles guests that outrun it.
 //! - [`heartbeat`]: guest-observed downtime from a heartbeat on a serial port.
 //! - [`progress`]: progress display and the final report.
-//! - [`qmp`]: the async QMP client (typestate handshake, typed commands, bounded events).
+//! - [`qmp`]: the async QMP client, the `ferry-qmp` crate (typestate handshake, typed commands,
+//!   bounded events).
 //! - [`announce`]: re-announcing a VM's MACs on the destination L2 after cutover (RARP as QEMU's
 //!   announce-self, gratuitous ARP, unsolicited neighbour advertisements) over AF_PACKET.
 
@@ -23,10 +24,13 @@ pub mod gateway_api;
 pub mod heartbeat;
 pub mod migrate;
 pub mod progress;
-pub mod qmp;
 pub mod serve;
 pub mod session;
 pub mod settings;
+
+/// The QMP client (the `ferry-qmp` crate), under the path the host-plugin's modules have always
+/// used (`crate::qmp::...`).
+pub use ferry_qmp as qmp;
 
 /// Version string reported by `ferry-host --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

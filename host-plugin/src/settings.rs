@@ -11,7 +11,7 @@
 
 use crate::control::SharedSettings;
 use crate::convergence::THROTTLE_INCREMENT_START;
-use crate::qmp::{MigrationCapability, MigrationParameters, MultifdCompression};
+use ferry_qmp::{MigrationCapability, MigrationParameters, MultifdCompression};
 
 /// VMs at least this large use multifd when the user leaves the choice to Ferry.
 pub const MULTIFD_MIN_RAM: u64 = 1 << 30;

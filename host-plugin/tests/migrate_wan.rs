@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use ferry_host::announce::{frames, Announcement};
 use ferry_netem::qemu::{GuestConfig, VerifyReport};
+use ferry_qmp::MigrationStatus;
 use support::wan_sites::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, BOOT, VM_IP, VM_MAC};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -200,7 +201,7 @@ fn wait_until_migrating(src: &mut ferry_netem::qemu::Qemu) {
     loop {
         let info = src.qmp().query_migrate().expect("query-migrate");
         let sent = info.ram.as_ref().map_or(0, |r| r.transferred);
-        if info.status == "active" && sent > 4 << 20 {
+        if info.status() == MigrationStatus::Active && sent > 4 << 20 {
             return;
         }
         assert!(Instant::now() < deadline, "the migration did not get going: {info:?}");
@@ -215,5 +216,5 @@ fn assert_source_runs_on(src: &mut ferry_netem::qemu::Qemu) {
     let last = src.serial().last_tick().expect("ticks");
     src.serial().wait_for_tick(last + 3, BOOT).expect("source guest keeps running");
     let info = src.qmp().query_migrate().expect("query-migrate");
-    assert!(matches!(info.status.as_str(), "failed" | "cancelled"), "{info:?}");
+    assert!(matches!(info.status(), MigrationStatus::Failed | MigrationStatus::Cancelled), "{info:?}");
 }

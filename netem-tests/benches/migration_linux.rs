@@ -34,9 +34,11 @@ use std::time::Duration;
 
 use ferry_netem::gateway_pair::{GatewayPair, PairLink};
 use ferry_netem::qemu::{
-    self, migrate_over_wan, LinuxGuest, LinuxGuestConfig, MigrationMode, MultifdCompression,
-    PageCensus, Qemu, QemuError, VerifyReport, WanMigrationReport, WanRoute,
+    self, migrate_over_wan, LinuxGuest, LinuxGuestConfig, PageCensus, Qemu, QemuError,
+    VerifyReport, WanMigrationReport, WanRoute,
 };
+use ferry_qmp::migration::MigrationMode;
+use ferry_qmp::MultifdCompression;
 use ferry_netem::Wan;
 
 const BOOT: Duration = Duration::from_secs(600);
@@ -226,7 +228,7 @@ fn main() {
                         pair: &pair,
                         connect,
                     },
-                    mode,
+                    mode.clone(),
                     verify,
                 ));
             }

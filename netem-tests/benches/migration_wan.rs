@@ -24,9 +24,11 @@ use std::time::Duration;
 
 use ferry_netem::gateway_pair::{GatewayPair, PairLink};
 use ferry_netem::qemu::{
-    self, migrate_over_wan, GuestConfig, GuestImage, MigrationMode, MultifdCompression, Qemu,
-    QemuConfig, VerifyReport, WanMigrationReport, WanRoute,
+    self, migrate_over_wan, GuestConfig, GuestImage, Qemu, QemuConfig, VerifyReport,
+    WanMigrationReport, WanRoute,
 };
+use ferry_qmp::migration::MigrationMode;
+use ferry_qmp::MultifdCompression;
 use ferry_netem::Wan;
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -175,7 +177,7 @@ fn main() {
                         pair: &pair,
                         connect,
                     },
-                    mode,
+                    mode.clone(),
                 );
                 runs.push(r.map(|report| Run {
                     name: name.replace("{c}", &channels.to_string()),

@@ -1,6 +1,6 @@
-//! Real QEMU guests for Ferry's tests: a tiny test kernel, a process handle, a
-//! small QMP client, and helpers to migrate the guest or capture the raw
-//! migration streams QEMU sends.
+//! Real QEMU guests for Ferry's tests: a tiny test kernel, a process handle
+//! (with a QMP session of the `ferry-qmp` client behind blocking calls), and
+//! helpers to migrate the guest or capture the raw migration streams QEMU sends.
 //!
 //! # The test guest
 //!
@@ -13,11 +13,23 @@
 //! periodically verifies all of it (`verify ok tick=N sum=XXXXXXXX`). See
 //! `netem-tests/guest/README.md` for the serial protocol.
 //!
+//! # QMP and migrations
+//!
+//! [`Qemu::qmp`] is a [`ferry_qmp::BlockingQmp`]: the typed client the
+//! host-plugin uses, with blocking methods. The migrations these helpers run
+//! ([`migrate_local`], [`migrate_over_wan`]: QEMU without the host-plugin, the
+//! baseline of the benchmarks) are thin callers of [`ferry_qmp::migration`],
+//! the one implementation of "migrate between two QMP endpoints"; the modes
+//! ([`MigrationMode`](ferry_qmp::migration::MigrationMode)) and the statistics
+//! ([`MigrationInfo`](ferry_qmp::MigrationInfo), [`RamStats`](ferry_qmp::RamStats))
+//! are ferry-qmp's types.
+//!
 //! # Typical use
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use ferry_netem::qemu::{self, GuestImage, MigrationMode, Qemu, QemuConfig};
+//! use ferry_netem::qemu::{self, GuestImage, Qemu, QemuConfig};
+//! use ferry_qmp::{migration::MigrationMode, MigrationStatus};
 //!
 //! # fn main() -> Result<(), qemu::QemuError> {
 //! let image = GuestImage::build()?;
@@ -25,7 +37,7 @@
 //! src.serial().wait_for_tick(3, Duration::from_secs(30))?;
 //! let mut dst = Qemu::spawn(&image, &QemuConfig::default().incoming_defer(), None)?;
 //! let info = qemu::migrate_local(&mut src, &mut dst, &MigrationMode::multifd(2), Duration::from_secs(60))?;
-//! assert_eq!(info.status, "completed");
+//! assert_eq!(info.status(), MigrationStatus::Completed);
 //! # Ok(()) }
 //! ```
 //!
@@ -43,7 +55,6 @@ mod image;
 mod linux_guest;
 mod migrate;
 mod page_census;
-mod qmp;
 mod serial;
 mod vm;
 mod wan_migration;
@@ -57,14 +68,12 @@ pub use image::{GuestConfig, GuestImage, GUEST_SOURCE};
 pub use linux_guest::{
     LinuxGuest, LinuxGuestConfig, LinuxGuestFiles, LINUX_GUEST_APT_HINT, LINUX_INIT_SCRIPT,
 };
-pub use migrate::{migrate_local, MigrationMode, MultifdCompression};
+pub use migrate::migrate_local;
 pub use page_census::PageCensus;
-pub use qmp::{MigrationInfo, QmpClient, RamStats, RunStatus};
 pub use serial::{SerialLog, VerifyReport};
 pub use vm::{Incoming, Qemu, QemuConfig};
 pub use wan_migration::{
     migrate_over_wan, migrate_over_wan_with, WanMigrationOptions, WanMigrationReport, WanRoute,
-    UNLIMITED_BANDWIDTH,
 };
 
 /// Errors of the QEMU test harness.
@@ -115,20 +124,27 @@ pub enum QemuError {
         /// How long we waited.
         after: Duration,
     },
-    /// QEMU answered a QMP command with an error.
-    #[error("QMP command `{command}` failed: {class}: {desc}")]
-    Qmp {
-        /// The command name.
-        command: String,
-        /// QMP error class (e.g. `GenericError`).
-        class: String,
-        /// QEMU's description.
-        desc: String,
-    },
-    /// QEMU sent something we did not expect (bad JSON, missing fields, a
-    /// migration that failed, a guest that reported corruption).
+    /// A QMP command failed, timed out or got a reply of the wrong shape, or
+    /// the QMP connection broke.
+    #[error(transparent)]
+    Qmp(#[from] ferry_qmp::QmpError),
+    /// A migration failed (QEMU's `error-desc` included) or its destination
+    /// did not listen where asked.
+    #[error(transparent)]
+    Migration(ferry_qmp::migration::MigrationError),
+    /// Something we did not expect (a guest that reported corruption, a
+    /// malformed serial line or memory dump).
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+impl From<ferry_qmp::migration::MigrationError> for QemuError {
+    fn from(e: ferry_qmp::migration::MigrationError) -> Self {
+        match e {
+            ferry_qmp::migration::MigrationError::Qmp(e) => QemuError::Qmp(e),
+            other => QemuError::Migration(other),
+        }
+    }
 }
 
 impl QemuError {

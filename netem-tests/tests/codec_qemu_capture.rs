@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use ferry_codec::{CodecStats, Decoder, Encoder, EncoderConfig, NoIndex, NoRetainer, StreamMode};
 use ferry_gateway::store::PageCache;
-use ferry_netem::qemu::{capture_migration_stream, qemu_available, MigrationMode, MultifdCompression};
+use ferry_netem::qemu::{capture_migration_stream, qemu_available};
+use ferry_qmp::migration::MigrationMode;
+use ferry_qmp::MultifdCompression;
 
 /// Encodes in 64 KiB reads (with an idle flush every 1 MiB, as the tunnel would), decodes in
 /// 16 KiB wire chunks, and checks the result is byte-identical. Returns the encoder's stats and

@@ -7,9 +7,10 @@
 use std::time::{Duration, Instant};
 
 use ferry_netem::qemu::{
-    self, capture_migration_stream, GuestConfig, GuestImage, MigrationMode, MultifdCompression,
-    Qemu, QemuConfig, VerifyReport,
+    self, capture_migration_stream, GuestConfig, GuestImage, Qemu, QemuConfig, VerifyReport,
 };
+use ferry_qmp::migration::MigrationMode;
+use ferry_qmp::{MigrationParameters, MigrationStatus, MultifdCompression, RunState};
 
 const BOOT: Duration = Duration::from_secs(60);
 const MIGRATE: Duration = Duration::from_secs(120);
@@ -82,11 +83,11 @@ fn guest_boots_and_ticks() {
         other => panic!("verify failed: {other:?}"),
     }
     let st = vm.qmp().query_status().expect("query-status");
-    assert!(st.running && st.status == "running", "{st:?}");
+    assert!(st.running && st.status == RunState::Running, "{st:?}");
     vm.qmp().stop().expect("stop");
     assert_eq!(
         vm.qmp().query_status().expect("query-status").status,
-        "paused"
+        RunState::Paused
     );
     vm.qmp().cont().expect("cont");
     eprintln!(
@@ -121,7 +122,7 @@ fn local_migration(test: &str, mode: MigrationMode) {
     src.serial().wait_for_tick(5, BOOT).expect("source ticks");
     assert_eq!(
         dst.qmp().query_status().expect("dst status").status,
-        "inmigrate"
+        RunState::InMigrate
     );
     assert!(
         dst.serial().is_empty(),
@@ -131,15 +132,18 @@ fn local_migration(test: &str, mode: MigrationMode) {
     // 32 MiB/s: the ~13 MiB of non-zero pages take ~0.4 s, so the guest
     // dirties pages during the migration and QEMU needs several passes.
     src.qmp()
-        .migrate_set_parameters(serde_json::json!({ "max-bandwidth": 32u64 << 20 }))
+        .migrate_set_parameters(&MigrationParameters {
+            max_bandwidth: Some(32 << 20),
+            ..MigrationParameters::default()
+        })
         .expect("max-bandwidth");
     let before = src.serial().last_tick().unwrap_or(0);
     let info = qemu::migrate_local(&mut src, &mut dst, &mode, MIGRATE).expect("migration");
     let src_last = src.serial().last_tick().unwrap_or(0);
-    assert_eq!(info.status, "completed");
+    assert_eq!(info.status(), MigrationStatus::Completed);
     assert_eq!(
         src.qmp().query_status().expect("src status").status,
-        "postmigrate"
+        RunState::PostMigrate
     );
     assert!(dst.qmp().query_status().expect("dst status").running);
     let ram = info.ram.clone().unwrap_or_default();
@@ -148,7 +152,7 @@ fn local_migration(test: &str, mode: MigrationMode) {
         "expected several passes over RAM: {ram:?}"
     );
     if let MigrationMode::Multifd { .. } = mode {
-        assert!(ram.multifd_bytes > 0, "no bytes went over multifd: {ram:?}");
+        assert!(ram.multifd_bytes.unwrap_or(0) > 0, "no bytes went over multifd: {ram:?}");
     }
 
     // The destination continues the source's counter.
@@ -175,10 +179,10 @@ fn local_migration(test: &str, mode: MigrationMode) {
     eprintln!(
         "{test}: source tick {src_last} -> destination tick {next}; migration {:?} ms, downtime {:?} ms, {} bytes \
          ({} multifd), {} dirty syncs; test {:?}",
-        info.total_time_ms,
-        info.downtime_ms,
+        info.total_time,
+        info.downtime,
         ram.transferred,
-        ram.multifd_bytes,
+        ram.multifd_bytes.unwrap_or(0),
         ram.dirty_sync_count,
         t0.elapsed()
     );
@@ -288,11 +292,11 @@ fn heartbeat_on_com2_socket() {
     .named("heartbeat")
     .with_heartbeat_socket(&hb_path)
     .with_extra_qmp_socket(dir.path().join("extra.qmp"));
-    let mut vm = Qemu::spawn(&image, &config, None).expect("start QEMU");
+    let vm = Qemu::spawn(&image, &config, None).expect("start QEMU");
     assert_eq!(vm.heartbeat_path(), Some(hb_path.as_path()));
 
     // The second monitor works alongside the harness's session.
-    let mut extra = vm
+    let extra = vm
         .connect_extra_qmp(Duration::from_secs(20))
         .expect("connect to the extra QMP socket");
     assert!(extra.query_status().expect("query-status").running);
@@ -407,7 +411,7 @@ fn guest_runs_in_netns() {
         .is_ok_and(|s| s.success());
     assert!(ok, "ip netns add {ns}");
     let _guard = NetnsGuard(ns.clone());
-    let mut vm = Qemu::spawn(&image, &QemuConfig::default().named("netns"), Some(&ns))
+    let vm = Qemu::spawn(&image, &QemuConfig::default().named("netns"), Some(&ns))
         .expect("start QEMU in netns");
     vm.serial().wait_for_tick(2, BOOT).expect("ticks in netns");
     let theirs = std::fs::read_link(format!("/proc/{}/ns/net", vm.pid())).expect("qemu netns");

@@ -12,7 +12,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use qemu_support::{Setup, BOOT};
-use ferry_netem::qemu::{GuestConfig, MigrationMode, Qemu, QemuConfig, WanMigrationReport};
+use ferry_netem::qemu::{GuestConfig, Qemu, QemuConfig, WanMigrationReport};
+use ferry_qmp::migration::MigrationMode;
+use ferry_qmp::RunState;
 
 const MIGRATE: Duration = Duration::from_secs(180);
 
@@ -64,9 +66,9 @@ fn migrate(s: &Setup, src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode) -> W
 
 /// The shared checks, plus: the source is left in `postmigrate` and multifd carried bytes.
 fn check_migration(src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode, r: &WanMigrationReport) {
-    assert_eq!(src.qmp().query_status().expect("src status").status, "postmigrate");
+    assert_eq!(src.qmp().query_status().expect("src status").status, RunState::PostMigrate);
     if let MigrationMode::Multifd { .. } = mode {
-        assert!(r.ram.multifd_bytes > 0, "no bytes went over multifd: {:?}", r.ram);
+        assert!(r.ram.multifd_bytes.unwrap_or(0) > 0, "no bytes went over multifd: {:?}", r.ram);
     }
     qemu_support::check_migration(dst, mode, r, 5);
 }

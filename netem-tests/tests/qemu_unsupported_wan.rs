@@ -23,11 +23,15 @@ use ferry_codec::StreamMode;
 use ferry_gateway::tunnel::FlowRecord;
 use qemu_support::{check_migration, Setup, BOOT};
 use ferry_netem::qemu::{
-    migrate_over_wan_with, GuestConfig, MigrationMode,
-    MultifdCompression, Qemu, QemuConfig, QmpClient, WanMigrationOptions,
-    WanMigrationReport, WanRoute, UNLIMITED_BANDWIDTH,
+    migrate_over_wan_with, GuestConfig, Qemu, QemuConfig, WanMigrationOptions,
+    WanMigrationReport, WanRoute,
 };
-use serde_json::{json, Value};
+use ferry_qmp::migration::MigrationMode;
+use ferry_qmp::{
+    BlockingQmp, CapabilityState, MigrationCapability, MigrationInfo, MigrationParameters,
+    MigrationStatus, MultifdCompression, RunState, UNLIMITED_BANDWIDTH,
+};
+use serde_json::Value;
 
 const MIGRATE: Duration = Duration::from_secs(120);
 /// How long the xbzrle test holds the migration in its iterative phase
@@ -109,11 +113,11 @@ fn multifd_zstd_goes_opaque_through_gateways() {
     let r = migrate(&s, &mut src, &mut dst, &mode);
     assert_eq!(
         src.qmp().query_status().expect("src status").status,
-        "postmigrate"
+        RunState::PostMigrate
     );
     check_migration(&mut dst, &mode, &r, 5);
     assert!(
-        r.ram.multifd_bytes > 0,
+        r.ram.multifd_bytes.unwrap_or(0) > 0,
         "nothing went over multifd: {:?}",
         r.ram
     );
@@ -175,8 +179,8 @@ struct XbzrleStats {
 }
 
 impl XbzrleStats {
-    fn from_reply(info: &Value) -> Option<XbzrleStats> {
-        let x = info.get("xbzrle-cache")?;
+    fn from_reply(info: &MigrationInfo) -> Option<XbzrleStats> {
+        let x = info.extra.get("xbzrle-cache")?;
         let u = |k: &str| x.get(k).and_then(Value::as_u64).unwrap_or(0);
         Some(XbzrleStats {
             pages: u("pages"),
@@ -213,7 +217,7 @@ struct Hold {
 /// XBZRLE records sent, or until [`XBZRLE_HOLD`], then raises `downtime-limit`
 /// and lifts `max-bandwidth` so it completes.
 fn hold_until_xbzrle(
-    mut qmp: QmpClient,
+    qmp: BlockingQmp,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<Result<Hold, String>> {
     std::thread::spawn(move || {
@@ -225,27 +229,25 @@ fn hold_until_xbzrle(
                 return Err("stopped before the migration started".into());
             }
             let info = qmp
-                .execute("query-migrate", None)
+                .query_migrate()
                 .map_err(|e| format!("query-migrate: {e}"))?;
-            let status = info.get("status").and_then(Value::as_str).unwrap_or("");
-            if matches!(status, "completed" | "failed" | "cancelled") {
+            let status = info.status();
+            if status.is_terminal() {
                 return Err(format!(
                     "migration {status} before the watcher released it (last xbzrle stats {last:?}, {syncs} syncs)"
                 ));
             }
-            if status == "active" {
+            if status == MigrationStatus::Active {
                 let x = XbzrleStats::from_reply(&info);
-                syncs = info
-                    .pointer("/ram/dirty-sync-count")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0);
+                syncs = info.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
                 let saw = x.is_some_and(|x| x.xbzrle_record_bytes() > 0);
                 last = x;
                 if saw || started.elapsed() >= XBZRLE_HOLD {
-                    qmp.migrate_set_parameters(json!({
-                        "downtime-limit": 5000,
-                        "max-bandwidth": UNLIMITED_BANDWIDTH,
-                    }))
+                    qmp.migrate_set_parameters(&MigrationParameters {
+                        downtime_limit: Some(5000),
+                        max_bandwidth: Some(UNLIMITED_BANDWIDTH),
+                        ..MigrationParameters::default()
+                    })
                     .map_err(|e| format!("releasing the migration: {e}"))?;
                     return Ok(Hold {
                         released_at: last,
@@ -284,14 +286,20 @@ fn xbzrle_main_channel_goes_opaque_through_gateways() {
     let (mut src, mut dst) = start_vms(&s, &guest, Some(&dir.path().join("src-extra.qmp")));
     for vm in [&mut src, &mut dst] {
         vm.qmp()
-            .migrate_set_capabilities(&[("xbzrle", true)])
+            .migrate_set_capabilities(&[CapabilityState::new(MigrationCapability::Xbzrle, true)])
             .expect("xbzrle capability");
         vm.qmp()
-            .migrate_set_parameters(json!({ "xbzrle-cache-size": 16u64 << 20 }))
+            .migrate_set_parameters(&MigrationParameters {
+                xbzrle_cache_size: Some(16 << 20),
+                ..MigrationParameters::default()
+            })
             .expect("xbzrle-cache-size");
     }
     src.qmp()
-        .migrate_set_parameters(json!({ "downtime-limit": 1 }))
+        .migrate_set_parameters(&MigrationParameters {
+            downtime_limit: Some(1),
+            ..MigrationParameters::default()
+        })
         .expect("downtime-limit");
     let watcher_qmp = src
         .connect_extra_qmp(Duration::from_secs(20))
@@ -332,13 +340,13 @@ fn xbzrle_main_channel_goes_opaque_through_gateways() {
     );
     assert_eq!(
         src.qmp().query_status().expect("src status").status,
-        "postmigrate"
+        RunState::PostMigrate
     );
     check_migration(&mut dst, &mode, &r, 20);
 
     // QEMU itself says XBZRLE pages were sent, so the fallback was exercised.
-    let x = XbzrleStats::from_reply(&r.info.raw)
-        .unwrap_or_else(|| panic!("no xbzrle-cache in query-migrate: {}", r.info.raw));
+    let x = XbzrleStats::from_reply(&r.info)
+        .unwrap_or_else(|| panic!("no xbzrle-cache in query-migrate: {:?}", r.info));
     eprintln!(
         "{test}: QEMU xbzrle: {} hits, {} overflow, {} cache misses, {} B ({} B of XBZRLE records); {} dirty syncs",
         x.pages,

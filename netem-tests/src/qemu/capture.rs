@@ -9,7 +9,8 @@
 //! completes.
 //!
 //! ```no_run
-//! use ferry_netem::qemu::{capture_migration_stream, MigrationMode};
+//! use ferry_netem::qemu::capture_migration_stream;
+//! use ferry_qmp::migration::MigrationMode;
 //!
 //! # fn main() -> Result<(), ferry_netem::qemu::QemuError> {
 //! let streams = capture_migration_stream(MigrationMode::multifd(2))?;
@@ -26,7 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use super::{GuestImage, MigrationInfo, MigrationMode, Qemu, QemuConfig, QemuError, Result};
+use ferry_qmp::migration::{self, MigrationMode, MigrationSetup, Side};
+use ferry_qmp::MigrationInfo;
+
+use super::{GuestImage, Qemu, QemuConfig, QemuError, Result};
 
 /// Result of [`capture_migration_stream_with`].
 #[derive(Debug, Clone)]
@@ -79,18 +83,19 @@ pub fn capture_migration_stream_with(
         .spawn(move || accept_loop(listener, accept_stop, tx))
         .map_err(|e| QemuError::io("spawning the capture accept thread", e))?;
 
-    mode.configure(src.qmp(), Some(1 << 30))?;
-    src.qmp()
-        .migrate_set_capabilities(&[("return-path", false)])?;
-    src.qmp().migrate(&format!("tcp:127.0.0.1:{port}"))?;
-    let info = src.qmp().wait_migration(timeout)?;
-    if info.status != "completed" {
-        return Err(QemuError::Protocol(format!(
-            "capture migration {}: {}",
-            info.status,
-            info.error_desc.as_deref().unwrap_or("no error-desc")
-        )));
-    }
+    // No destination QEMU: only the source is set up (return-path off, as
+    // the listener never answers) and driven to `completed`.
+    let setup = MigrationSetup {
+        return_path: Some(false),
+        source_max_bandwidth: Some(1 << 30),
+        ..MigrationSetup::new(mode.clone())
+    };
+    let qmp = src.qmp();
+    let info = qmp.block_on(async {
+        setup.apply(qmp.client(), Side::Source).await?;
+        qmp.client().migrate(&format!("tcp:127.0.0.1:{port}")).await?;
+        migration::wait_for_completion(qmp.client(), migration::POLL_INTERVAL, timeout).await
+    })?;
 
     let expected = mode.connections();
     let deadline = Instant::now() + timeout;

@@ -3,8 +3,6 @@
 
 use std::collections::HashMap;
 
-use serde_json::json;
-
 use super::{Qemu, QemuError, Result};
 
 const PAGE: usize = 4096;
@@ -102,10 +100,8 @@ impl PageCensus {
     /// it. About a second for 256 MiB.
     pub fn of_vm(vm: &mut Qemu) -> Result<PageCensus> {
         let path = vm.workdir().join("census.core");
-        vm.qmp().execute(
-            "dump-guest-memory",
-            Some(json!({ "paging": false, "protocol": format!("file:{}", path.display()) })),
-        )?;
+        vm.qmp()
+            .dump_guest_memory(&format!("file:{}", path.display()))?;
         let data = std::fs::read(&path)
             .map_err(|e| QemuError::io(format!("reading {}", path.display()), e))?;
         let _ = std::fs::remove_file(&path);

@@ -7,13 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::serial::SerialLog;
-use super::{qemu_binary, GuestConfig, GuestImage, QemuError, QmpClient, Result, VerifyReport};
+use ferry_qmp::BlockingQmp;
+
+use super::{qemu_binary, GuestConfig, GuestImage, QemuError, Result, VerifyReport};
 
 /// How the VM waits for an incoming migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
     /// `-incoming defer`: start listening later with
-    /// [`QmpClient::migrate_incoming`] (lets you set capabilities first).
+    /// [`BlockingQmp::migrate_incoming`] (lets you set capabilities first).
     Defer,
     /// `-incoming URI`, e.g. `tcp:127.0.0.1:4444`.
     Uri(String),
@@ -178,7 +180,7 @@ pub struct Qemu {
     stdin: Option<ChildStdin>,
     serial: SerialLog,
     stderr: Arc<Mutex<Vec<String>>>,
-    qmp: QmpClient,
+    qmp: BlockingQmp,
     qmp_path: PathBuf,
     heartbeat_path: Option<PathBuf>,
     extra_qmp_path: Option<PathBuf>,
@@ -258,9 +260,9 @@ impl Qemu {
         self.child.id()
     }
 
-    /// The QMP session.
-    pub fn qmp(&mut self) -> &mut QmpClient {
-        &mut self.qmp
+    /// The harness's QMP session (the typed `ferry-qmp` client, blocking).
+    pub fn qmp(&self) -> &BlockingQmp {
+        &self.qmp
     }
 
     /// Path of the harness's QMP socket. [`Qemu::qmp`] stays connected to it
@@ -279,14 +281,14 @@ impl Qemu {
         self.extra_qmp_path.as_deref()
     }
 
-    /// Connects a new [`QmpClient`] to the second QMP monitor
+    /// Connects a new [`BlockingQmp`] to the second QMP monitor
     /// ([`QemuConfig::extra_qmp_socket`]), e.g. to watch or steer a
     /// migration from another thread while the harness's session is busy.
-    pub fn connect_extra_qmp(&self, timeout: Duration) -> Result<QmpClient> {
+    pub fn connect_extra_qmp(&self, timeout: Duration) -> Result<BlockingQmp> {
         let path = self.extra_qmp_path.as_deref().ok_or_else(|| {
             QemuError::Protocol(format!("VM {} has no extra_qmp_socket", self.name))
         })?;
-        QmpClient::connect(path, timeout)
+        Ok(BlockingQmp::connect(path, timeout)?)
     }
 
     /// Path of the heartbeat socket (the guest's COM2,
@@ -373,7 +375,7 @@ type Attached = (
     Option<ChildStdin>,
     SerialLog,
     Arc<Mutex<Vec<String>>>,
-    QmpClient,
+    BlockingQmp,
 );
 
 /// Starts the stdout/stderr readers and connects QMP.
@@ -416,7 +418,7 @@ fn attach(child: &mut Child, config: &QemuConfig, qmp_path: &Path) -> Result<Att
     }
 }
 
-fn connect_qmp(path: &Path, timeout: Duration, child: &mut Child) -> Result<QmpClient> {
+fn connect_qmp(path: &Path, timeout: Duration, child: &mut Child) -> Result<BlockingQmp> {
     let deadline = Instant::now() + timeout;
     // Wait for the socket to appear, noticing an early exit (bad arguments).
     while !path.exists() {
@@ -435,7 +437,7 @@ fn connect_qmp(path: &Path, timeout: Duration, child: &mut Child) -> Result<QmpC
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    QmpClient::connect(path, timeout)
+    Ok(BlockingQmp::connect(path, timeout)?)
 }
 
 #[cfg(test)]

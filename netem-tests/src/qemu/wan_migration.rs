@@ -8,16 +8,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ferry_gateway::tunnel::FlowRecord;
-use serde_json::json;
+use ferry_qmp::migration::{MigrationMode, MigrationPair, MigrationSetup};
+use ferry_qmp::{MigrationInfo, RamStats, UNLIMITED_BANDWIDTH};
 
-use super::{MigrationInfo, MigrationMode, Qemu, QemuError, RamStats, Result};
+use super::{Qemu, QemuError, Result};
 use crate::gateway_pair::GatewayPair;
 use crate::wan::{LinkStats, Wan};
-
-/// `max-bandwidth` set on the source (bytes/s): 10 GiB/s, far above what the
-/// local hop to the gateway (or the emulated WAN) can carry, so QEMU never
-/// throttles itself.
-pub const UNLIMITED_BANDWIDTH: u64 = 10 << 30;
 
 /// How long to wait, after the migration completed, for the gateways to log
 /// the migration's flows as finished.
@@ -178,7 +174,7 @@ impl WanMigrationReport {
             self.downtime_ms,
             self.wall_time.as_secs_f64(),
             self.ram.transferred,
-            self.ram.multifd_bytes,
+            self.ram.multifd_bytes.unwrap_or(0),
             self.ram.dirty_sync_count,
             self.src_last_tick,
             self.dst_first_tick
@@ -221,20 +217,6 @@ impl Default for WanMigrationOptions {
     }
 }
 
-/// Sets `mode` (multifd channels/compression), `return-path` and, on the
-/// source, `max-bandwidth` = `source_bandwidth` (`None` for the destination).
-fn configure(vm: &mut Qemu, mode: &MigrationMode, source_bandwidth: Option<u64>) -> Result<()> {
-    let source = source_bandwidth.is_some();
-    let qmp = vm.qmp();
-    mode.configure(qmp, source_bandwidth)?;
-    qmp.migrate_set_capabilities(&[("return-path", true)])?;
-    if !source {
-        // Same parameters on both ends, as QEMU's docs ask.
-        qmp.migrate_set_parameters(json!({ "max-bandwidth": UNLIMITED_BANDWIDTH }))?;
-    }
-    Ok(())
-}
-
 fn sub(after: LinkStats, before: LinkStats) -> LinkStats {
     let d = |a: crate::LinkCounters, b: crate::LinkCounters| crate::LinkCounters {
         received: a.received - b.received,
@@ -265,7 +247,7 @@ fn sub(after: LinkStats, before: LinkStats) -> LinkStats {
 /// first tick, and, through the gateways, both gateways logged the
 /// migration's `mode.connections()` flows as finished.
 ///
-/// A failed migration is [`QemuError::Protocol`] with QEMU's `error-desc`.
+/// A failed migration is [`QemuError::Migration`] with QEMU's `error-desc`.
 /// Other migration settings made beforehand (capabilities such as `xbzrle`,
 /// `downtime-limit`) are left as they are.
 pub fn migrate_over_wan(
@@ -316,22 +298,24 @@ pub fn migrate_over_wan_with(
         ));
     }
 
-    configure(dst, mode, None)?;
-    configure(src, mode, Some(options.max_bandwidth))?;
-    dst.qmp().migrate_incoming(&format!("tcp:{listen}"))?;
-    let ports = dst.qmp().query_migrate()?.listen_ports();
-    if !ports.contains(&listen.port()) {
-        return Err(QemuError::Protocol(format!(
-            "destination listens on ports {ports:?}, not {}",
-            listen.port()
-        )));
-    }
+    // Same settings on both ends; the destination never limits its bandwidth.
+    let setup = MigrationSetup {
+        mode: mode.clone(),
+        return_path: Some(true),
+        source_max_bandwidth: Some(options.max_bandwidth),
+        destination_max_bandwidth: Some(UNLIMITED_BANDWIDTH),
+    };
+    let (source, destination) = (src.qmp(), dst.qmp());
+    let pair = MigrationPair::new(source.client(), destination.client());
+    source.block_on(async {
+        pair.configure(&setup).await?;
+        pair.listen_tcp(listen).await
+    })?;
 
     let link0 = wan.stats();
     tracing::info!(src = src.name(), dst = dst.name(), %uri, ?route, ?mode, "migrating across the WAN");
-    let started = Instant::now();
-    let info = super::migrate::migrate_and_wait(src, dst, &uri, timeout)?;
-    let wall_time = started.elapsed();
+    let completed = source.block_on(pair.migrate(&uri, timeout))?;
+    let (info, wall_time) = (completed.info, completed.wall_time);
     let src_last_tick = src.serial().last_tick();
     let dst_first_tick = dst.serial().wait_next_tick_from(0, timeout)?;
 
@@ -366,8 +350,8 @@ pub fn migrate_over_wan_with(
     };
 
     let report = WanMigrationReport {
-        total_time_ms: info.total_time_ms,
-        downtime_ms: info.downtime_ms,
+        total_time_ms: info.total_time,
+        downtime_ms: info.downtime,
         ram: info.ram.clone().unwrap_or_default(),
         info,
         wall_time,

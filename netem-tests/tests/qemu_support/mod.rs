@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_netem::gateway_pair::{GatewayPair, PairLink};
-use ferry_netem::qemu::{self, migrate_over_wan, GuestImage, MigrationMode, Qemu, VerifyReport, WanMigrationReport, WanRoute};
+use ferry_netem::qemu::{self, migrate_over_wan, GuestImage, Qemu, VerifyReport, WanMigrationReport, WanRoute};
+use ferry_qmp::migration::MigrationMode;
+use ferry_qmp::{MigrationStatus, RunState};
 use ferry_netem::Wan;
 
 /// Longest wait for a guest to boot or answer.
@@ -58,9 +60,9 @@ pub fn migrate(s: &Setup, src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode, 
 /// the guest's counter (within `max_tick_gap` ticks) and ticking on, its own memory
 /// verification, no guest error, byte-identical flows.
 pub fn check_migration(dst: &mut Qemu, mode: &MigrationMode, r: &WanMigrationReport, max_tick_gap: u64) {
-    assert_eq!(r.info.status, "completed");
+    assert_eq!(r.info.status(), MigrationStatus::Completed);
     let st = dst.qmp().query_status().expect("dst status");
-    assert!(st.running && st.status == "running", "{st:?}");
+    assert!(st.running && st.status == RunState::Running, "{st:?}");
     let src_last = r.src_last_tick.expect("source ticked");
     assert!(
         r.dst_first_tick >= src_last && r.dst_first_tick <= src_last + max_tick_gap,

@@ -9,9 +9,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,7 +26,7 @@ use super::error::{QmpError, Result};
 use super::events::{EventQueue, Pop};
 use super::types::{
     CapabilityState, Empty, Event, Greeting, MacAddress, MigrationInfo, MigrationParameters,
-    QmpEvent, RxFilterInfo, StatusInfo, VersionInfo,
+    QmpEvent, RunState, RxFilterInfo, StatusInfo, VersionInfo,
 };
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -274,14 +275,10 @@ struct State {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Ends the session: pending commands see their sender dropped, event waiters wake.
     fn fail(&self, reason: String) {
         let pending = {
-            let mut st = self.lock();
+            let mut st = self.state.lock();
             if st.closed.is_none() {
                 tracing::info!(%reason, "QMP connection ended");
                 st.closed = Some(reason);
@@ -293,7 +290,7 @@ impl Shared {
     }
 
     fn closed_reason(&self) -> String {
-        self.lock()
+        self.state.lock()
             .closed
             .clone()
             .unwrap_or_else(|| "connection closed".into())
@@ -303,7 +300,7 @@ impl Shared {
         match parse_server_message(line) {
             Ok(ServerMessage::Reply { id, result }) => {
                 let waiter = {
-                    let mut st = self.lock();
+                    let mut st = self.state.lock();
                     match id.as_ref() {
                         Some(id) => id.as_u64().and_then(|n| st.pending.remove(&n)),
                         // QEMU answers without id only when it could not read the command's
@@ -431,7 +428,7 @@ impl Qmp {
     /// True once the connection has ended (every later command fails with
     /// [`QmpError::ConnectionLost`]).
     pub fn is_closed(&self) -> bool {
-        self.shared.lock().closed.is_some()
+        self.shared.state.lock().closed.is_some()
     }
 
     /// Lines from QEMU that were not valid QMP and were skipped.
@@ -458,7 +455,7 @@ impl Qmp {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
-            let mut st = self.shared.lock();
+            let mut st = self.shared.state.lock();
             if let Some(reason) = &st.closed {
                 return Err(QmpError::ConnectionLost {
                     command: Some(command.into()),
@@ -500,11 +497,11 @@ impl Qmp {
                 })
             }
             Ok(Err(e)) => {
-                self.shared.lock().pending.remove(&id);
+                self.shared.state.lock().pending.remove(&id);
                 Err(e)
             }
             Err(_) => {
-                self.shared.lock().pending.remove(&id);
+                self.shared.state.lock().pending.remove(&id);
                 tracing::warn!(command, id, ?timeout, "QMP command timed out");
                 Err(QmpError::Timeout {
                     command: command.into(),
@@ -626,6 +623,44 @@ impl Qmp {
             }
             tokio::time::sleep(poll).await;
         }
+    }
+
+    /// Polls `query-status` every `poll` until the run state is `want` and returns that
+    /// reply; a [`QmpError::Timeout`] after `timeout`.
+    pub async fn wait_status(
+        &self,
+        want: &RunState,
+        poll: Duration,
+        timeout: Duration,
+    ) -> Result<StatusInfo> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.query_status().await?;
+            if status.status == *want {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(QmpError::Timeout {
+                    command: format!(
+                        "query-status (waiting for `{want}`, now `{}`)",
+                        status.status
+                    ),
+                    timeout,
+                });
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// `dump-guest-memory` of the whole guest RAM, without paging, to `protocol` (e.g.
+    /// `file:/tmp/vm.core`): an ELF core. The VM pauses for the dump and resumes if it was
+    /// running; the command returns once the dump is written.
+    pub async fn dump_guest_memory(&self, protocol: &str) -> Result<()> {
+        self.execute_empty(
+            "dump-guest-memory",
+            Some(json!({ "paging": false, "protocol": protocol })),
+        )
+        .await
     }
 
     /// `query-rx-filter`: the NICs that support it (virtio-net) with their current MAC.
@@ -770,7 +805,7 @@ impl Qmp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmp::types::{MigrationStatus, RunState};
+    use crate::types::{MigrationStatus, RunState};
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
 
     const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 22, \"minor\": 2, \"major\": 7}, \"package\": \"Debian 1:7.2+dfsg-7\"}, \"capabilities\": [\"oob\"]}}\r\n";
@@ -1072,7 +1107,7 @@ mod tests {
 
     #[tokio::test]
     async fn capabilities_and_parameters_are_sent_typed() {
-        use crate::qmp::types::{MigrationCapability, MultifdCompression};
+        use crate::types::{MigrationCapability, MultifdCompression};
         let (qmp, mut peer) = pair(config()).await;
         let qmp = Arc::new(qmp);
         let q = qmp.clone();

@@ -1,4 +1,4 @@
-//! The host-plugin's QMP client against a real QEMU (7.2 on the project's machines), driving
+//! The QMP client against a real QEMU (7.2 on the project's machines), driving
 //! the test guest of `ferry-netem`: status, stop/cont with their events, NIC MACs, migration
 //! parameters and capabilities, and a complete local migration driven only by this client.
 //!
@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_host::qmp::{
+use ferry_qmp::{
     CapabilityState, MacAddress, MigrationCapability, MigrationParameters, MigrationStatus,
     MultifdCompression, Qmp, QmpConfig, QmpError, QmpEvent, RunState,
 };
@@ -42,7 +42,9 @@ fn spawn(image: &GuestImage, name: &str, dir: &Path, incoming: bool) -> (Qemu, P
         config = config.incoming_defer();
     }
     config.extra_args = extra_args(&sock);
-    let vm = Qemu::spawn(image, &config, None).expect("starting QEMU");
+    // The harness's own QMP session is blocking: keep it off this test's async worker.
+    let vm = tokio::task::block_in_place(|| Qemu::spawn(image, &config, None))
+        .expect("starting QEMU");
     (vm, sock)
 }
 
@@ -83,7 +85,7 @@ async fn qmp_client_drives_real_qemu_through_a_local_migration() {
     let started = Instant::now();
 
     // --- handshake --------------------------------------------------------------------
-    let hs = ferry_host::qmp::Handshake::connect_unix(&src_sock, client_config())
+    let hs = ferry_qmp::Handshake::connect_unix(&src_sock, client_config())
         .await
         .expect("connect + greeting");
     let greeting_version = hs.greeting().version.clone();

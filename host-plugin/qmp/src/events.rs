@@ -6,8 +6,8 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::types::Event;
@@ -49,14 +49,10 @@ impl EventQueue {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Adds an event, dropping the oldest one if full.
     pub(crate) fn push(&self, event: Event) {
         {
-            let mut inner = self.lock();
+            let mut inner = self.inner.lock();
             if inner.events.len() >= self.capacity {
                 if let Some(old) = inner.events.pop_front() {
                     let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -74,13 +70,13 @@ impl EventQueue {
 
     /// Marks the connection as ended and wakes every waiter.
     pub(crate) fn close(&self) {
-        self.lock().closed = true;
+        self.inner.lock().closed = true;
         self.notify.notify_waiters();
     }
 
     /// Takes the oldest event; `Closed` only once the buffer is empty.
     pub(crate) fn pop(&self) -> Pop {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         match inner.events.pop_front() {
             Some(e) => Pop::Event(e),
             None if inner.closed => Pop::Closed,
@@ -90,7 +86,7 @@ impl EventQueue {
 
     /// Takes every buffered event.
     pub(crate) fn drain(&self) -> Vec<Event> {
-        self.lock().events.drain(..).collect()
+        self.inner.lock().events.drain(..).collect()
     }
 
     /// Events dropped because the buffer was full.
@@ -117,7 +113,7 @@ impl EventQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmp::types::QmpEvent;
+    use crate::types::QmpEvent;
 
     fn ev(n: u64) -> Event {
         Event {

@@ -279,6 +279,11 @@ impl CapabilityState {
     }
 }
 
+/// A `max-bandwidth` that never limits: 10 GiB/s, far above what a host's link (or an
+/// emulated WAN) carries, so QEMU never throttles itself and its bandwidth estimate is what
+/// the network delivers.
+pub const UNLIMITED_BANDWIDTH: u64 = 10 << 30;
+
 /// Migration parameters Ferry sets (`migrate-set-parameters`) and reads back
 /// (`query-migrate-parameters`). `None` fields are left out when setting (QEMU keeps them).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -326,6 +331,9 @@ pub struct MigrationParameters {
     /// Increase of the delay between self-announcements, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce_step: Option<u64>,
+    /// Size of the XBZRLE page cache, bytes (used with capability `xbzrle`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xbzrle_cache_size: Option<u64>,
     /// Parameters this struct does not type (only filled when reading; never sent).
     #[serde(flatten, skip_serializing)]
     pub extra: BTreeMap<String, Value>,
@@ -694,6 +702,25 @@ mod tests {
         assert_eq!(i.error_desc.as_deref(), Some("x"));
         // Typed fields are typed strictly.
         assert!(serde_json::from_value::<MigrationInfo>(json!({"total-time": "soon"})).is_err());
+    }
+
+    /// Moved from the test harness's former blocking client (`netem-tests/src/qemu/qmp.rs`),
+    /// whose parser defaulted missing RAM fields to 0: the reply now carries the fields QEMU
+    /// 7.2 always sends, which this parser requires.
+    #[test]
+    fn migration_info_parses_qemu_reply() {
+        let v = json!({"status": "completed", "total-time": 812, "downtime": 12,
+            "ram": {"transferred": 1000, "remaining": 0, "total": 67108864, "duplicate": 5,
+                "normal": 7, "mbps": 880.5, "dirty-sync-count": 3},
+            "socket-address": [{"type": "inet", "host": "127.0.0.1", "port": "40123"}]});
+        let i: MigrationInfo = serde_json::from_value(v).unwrap();
+        assert_eq!(i.status(), MigrationStatus::Completed);
+        assert!(i.status().is_terminal());
+        assert_eq!(i.total_time, Some(812));
+        let ram = i.ram.clone().unwrap_or_default();
+        assert_eq!(ram.transferred, 1000);
+        assert_eq!(ram.normal, 7);
+        assert_eq!(i.listen_ports(), vec![40123]);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The host-plugin's QMP client: async (tokio), typed, and strict about what it reads.
+//! Ferry's QMP client: async (tokio), typed, and strict about what it reads; used by the
+//! host-plugin and by the test harness alike.
 //!
 //! QEMU's QEMU Machine Protocol is line-delimited JSON over a unix socket. A session goes
 //! through two states, modelled as two types:
@@ -7,8 +8,8 @@
 //! 2. [`Qmp`]: `qmp_capabilities` done; commands may be issued.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), ferry_host::qmp::QmpError> {
-//! use ferry_host::qmp::{Handshake, QmpConfig};
+//! # async fn demo() -> Result<(), ferry_qmp::QmpError> {
+//! use ferry_qmp::{Handshake, QmpConfig};
 //! let hs = Handshake::connect_unix("/run/ferry/vm1.qmp", QmpConfig::default()).await?;
 //! println!("QEMU {}", hs.greeting().version.qemu);
 //! let qmp = hs.negotiate().await?;
@@ -21,23 +22,36 @@
 //! arrive between any two lines; a reader task puts them in a bounded buffer (oldest dropped
 //! and counted when full) read with [`Qmp::next_event`] / [`Qmp::wait_event`].
 //!
-//! Layout: [`codec`] is the sans-IO wire core (framing with a line-length bound,
-//! classification, encoding), [`types`] the typed commands, replies and events, `client` the
-//! async shell, `events` the bounded event buffer, [`error`] the error type.
+//! Layout, each module one job, dependencies pointing down the list:
+//! - [`migration`]: drives one migration between two sessions (same settings on both ends,
+//!   `migrate-incoming`, `migrate`, polling to `completed`): the one orchestrator of a QEMU
+//!   pair, on the typed client.
+//! - [`blocking`]: [`BlockingQmp`], the typed client behind blocking calls, for synchronous
+//!   callers (the test harness).
+//! - `client`: the async shell ([`Handshake`], [`Qmp`]); `events`: its bounded event buffer.
+//! - [`types`]: the typed commands, replies and events, and [`UNLIMITED_BANDWIDTH`].
+//! - [`codec`]: the sans-IO wire core (framing with a line-length bound, classification,
+//!   encoding).
+//! - [`error`]: the error type.
 //!
 //! Note that QEMU serves one client per QMP socket: give QEMU a dedicated
 //! `-qmp unix:PATH,server=on,wait=off` for Ferry (the option may be repeated).
 
+pub mod blocking;
 mod client;
 pub mod codec;
 pub mod error;
 mod events;
+#[cfg(test)]
+mod fake_qemu;
+pub mod migration;
 pub mod types;
 
+pub use blocking::BlockingQmp;
 pub use client::{Handshake, Qmp, QmpConfig};
 pub use error::{QmpError, Result};
 pub use types::{
     CapabilityState, Event, Greeting, MacAddress, MigrationCapability, MigrationInfo,
     MigrationParameters, MigrationStatus, MultifdCompression, QmpEvent, RamStats, RunState,
-    RxFilterInfo, SocketAddress, StatusInfo, VersionInfo, VersionTriple,
+    RxFilterInfo, SocketAddress, StatusInfo, VersionInfo, VersionTriple, UNLIMITED_BANDWIDTH,
 };
