@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::api::protocol::ForwardStats;
-use crate::config::{CodecMode, ForwardConfig};
+use ferry_api::protocol::{CodecMode, ForwardStats};
+
+use crate::config::ForwardConfig;
 use crate::tunnel::flow::FlowCounters;
 use crate::tunnel::{FlowError, Tunnel};
 

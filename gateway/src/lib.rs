@@ -7,12 +7,13 @@
 //!      ─▶ [codec: frames → bytes] ─▶ egress (TCP dial) ─▶ QEMU
 //! ```
 //! Layout:
-//! - [`config`], [`units`]: the TOML configuration.
+//! - [`config`]: the TOML configuration (its quantities are parsed by `ferry_units`).
 //! - [`certs`], [`tls`]: the site PKI and mutual TLS.
 //! - [`tunnel`]: QUIC endpoint, peers, flows, wire protocol.
 //! - [`forward`]: TCP ingress listeners.
 //! - [`codec`]: the page-aware QEMU migration stream codec (sans-IO).
-//! - [`api`]: the local API host-plugins open forwards and read counters through.
+//! - [`api`]: the server of the local API host-plugins open forwards and read counters through
+//!   (its messages and framing are the `ferry_api` crate, which host-plugins use).
 //! - [`gateway`]: ties them together.
 
 pub mod api;
@@ -23,7 +24,6 @@ pub mod forward;
 pub mod gateway;
 pub mod tls;
 pub mod tunnel;
-pub mod units;
 
 pub use config::Config;
 pub use gateway::Gateway;
