@@ -33,12 +33,6 @@ impl ParseUnitError {
     fn new(kind: &'static str, text: &str, reason: &'static str) -> Self {
         Self { kind, text: text.to_owned(), reason }
     }
-
-    /// What was being parsed: `"duration"`, `"bandwidth"`, `"rate"`, `"size"`, `"loss"` or
-    /// `"outage"`.
-    pub fn kind(&self) -> &'static str {
-        self.kind
-    }
 }
 
 /// Splits a leading unsigned decimal number off `text`: `"12.5ms"` → `(12.5, "ms")`. `None` when
