@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_api::protocol::CodecMode;
+use ferry_units::{duration_text, Bandwidth, ByteSize};
 use serde::Deserialize;
-
-use crate::units::{duration_text, Bandwidth, ByteSize};
 
 /// A configuration that could not be loaded; the message names the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -139,17 +139,6 @@ pub struct ForwardConfig {
     /// Whether the page codec encodes this forward's connections (towards the peer).
     #[serde(default)]
     pub codec: CodecMode,
-}
-
-/// Page codec use on a forward.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CodecMode {
-    /// Detect QEMU migration streams and encode their pages; compress anything else.
-    #[default]
-    Auto,
-    /// Forward bytes unchanged.
-    Off,
 }
 
 /// The destination page cache.

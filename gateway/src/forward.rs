@@ -14,7 +14,9 @@ use std::time::Duration;
 use parking_lot::{Mutex, MutexGuard};
 use tokio::net::TcpListener;
 
-use crate::config::{CodecMode, ForwardConfig};
+use ferry_api::protocol::CodecMode;
+
+use crate::config::ForwardConfig;
 use crate::tunnel::{FlowCounters, FlowError, FlowObserver, Tunnel};
 
 /// How long an accepted connection waits for the tunnel to its peer before it is dropped.

@@ -8,8 +8,9 @@
 //! ```
 //! Layout, dependencies pointing down only:
 //! - [`gateway`]: ties the pieces below together.
-//! - [`api`]: the local API host-plugins open forwards and read counters through; maps the
-//!   forward's and the tunnel's own stats types to API messages.
+//! - [`api`]: the server of the local API host-plugins open forwards and read counters through;
+//!   maps the forward's and the tunnel's own stats types to API messages (the messages and their
+//!   framing are the `ferry_api` crate, which host-plugins use).
 //! - [`forward`]: TCP ingress listeners; counts its flows through the tunnel's
 //!   [`FlowObserver`](tunnel::FlowObserver).
 //! - [`tunnel`]: QUIC endpoint, peers, flows, wire protocol. Knows nothing of forwards or the API;
@@ -17,7 +18,8 @@
 //! - [`store`]: the stores the codec works with (page cache and its directory, retained pages,
 //!   the peer's advertised index).
 //! - `ferry_codec` (its own crate): the page-aware QEMU migration stream codec (sans-IO).
-//! - [`config`], [`units`]: the TOML configuration. [`certs`], [`tls`]: the site PKI and mutual TLS.
+//! - [`config`]: the TOML configuration (its quantities are parsed by `ferry_units`).
+//!   [`certs`], [`tls`]: the site PKI and mutual TLS.
 
 pub mod api;
 pub mod certs;
@@ -27,7 +29,6 @@ pub mod gateway;
 pub mod store;
 pub mod tls;
 pub mod tunnel;
-pub mod units;
 
 pub use config::Config;
 pub use gateway::Gateway;

@@ -1,12 +1,11 @@
-//! Client of the local gateway's API (see `ferry_gateway::api`): opening forwards to the peer
-//! site and reading their counters.
+//! Client of the local gateway's API (messages in [`ferry_api::protocol`]): opening forwards to
+//! the peer site and reading their counters.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_gateway::api::framing::{FramingError, JsonLines};
-use ferry_gateway::api::protocol::{ForwardInfo, ForwardStats, GatewayInfo, Request, Response};
-use ferry_gateway::config::CodecMode;
+use ferry_api::framing::{FramingError, JsonLines};
+use ferry_api::protocol::{CodecMode, ForwardInfo, ForwardStats, GatewayInfo, Request, Response};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 

@@ -3,8 +3,10 @@
 //!
 //! - [`migrate`]: the source side (`ferry-host migrate`): one command, one VM.
 //! - [`serve`]: the destination side (`ferry-host serve`): prepares incoming VMs, announces them.
-//! - [`control`]: the messages the two exchange, over a forward through the gateways.
-//! - [`gateway_api`]: the client of the local gateway's API (forwards, drain-rate counters).
+//! - [`control`]: the channel the two talk over, a forward through the gateways (its messages
+//!   are `ferry_api::control`).
+//! - [`gateway_api`]: the client of the local gateway's API (forwards, drain-rate counters;
+//!   messages and framing from `ferry_api`).
 //! - [`settings`]: the QEMU capabilities and parameters Ferry picks.
 //! - [`session`]: the sans-IO state machines of both sides' lifecycles (when the source VM
 //!   may run again), driven by [`migrate`] and [`serve`].
@@ -16,6 +18,9 @@
 //!   bounded events).
 //! - [`announce`]: re-announcing a VM's MACs on the destination L2 after cutover (RARP as QEMU's
 //!   announce-self, gratuitous ARP, unsolicited neighbour advertisements) over AF_PACKET.
+//!
+//! The host-plugin does not link the gateway: what the two share is the `ferry_api` crate (API
+//! and control messages, JSON-lines framing) and `ferry_units` (durations on the command line).
 
 pub mod announce;
 pub mod control;

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use ferry_host::control::DEFAULT_SERVE_PORT;
+use ferry_api::control::DEFAULT_SERVE_PORT;
 use ferry_host::migrate::{migrate, MigrateOptions};
 use ferry_host::progress::ProgressMode;
 use ferry_host::serve::{serve, ServeConfig};
@@ -52,10 +52,10 @@ enum Command {
         #[arg(long)]
         heartbeat: Option<PathBuf>,
         /// Guest downtime to aim for.
-        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "500ms", value_parser = ferry_units::parse_duration)]
         downtime: Duration,
         /// Cancel the migration (the VM keeps running here) when not done after this long.
-        #[arg(long = "max-time", default_value = "30m", value_parser = humantime::parse_duration)]
+        #[arg(long = "max-time", default_value = "30m", value_parser = ferry_units::parse_duration)]
         max_time: Duration,
         /// Multifd: auto (4 channels from 1 GiB of RAM), off, or a channel count.
         #[arg(long, default_value = "auto")]

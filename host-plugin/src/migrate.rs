@@ -16,8 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use ferry_gateway::api::protocol::ForwardStats;
-use ferry_gateway::config::CodecMode;
+use ferry_api::protocol::{CodecMode, ForwardStats};
 use tokio::net::TcpStream;
 
 use crate::control::{clock_offset, Channel, ChannelError, ToDestination, ToSource};

@@ -51,9 +51,10 @@ fn main() -> anyhow::Result<()> {
     let payload: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1472);
     let rate: u64 = args
         .get(3)
-        .map(|s| ferry_netem::units::parse_rate(s))
+        .map(|s| ferry_units::parse_rate_limit(s))
         .transpose()?
-        .unwrap_or(0);
+        .flatten()
+        .map_or(0, ferry_units::Bandwidth::bits_per_second);
     let wan = Wan::builder()
         .backend(Backend::Userspace)
         .rate_bps(rate)
@@ -136,7 +137,7 @@ fn main() -> anyhow::Result<()> {
     let fwd = (st1.a_to_b.delivered - st0.a_to_b.delivered) as f64 / dt;
     println!(
         "packet size (IP): {ip} bytes, window {dt:.2} s, rate limit {}",
-        ferry_netem::units::human_rate(rate)
+        ferry_netem::link_params::human_rate(rate)
     );
     println!("sender:    {:>9.0} pkt/s", (s1 - s0) as f64 / dt);
     println!(

@@ -11,16 +11,6 @@ pub enum Error {
     /// The configuration is inconsistent or out of range.
     #[error("invalid WAN configuration: {0}")]
     InvalidConfig(String),
-    /// A textual value (duration, rate, percentage, ...) could not be parsed.
-    #[error("cannot parse {what} {input:?}: {reason}")]
-    Parse {
-        /// What kind of value was expected ("duration", "rate", ...).
-        what: &'static str,
-        /// The offending input.
-        input: String,
-        /// Why it was rejected, including the accepted forms.
-        reason: String,
-    },
     /// An external command (`ip`, `tc`) could not be run or failed.
     #[error("command `{command}` failed ({status}): {stderr}")]
     Command {

@@ -38,7 +38,6 @@ pub mod netem_backend;
 pub mod netns;
 pub mod qemu;
 pub mod tun;
-pub mod units;
 pub mod userspace_link;
 pub mod wan;
 

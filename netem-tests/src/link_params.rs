@@ -1,4 +1,5 @@
-//! The parameters of one direction of an emulated WAN link, shared by both backends.
+//! The parameters of one direction of an emulated WAN link, shared by both backends, and how
+//! their rate reads to humans.
 
 use std::time::Duration;
 
@@ -31,5 +32,36 @@ impl LinkParams {
         } else {
             (self.rate_bps as f64 / 8.0 / 750.0).max(10_000.0)
         }
+    }
+}
+
+/// Formats a rate (bits per second, 0 = unlimited, as in [`LinkParams::rate_bps`]) for humans:
+/// `1 Gbit/s`, `200 Mbit/s`, `unlimited`.
+pub fn human_rate(bits_per_sec: u64) -> String {
+    let b = bits_per_sec as f64;
+    match bits_per_sec {
+        0 => "unlimited".to_string(),
+        x if x >= 1_000_000_000 => format!("{} Gbit/s", trim_float(b / 1e9)),
+        x if x >= 1_000_000 => format!("{} Mbit/s", trim_float(b / 1e6)),
+        x if x >= 1_000 => format!("{} kbit/s", trim_float(b / 1e3)),
+        _ => format!("{bits_per_sec} bit/s"),
+    }
+}
+
+fn trim_float(x: f64) -> String {
+    let s = format!("{x:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_rates() {
+        assert_eq!(human_rate(1_000_000_000), "1 Gbit/s");
+        assert_eq!(human_rate(200_000_000), "200 Mbit/s");
+        assert_eq!(human_rate(1_500_000), "1.5 Mbit/s");
+        assert_eq!(human_rate(0), "unlimited");
     }
 }

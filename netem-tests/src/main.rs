@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use ferry_netem::link_params::human_rate;
 use ferry_netem::naming::{CLI_DEFAULT_NAME, DEFAULT_PREFIX};
-use ferry_netem::units::{human_rate, parse_duration, parse_loss, parse_outage, parse_rate};
 use ferry_netem::{Backend, Wan};
+use ferry_units::{parse_duration, parse_loss, parse_outage, parse_rate_limit, Bandwidth};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -91,8 +92,9 @@ impl From<BackendArg> for Backend {
 fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
+/// Bits per second, 0 for `unlimited` (as `Wan::builder().rate_bps` takes it).
 fn rate_arg(s: &str) -> Result<u64, String> {
-    parse_rate(s).map_err(|e| e.to_string())
+    parse_rate_limit(s).map(|r| r.map_or(0, Bandwidth::bits_per_second)).map_err(|e| e.to_string())
 }
 fn loss_arg(s: &str) -> Result<f64, String> {
     parse_loss(s).map_err(|e| e.to_string())

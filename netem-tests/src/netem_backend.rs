@@ -16,7 +16,6 @@ use crate::command::run_args;
 use crate::error::{Error, Result};
 use crate::link_params::LinkParams;
 use crate::netns;
-use crate::units::{tc_rate, tc_time};
 
 /// Whether a qdisc command creates or modifies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +28,16 @@ pub enum QdiscOp {
 
 fn owned(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Formats a duration for `tc` in microseconds (`75000us`), which every `tc` accepts.
+pub fn tc_time(d: Duration) -> String {
+    format!("{}us", d.as_micros())
+}
+
+/// Formats a rate for `tc` as bits per second (`1000000000bit`).
+pub fn tc_rate(bits_per_sec: u64) -> String {
+    format!("{bits_per_sec}bit")
 }
 
 /// Formats a probability as a `tc` percentage (`0.1%`).
@@ -324,6 +333,12 @@ mod tests {
             veth_args("s-a", "s-b", "wan0").join(" "),
             "-n s-a link add wan0 type veth peer name wan0 netns s-b"
         );
+    }
+
+    #[test]
+    fn times_and_rates() {
+        assert_eq!(tc_time(Duration::from_millis(75)), "75000us");
+        assert_eq!(tc_rate(200_000_000), "200000000bit");
     }
 
     #[test]

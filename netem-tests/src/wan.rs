@@ -15,7 +15,7 @@ use crate::naming::{self, SubnetLease};
 use crate::netem_backend::{self, NetemSide, OutageScheduler};
 use crate::netns;
 use crate::tun::Tun;
-use crate::units::human_rate;
+use crate::link_params::human_rate;
 use crate::userspace_link::{LinkCounters, UserspaceLink};
 
 /// Name of the WAN-facing device inside each site namespace.

@@ -129,7 +129,7 @@ fn check_rate(backend: Backend, rate_bps: u64) -> f64 {
     let measured = got.rate_bps();
     println!(
         "{backend} rate {}: measured {:.1} Mbit/s ({} packets, {:?})",
-        ferry_netem::units::human_rate(rate_bps),
+        ferry_netem::link_params::human_rate(rate_bps),
         measured / 1e6,
         got.packets,
         wan.stats()

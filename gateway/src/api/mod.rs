@@ -5,14 +5,11 @@
 //! to learn how fast the WAN really drains (QEMU only sees the local hop). Forwards live as long
 //! as the API connection that opened them.
 //!
-//! - [`protocol`]: the messages.
-//! - [`framing`]: bounded JSON-lines framing (also used by the host-plugins' control channel).
+//! The messages and their framing are in [`ferry_api`] ([`ferry_api::protocol`],
+//! [`ferry_api::framing`]), which host-plugins use without linking the gateway.
 //!
 //! The API has no authentication of its own: bind it to loopback or a management network only
 //! the hypervisor hosts reach.
-
-pub mod framing;
-pub mod protocol;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,11 +19,12 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use ferry_api::framing::{FramingError, JsonLines};
+use ferry_api::protocol::{ForwardInfo, ForwardStats, GatewayInfo, PathInfo, PeerInfo, Request, Response};
+
 use crate::config::{Config, ForwardConfig};
 use crate::forward::{Forward, ForwardTally, ForwardTotals};
 use crate::tunnel::{PathStats, Tunnel};
-use framing::JsonLines;
-use protocol::{ForwardInfo, ForwardStats, GatewayInfo, PathInfo, PeerInfo, Request, Response};
 
 /// Forward ids (which double as dial-order keys) of API forwards start here, clear of the
 /// configured forwards' indices.
@@ -82,7 +80,7 @@ impl Drop for Session {
 }
 
 impl Session {
-    async fn run(mut self, tcp: TcpStream) -> Result<(), framing::FramingError> {
+    async fn run(mut self, tcp: TcpStream) -> Result<(), FramingError> {
         let local = tcp.local_addr()?;
         let (r, w) = tcp.into_split();
         let mut lines = JsonLines::new(r, w);
@@ -90,7 +88,7 @@ impl Session {
             let request: Request = match lines.recv().await {
                 Ok(Some(r)) => r,
                 Ok(None) => return Ok(()),
-                Err(e @ framing::FramingError::Json(_)) => {
+                Err(e @ FramingError::Json(_)) => {
                     // A malformed request gets an answer; the session goes on.
                     lines.send(&Response::Error(e.to_string())).await?;
                     continue;

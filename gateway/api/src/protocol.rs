@@ -1,4 +1,4 @@
-//! Messages of the gateway's local API (JSON lines, see [`super::framing`]).
+//! Messages of the gateway's local API (JSON lines, see [`crate::framing`]).
 //!
 //! A host-plugin connects, asks for a forward to a host at a peer site, and polls that forward's
 //! statistics while a migration runs. Forwards belong to the API session that opened them: when
@@ -9,7 +9,17 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::CodecMode;
+/// Page codec use on a forward: the `codec` key of a configured `[[forward]]` and the `codec`
+/// of [`Request::OpenForward`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CodecMode {
+    /// Detect QEMU migration streams and encode their pages; compress anything else.
+    #[default]
+    Auto,
+    /// Forward bytes unchanged.
+    Off,
+}
 
 /// A request from a host-plugin.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
