@@ -20,9 +20,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-mod support;
-
-use support::{enter_netns, run, src_mac, Capture};
+use ferry_testkit::capture::{src_mac, Capture};
+use ferry_testkit::sys::{enter_netns, is_root, run};
 
 use ferry_host::announce::{
     announce, announce_blocking, default_schedule, frames, AnnounceError, Announcement, MacAddr,
@@ -238,8 +237,7 @@ fn body(ns_name: &str) {
 
 #[test]
 fn announcement_crosses_bridge_byte_for_byte() {
-    // SAFETY: geteuid(2) takes no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         println!("SKIP announcement_crosses_bridge_byte_for_byte: needs root (network namespaces, raw sockets)");
         return;
     }

@@ -5,7 +5,7 @@
 //! Skips (passes with a message) unless root with `qemu-system-x86_64` installed. Tests take a
 //! process-wide lock: TCG guests, the WAN emulator and two gateways already share the cores.
 
-mod support;
+mod wan_sites;
 
 use std::process::Output;
 use std::sync::Mutex;
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ferry_host::announce::{frames, Announcement};
 use ferry_netem::qemu::{GuestConfig, VerifyReport};
-use support::wan_sites::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, BOOT, VM_IP, VM_MAC};
+use wan_sites::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, BOOT, VM_IP, VM_MAC};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -176,7 +176,7 @@ struct RunningMigrate {
 }
 
 impl RunningMigrate {
-    fn start(s: &support::wan_sites::Setup, qmp: &std::path::Path, hb: &std::path::Path) -> Self {
+    fn start(s: &wan_sites::Setup, qmp: &std::path::Path, hb: &std::path::Path) -> Self {
         // Bounded, so that it ends on its own even if this test fails before it does.
         let child = migrate_command(s, qmp, hb, &["--max-time", "2m"]).spawn().expect("start ferry-host migrate");
         let pid = child.id();

@@ -17,7 +17,10 @@
 
 mod support;
 
-use support::{env_f64, wan_or_exit};
+use ferry_testkit::bench::env_f64;
+use ferry_testkit::sys::is_root;
+use ferry_testkit::tracing::init_tracing_stderr;
+use support::wan_or_exit;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -98,11 +101,8 @@ fn migrate_one(
 }
 
 fn main() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .try_init();
-    if !ferry_netem::netns::is_root() {
+    init_tracing_stderr();
+    if !is_root() {
         println!("skipping migration_wan: needs root (network namespaces)");
         return;
     }

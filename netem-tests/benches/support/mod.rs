@@ -1,15 +1,11 @@
-//! Pieces every emulated-WAN benchmark needs: its settings from the environment, and the link.
+//! What every emulated-WAN benchmark needs beyond the test kit (`ferry_testkit::bench` has
+//! the settings from the environment): the link.
 
 #![allow(dead_code)]
 
 use std::time::Duration;
 
 use ferry_netem::{Backend, Wan};
-
-/// A number from the environment variable `name`, or `default` when unset or unparsable.
-pub fn env_f64(name: &str, default: f64) -> f64 {
-    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
-}
 
 /// Two emulated sites joined by `rtt_ms` / `rate_mbit` / `loss_pct`; exits the benchmark when
 /// the link cannot come up (nothing to measure without it).

@@ -9,15 +9,12 @@ use std::time::Duration;
 use ferry_netem::gateway_pair::{GatewayPair, PairLink};
 use ferry_netem::qemu::{self, migrate_over_wan, GuestImage, MigrationMode, Qemu, VerifyReport, WanMigrationReport, WanRoute};
 use ferry_netem::Wan;
+use ferry_testkit::tracing::init_tracing;
 
 /// Longest wait for a guest to boot or answer.
 pub const BOOT: Duration = Duration::from_secs(60);
 /// Port the destination QEMU listens on in site B (the gateways' `connect`).
 pub const MIGRATION_PORT: u16 = 4444;
-
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
-}
 
 /// Fields drop in declaration order: VMs (held by the tests) first, then the gateways, then
 /// the WAN.
