@@ -20,12 +20,12 @@ mod support;
 use ferry_testkit::bench::env_f64;
 use ferry_testkit::sys::is_root;
 use ferry_testkit::tracing::init_tracing_stderr;
-use support::wan_or_exit;
+use support::{baseline, gateway_link, wan_or_exit, SharedCells};
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_netem::gateway_pair::{GatewayPair, PairLink};
+use ferry_netem::gateway_pair::GatewayPair;
 use ferry_netem::qemu::{
     self, migrate_over_wan, GuestConfig, GuestImage, MigrationMode, MultifdCompression, Qemu,
     QemuConfig, VerifyReport, WanMigrationReport, WanRoute,
@@ -35,20 +35,9 @@ use ferry_netem::Wan;
 const BOOT: Duration = Duration::from_secs(120);
 const MIGRATE: Duration = Duration::from_secs(300);
 
-
 struct Run {
     name: String,
     report: WanMigrationReport,
-}
-
-impl Run {
-    /// WAN bytes and where they came from.
-    fn wan_bytes(&self) -> (u64, &'static str) {
-        match self.report.link_bytes() {
-            Some(b) => (b, "link"),
-            None => (self.report.ram.transferred, "QEMU transferred"),
-        }
-    }
 }
 
 fn migrate_one(
@@ -151,11 +140,7 @@ fn main() {
     }));
 
     let connect = SocketAddr::from((b, 4444));
-    let link = PairLink {
-        bandwidth: format!("{rate_mbit}mbit"),
-        rtt: format!("{}us", ((rtt_ms * 1000.0) as u64).max(1000)),
-        codec: true,
-    };
+    let link = gateway_link(rate_mbit, rtt_ms, true);
     match GatewayPair::start(&wan, link, connect) {
         Ok(pair) => {
             let mode = MigrationMode::multifd(channels);
@@ -189,13 +174,7 @@ fn main() {
         }
     }
 
-    let base = runs.first().and_then(|r| r.as_ref().ok()).map(|r| {
-        (
-            r.wan_bytes().0,
-            r.report.total_time_ms.unwrap_or(0),
-            r.report.wall_time,
-        )
-    });
+    let base = runs.first().and_then(|r| r.as_ref().ok()).map(|r| baseline(&r.report));
     println!();
     println!(
         "Live migration across an emulated WAN: {rtt_ms} ms RTT, {rate_mbit} Mbit/s, {loss_pct} % loss, backend {:?}; guest {} MiB VM, {} MiB random + {} MiB duplicate pages, dirtying {} pages/tick",
@@ -208,29 +187,16 @@ fn main() {
     println!();
     println!("| setup | WAN bytes (MB) | source | gateway flows wan_out+wan_in (MB) | QEMU transferred (MB) | QEMU total time (ms) | downtime (ms) | wall (s) | WAN bytes / direct | time / direct |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let mb = |b: u64| format!("{:.1}", b as f64 / 1e6);
     for run in &runs {
         match run {
             Ok(run) => {
                 let r = &run.report;
-                let (bytes, source) = run.wan_bytes();
-                let flows = if r.flows_a.is_empty() {
-                    "-".to_string()
-                } else {
-                    mb(r.wan_out_a() + r.wan_in_a())
-                };
-                let (ratio, tratio) = match base {
-                    Some((bb, bt, _)) if bb > 0 && bt > 0 => (
-                        format!("{:.2}", bytes as f64 / bb as f64),
-                        format!("{:.2}", r.total_time_ms.unwrap_or(0) as f64 / bt as f64),
-                    ),
-                    _ => ("-".into(), "-".into()),
-                };
+                let SharedCells { wan, source, flows, transferred, ratio, time_ratio } = SharedCells::of(r, base);
                 println!(
-                    "| {} | {} | {source} | {flows} | {} | {} | {} | {:.1} | {ratio} | {tratio} |",
+                    "| {} | {} | {source} | {flows} | {} | {} | {} | {:.1} | {ratio} | {time_ratio} |",
                     run.name,
-                    mb(bytes),
-                    mb(r.ram.transferred),
+                    wan,
+                    transferred,
                     r.total_time_ms.map_or("-".into(), |t| t.to_string()),
                     r.downtime_ms.map_or("-".into(), |t| t.to_string()),
                     r.wall_time.as_secs_f64(),

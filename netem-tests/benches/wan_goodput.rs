@@ -15,13 +15,13 @@ mod support;
 use ferry_testkit::bench::{env_f64, env_list};
 use ferry_testkit::sys::is_root;
 use ferry_testkit::tracing::init_tracing_stderr;
-use support::wan_or_exit;
+use support::{gateway_link, wan_or_exit};
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_netem::bulk::{self, Receiver};
-use ferry_netem::gateway_pair::{GatewayPair, PairLink};
+use ferry_netem::gateway_pair::GatewayPair;
 use ferry_netem::Wan;
 
 /// One transfer of at most `seconds` + warm-up; returns goodput in Mbit/s.
@@ -58,11 +58,7 @@ fn main() {
             let direct_target = SocketAddr::from((b, 5001));
             let gw_target = SocketAddr::from((b, 5002));
             let direct = measure(&wan, direct_target, direct_target, warmup, seconds);
-            let link = PairLink {
-                bandwidth: format!("{}mbit", rate_mbit),
-                rtt: format!("{}us", ((rtt_ms * 1000.0) as u64).max(1000)),
-                codec: false,
-            };
+            let link = gateway_link(rate_mbit, rtt_ms, false);
             let gateway = match GatewayPair::start(&wan, link, gw_target) {
                 Ok(pair) => {
                     let r = measure(&wan, gw_target, pair.forward_addr, warmup, seconds);

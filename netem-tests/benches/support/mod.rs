@@ -1,10 +1,13 @@
 //! What every emulated-WAN benchmark needs beyond the test kit (`ferry_testkit::bench` has
-//! the settings from the environment): the link.
+//! the settings from the environment): the link, the gateways' link settings, and the table
+//! cells the migration benchmarks share.
 
 #![allow(dead_code)]
 
 use std::time::Duration;
 
+use ferry_netem::gateway_pair::PairLink;
+use ferry_netem::qemu::WanMigrationReport;
 use ferry_netem::{Backend, Wan};
 
 /// Two emulated sites joined by `rtt_ms` / `rate_mbit` / `loss_pct`; exits the benchmark when
@@ -22,5 +25,66 @@ pub fn wan_or_exit(rtt_ms: f64, rate_mbit: f64, loss_pct: f64) -> Wan {
             eprintln!("cannot bring up the WAN: {e}");
             std::process::exit(1);
         }
+    }
+}
+
+/// The gateways' `[link]` for a benchmark link of `rate_mbit` and `rtt_ms` (at least 1 ms),
+/// the codec on or off.
+pub fn gateway_link(rate_mbit: f64, rtt_ms: f64, codec: bool) -> PairLink {
+    PairLink {
+        bandwidth: format!("{rate_mbit}mbit"),
+        rtt: format!("{}us", ((rtt_ms * 1000.0) as u64).max(1000)),
+        codec,
+    }
+}
+
+/// Megabytes with one decimal.
+pub fn mb(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / 1e6)
+}
+
+/// WAN bytes of a migration and where they came from: the link's counters (userspace backend)
+/// or, without them (netem backend), QEMU's own `transferred`.
+pub fn wan_bytes(report: &WanMigrationReport) -> (u64, &'static str) {
+    match report.link_bytes() {
+        Some(b) => (b, "link"),
+        None => (report.ram.transferred, "QEMU transferred"),
+    }
+}
+
+/// WAN bytes and QEMU's total time (ms) of the direct run, the baseline of the ratios.
+pub fn baseline(report: &WanMigrationReport) -> (u64, u64) {
+    (wan_bytes(report).0, report.total_time_ms.unwrap_or(0))
+}
+
+/// The table cells every migration benchmark prints for a run.
+pub struct SharedCells {
+    /// WAN bytes (MB).
+    pub wan: String,
+    /// Where the WAN bytes came from.
+    pub source: &'static str,
+    /// The gateways' flow counters at site A, wan_out + wan_in (MB), or `-` without gateways.
+    pub flows: String,
+    /// QEMU's `transferred` (MB).
+    pub transferred: String,
+    /// WAN bytes relative to the baseline.
+    pub ratio: String,
+    /// QEMU total time relative to the baseline.
+    pub time_ratio: String,
+}
+
+impl SharedCells {
+    /// The cells of `r`, with ratios to `base` (from [`baseline`]) where it has both numbers.
+    pub fn of(r: &WanMigrationReport, base: Option<(u64, u64)>) -> Self {
+        let (bytes, source) = wan_bytes(r);
+        let flows = if r.flows_a.is_empty() { "-".to_string() } else { mb(r.wan_out_a() + r.wan_in_a()) };
+        let (ratio, time_ratio) = match base {
+            Some((bb, bt)) if bb > 0 && bt > 0 => (
+                format!("{:.2}", bytes as f64 / bb as f64),
+                format!("{:.2}", r.total_time_ms.unwrap_or(0) as f64 / bt as f64),
+            ),
+            _ => ("-".into(), "-".into()),
+        };
+        Self { wan: mb(bytes), source, flows, transferred: mb(r.ram.transferred), ratio, time_ratio }
     }
 }
