@@ -42,20 +42,7 @@ fn vm_config(name: &str, guest: &GuestConfig) -> QemuConfig {
 
 /// A running source in site A and a waiting destination in site B.
 fn start_vms(s: &Setup, tag: &str, guest: &GuestConfig) -> (Qemu, Qemu) {
-    let src = Qemu::spawn(
-        &s.image,
-        &vm_config(&format!("src-{tag}"), guest),
-        Some(s.wan.site_a().netns()),
-    )
-    .expect("start source in site A");
-    let dst = Qemu::spawn(
-        &s.image,
-        &vm_config(&format!("dst-{tag}"), guest).incoming_defer(),
-        Some(s.wan.site_b().netns()),
-    )
-    .expect("start destination in site B");
-    src.serial().wait_for_tick(3, BOOT).expect("source ticks");
-    (src, dst)
+    qemu_support::start_vms(s, &vm_config(&format!("src-{tag}"), guest), vm_config(&format!("dst-{tag}"), guest))
 }
 
 fn migrate(s: &Setup, src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode) -> WanMigrationReport {

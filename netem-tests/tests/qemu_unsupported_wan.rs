@@ -57,16 +57,7 @@ fn start_vms(
     };
     let mut src_cfg = config("src");
     src_cfg.extra_qmp_socket = with_extra_qmp.map(Into::into);
-    let src = Qemu::spawn(&s.image, &src_cfg, Some(s.wan.site_a().netns()))
-        .expect("start source in site A");
-    let dst = Qemu::spawn(
-        &s.image,
-        &config("dst").incoming_defer(),
-        Some(s.wan.site_b().netns()),
-    )
-    .expect("start destination in site B");
-    src.serial().wait_for_tick(3, BOOT).expect("source ticks");
-    (src, dst)
+    qemu_support::start_vms(s, &src_cfg, config("dst"))
 }
 
 fn migrate(s: &Setup, src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode) -> WanMigrationReport {

@@ -1,5 +1,6 @@
 //! Shared by the QEMU-through-the-gateways tests: two emulated sites with a gateway pair, the
-//! test guest image, one migration along the pair, and the checks every migration must pass.
+//! test guest image, a source/destination VM pair, one migration along the pair, and the checks
+//! every migration must pass.
 
 #![allow(dead_code)]
 
@@ -7,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_netem::gateway_pair::{GatewayPair, PairLink};
-use ferry_netem::qemu::{self, migrate_over_wan, GuestImage, MigrationMode, Qemu, VerifyReport, WanMigrationReport, WanRoute};
+use ferry_netem::qemu::{self, migrate_over_wan, GuestImage, MigrationMode, Qemu, QemuConfig, VerifyReport, WanMigrationReport, WanRoute};
 use ferry_netem::Wan;
 use ferry_testkit::tracing::init_tracing;
 
@@ -43,6 +44,15 @@ pub fn setup(test: &str, rtt: Duration, loss: f64) -> Option<Setup> {
     let link = PairLink { bandwidth: "1gbit".into(), rtt: format!("{}ms", rtt.as_millis()), codec: true };
     let pair = GatewayPair::start(&wan, link, connect).expect("gateways");
     Some(Setup { image, pair, connect, wan })
+}
+
+/// Starts `src` as the running source in site A and `dst`, made incoming (deferred), as the
+/// waiting destination in site B; returns once the source ticks.
+pub fn start_vms(s: &Setup, src: &QemuConfig, dst: QemuConfig) -> (Qemu, Qemu) {
+    let src = Qemu::spawn(&s.image, src, Some(s.wan.site_a().netns())).expect("start source in site A");
+    let dst = Qemu::spawn(&s.image, &dst.incoming_defer(), Some(s.wan.site_b().netns())).expect("start destination in site B");
+    src.serial().wait_for_tick(3, BOOT).expect("source ticks");
+    (src, dst)
 }
 
 /// Migrates `src` (site A) into `dst` (site B) through the gateways.
