@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use ferry_host::announce::{frames, Announcement};
 use ferry_netem::qemu::{GuestConfig, VerifyReport};
+use ferry_testkit::sync::lock;
 use wan_sites::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, BOOT, VM_IP, VM_MAC};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -23,7 +24,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 #[test]
 fn one_command_migrates_a_running_vm_across_150ms() {
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     let Some(s) = setup("one_command_migrates_a_running_vm_across_150ms", 200_000_000, "200mbit") else { return };
     // Ticks every 20 ms (the heartbeat's resolution); 8 random pages dirtied per tick.
     let guest = GuestConfig { dirty_pages_per_tick: 8, verify_every_ticks: 0, retouch: true, tick_jiffies: 2, ..GuestConfig::default() };
@@ -88,7 +89,7 @@ fn one_command_migrates_a_running_vm_across_150ms() {
 
 #[test]
 fn busy_guest_outrunning_the_link_still_completes() {
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     // 40 Mbit/s = 5 MB/s; the guest rewrites 300 random (incompressible) pages every 100 ms:
     // about 12 MB/s, well beyond what the link drains.
     let Some(s) = setup("busy_guest_outrunning_the_link_still_completes", 40_000_000, "40mbit") else { return };
@@ -127,7 +128,7 @@ fn busy_guest_outrunning_the_link_still_completes() {
 
 #[test]
 fn failures_leave_the_source_running() {
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     // 20 Mbit/s so that the first pass of 32 MiB of random pages takes > 10 s.
     let Some(s) = setup("failures_leave_the_source_running", 20_000_000, "20mbit") else { return };
     let guest = GuestConfig { dirty_pages_per_tick: 16, verify_every_ticks: 0, retouch: true, rand_mib: 32, ..GuestConfig::default() };

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use qemu_support::{Setup, BOOT};
 use ferry_netem::qemu::{GuestConfig, MigrationMode, Qemu, QemuConfig, WanMigrationReport};
+use ferry_testkit::sync::lock;
 
 const MIGRATE: Duration = Duration::from_secs(180);
 
@@ -59,7 +60,7 @@ fn check_migration(src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode, r: &Wan
 }
 
 fn single_migration(test: &str, mode: MigrationMode) {
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     let t0 = Instant::now();
     let Some(s) = setup(test) else { return };
     let (mut src, mut dst) = start_vms(&s, "1", &guest());
@@ -88,7 +89,7 @@ fn migrate_multifd_4_through_gateways() {
 #[test]
 fn second_guest_of_same_image_costs_less_than_half_on_the_wan() {
     let test = "second_guest_of_same_image_costs_less_than_half_on_the_wan";
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     let t0 = Instant::now();
     let Some(s) = setup(test) else { return };
     let mode = MigrationMode::multifd(4);

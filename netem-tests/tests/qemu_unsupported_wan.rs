@@ -27,6 +27,7 @@ use ferry_netem::qemu::{
     MultifdCompression, Qemu, QemuConfig, QmpClient, WanMigrationOptions,
     WanMigrationReport, WanRoute, UNLIMITED_BANDWIDTH,
 };
+use ferry_testkit::sync::lock;
 use serde_json::{json, Value};
 
 const MIGRATE: Duration = Duration::from_secs(120);
@@ -85,7 +86,7 @@ fn describe(f: &FlowRecord) -> String {
 #[test]
 fn multifd_zstd_goes_opaque_through_gateways() {
     let test = "multifd_zstd_goes_opaque_through_gateways";
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     let t0 = Instant::now();
     let Some(s) = setup(test) else { return };
     let guest = GuestConfig {
@@ -254,7 +255,7 @@ fn hold_until_xbzrle(
 #[test]
 fn xbzrle_main_channel_goes_opaque_through_gateways() {
     let test = "xbzrle_main_channel_goes_opaque_through_gateways";
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     let t0 = Instant::now();
     let Some(s) = setup(test) else { return };
     let dir = tempfile::tempdir().expect("temp dir");

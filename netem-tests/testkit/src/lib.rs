@@ -14,6 +14,7 @@
 //!   parser.
 //! - [`loopback`]: gateways on loopback and TCP endpoints that check what crosses them.
 //! - [`qemu_stream`]: synthetic QEMU migration streams (main channel and multifd).
+//! - [`sync`]: test locks that survive a panicked test.
 //! - [`tracing`]: the tracing subscriber for tests and for benchmarks.
 //! - [`bench`]: benchmark settings from the environment.
 
@@ -25,6 +26,7 @@ pub mod loopback;
 pub mod pki;
 pub mod qemu_stream;
 pub mod rng;
+pub mod sync;
 pub mod sys;
 pub mod tracing;
 
