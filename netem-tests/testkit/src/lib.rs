@@ -4,7 +4,8 @@
 //! which is itself test infrastructure (emulated WAN sites for tests and benchmarks). Nothing
 //! shipped may depend on it. `publish = false`.
 //!
-//! One job per module:
+//! One job per module (`pki`, `gateway_config` and `loopback` need the default `gateway`
+//! feature, the only part that depends on ferry-gateway):
 //! - [`rng`]: the one deterministic test random generator (xorshift64*).
 //! - [`sys`]: root check, entering a network namespace, running a command, and the other small
 //!   libc wrappers tests need.
@@ -21,8 +22,11 @@
 pub mod bench;
 pub mod capture;
 pub mod error;
+#[cfg(feature = "gateway")]
 pub mod gateway_config;
+#[cfg(feature = "gateway")]
 pub mod loopback;
+#[cfg(feature = "gateway")]
 pub mod pki;
 pub mod qemu_stream;
 pub mod rng;
