@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_gateway::Gateway;
 use ferry_testkit::loopback::{config_with, free_udp_addr, receive_all, send_random};
 use ferry_testkit::pki::Pki;
-use ferry_gateway::Gateway;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
+use ferry_gateway::Gateway;
 use ferry_testkit::loopback::{config, config_with, exchange, free_udp_addr, pair, receive_all, send_random};
 use ferry_testkit::pki::Pki;
 use ferry_testkit::qemu_stream::{multifd_stream, random_pages};
-use ferry_gateway::Gateway;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

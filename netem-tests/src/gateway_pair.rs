@@ -2,8 +2,8 @@
 //!
 //! Each gateway runs on its own OS thread inside its site's namespace, with its own tokio
 //! runtime, configured through the real TOML parser with certificates from the real
-//! `ferry-gateway certs` code (both via the test kit's `pki` and `gateway_config`). Site A forwards `127.0.0.1:<port>` (in A's namespace) to
-//! `connect` in site B. Both serve the host-plugin API on `127.0.0.1:<port>` in their namespace. Dropping the pair stops both gateways and joins their threads.
+//! `ferry-gateway certs` code (both through the test kit's `pki` and `gateway_config`). Site A
+//! forwards `127.0.0.1:<port>` (in A's namespace) to `connect` in site B. Both serve the host-plugin API on `127.0.0.1:<port>` in their namespace. Dropping the pair stops both gateways and joins their threads.
 
 use std::net::SocketAddr;
 use std::sync::mpsc;
