@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use ferry_gateway::Gateway;
-use ferry_testkit::loopback::{config, config_with, exchange, free_udp_addr, pair, receive_all, send_random};
+use ferry_testkit::loopback::{config, config_with, exchange, free_udp_addr, pair, receive_all};
 use ferry_testkit::pki::Pki;
 use ferry_testkit::qemu_stream::{multifd_stream, random_pages};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

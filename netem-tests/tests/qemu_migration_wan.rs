@@ -11,7 +11,7 @@ mod qemu_support;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use qemu_support::{Setup, BOOT};
+use qemu_support::Setup;
 use ferry_netem::qemu::{GuestConfig, MigrationMode, Qemu, QemuConfig, WanMigrationReport};
 use ferry_testkit::sync::lock;
 

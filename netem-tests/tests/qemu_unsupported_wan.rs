@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use ferry_gateway::codec::StreamMode;
 use ferry_gateway::tunnel::FlowRecord;
-use qemu_support::{check_migration, Setup, BOOT};
+use qemu_support::{check_migration, Setup};
 use ferry_netem::qemu::{
     migrate_over_wan_with, GuestConfig, MigrationMode,
     MultifdCompression, Qemu, QemuConfig, QmpClient, WanMigrationOptions,

@@ -80,7 +80,10 @@ pub fn set_socket_int(sock: &UdpSocket, level: libc::c_int, opt: libc::c_int, va
 /// An exclusive advisory lock (flock) on a file, held until dropped: serialises tests across
 /// threads and processes.
 #[derive(Debug)]
-pub struct FileLock(File);
+pub struct FileLock {
+    /// Held only to keep the descriptor, and with it the lock, open.
+    _file: File,
+}
 
 impl FileLock {
     /// Opens (creating it if needed) `path` and blocks until the lock is ours.
@@ -91,7 +94,7 @@ impl FileLock {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self(file))
+        Ok(Self { _file: file })
     }
 }
 
