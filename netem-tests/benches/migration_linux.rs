@@ -27,20 +27,18 @@
 
 mod support;
 
+use std::time::Duration;
+
+use ferry_netem::qemu::{
+    self, migrate_over_wan, LinuxGuest, LinuxGuestConfig, MigrationMode, PageCensus, Qemu,
+    QemuError, VerifyReport, WanMigrationReport, WanRoute,
+};
+use ferry_netem::Wan;
 use ferry_testkit::bench::env_f64;
 use ferry_testkit::sys::is_root;
 use ferry_testkit::tracing::init_tracing_stderr;
-use support::{baseline, gateway_link, wan_or_exit, SharedCells};
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use ferry_netem::gateway_pair::GatewayPair;
-use ferry_netem::qemu::{
-    self, migrate_over_wan, LinuxGuest, LinuxGuestConfig, MigrationMode, MultifdCompression,
-    PageCensus, Qemu, QemuError, VerifyReport, WanMigrationReport, WanRoute,
-};
-use ferry_netem::Wan;
+use support::{baseline, direct_then_gateways, gateway_link, wan_or_exit, SharedCells};
 
 const BOOT: Duration = Duration::from_secs(600);
 const MIGRATE: Duration = Duration::from_secs(300);
@@ -170,57 +168,9 @@ fn main() {
         config.cmdline()
     );
     let wan = wan_or_exit(rtt_ms, rate_mbit, loss_pct);
-    let b = wan.site_b().addr();
-
-    let mut runs: Vec<Result<Run, String>> = Vec::new();
-    let direct_mode = MigrationMode::Multifd {
-        channels,
-        compression: MultifdCompression::Zstd,
-    };
-    runs.push(migrate_one(
-        &wan,
-        &guest,
-        (
-            "direct",
-            format!("(a) QEMU direct, multifd {channels} + zstd"),
-        ),
-        WanRoute::Direct {
-            listen: SocketAddr::from((b, 5555)),
-        },
-        direct_mode,
-        verify,
-    ));
-
-    let connect = SocketAddr::from((b, 4444));
-    let link = gateway_link(rate_mbit, rtt_ms, true);
-    match GatewayPair::start(&wan, link, connect) {
-        Ok(pair) => {
-            let mode = MigrationMode::multifd(channels);
-            for (tag, name) in [
-                ("gw-1", "(b) gateways, multifd {c}, first guest"),
-                (
-                    "gw-2",
-                    "(c) gateways, multifd {c}, second guest, same image",
-                ),
-            ] {
-                runs.push(migrate_one(
-                    &wan,
-                    &guest,
-                    (tag, name.replace("{c}", &channels.to_string())),
-                    WanRoute::Gateways {
-                        pair: &pair,
-                        connect,
-                    },
-                    mode,
-                    verify,
-                ));
-            }
-            drop(pair);
-        }
-        Err(e) => {
-            runs.push(Err(format!("gateways: {e}")));
-        }
-    }
+    let runs = direct_then_gateways(&wan, channels, gateway_link(rate_mbit, rtt_ms, true), |tag, name, route, mode| {
+        migrate_one(&wan, &guest, (tag, name), route, mode, verify)
+    });
 
     let base = runs.first().and_then(|r| r.as_ref().ok()).map(|r| baseline(&r.report));
     println!();

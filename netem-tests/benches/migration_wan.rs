@@ -17,20 +17,18 @@
 
 mod support;
 
+use std::time::Duration;
+
+use ferry_netem::qemu::{
+    self, migrate_over_wan, GuestConfig, GuestImage, MigrationMode, Qemu, QemuConfig, VerifyReport,
+    WanMigrationReport, WanRoute,
+};
+use ferry_netem::Wan;
 use ferry_testkit::bench::env_f64;
 use ferry_testkit::sys::is_root;
 use ferry_testkit::tracing::init_tracing_stderr;
-use support::{baseline, gateway_link, wan_or_exit, SharedCells};
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use ferry_netem::gateway_pair::GatewayPair;
-use ferry_netem::qemu::{
-    self, migrate_over_wan, GuestConfig, GuestImage, MigrationMode, MultifdCompression, Qemu,
-    QemuConfig, VerifyReport, WanMigrationReport, WanRoute,
-};
-use ferry_netem::Wan;
+use support::{baseline, direct_then_gateways, gateway_link, wan_or_exit, SharedCells};
 
 const BOOT: Duration = Duration::from_secs(120);
 const MIGRATE: Duration = Duration::from_secs(300);
@@ -117,62 +115,9 @@ fn main() {
         }
     };
     let wan = wan_or_exit(rtt_ms, rate_mbit, loss_pct);
-    let b = wan.site_b().addr();
-
-    let mut runs: Vec<Result<Run, String>> = Vec::new();
-    let direct_mode = MigrationMode::Multifd {
-        channels,
-        compression: MultifdCompression::Zstd,
-    };
-    let direct = migrate_one(
-        &wan,
-        &image,
-        &guest,
-        "direct",
-        WanRoute::Direct {
-            listen: SocketAddr::from((b, 5555)),
-        },
-        direct_mode,
-    );
-    runs.push(direct.map(|report| Run {
-        name: format!("(a) QEMU direct, multifd {channels} + zstd"),
-        report,
-    }));
-
-    let connect = SocketAddr::from((b, 4444));
-    let link = gateway_link(rate_mbit, rtt_ms, true);
-    match GatewayPair::start(&wan, link, connect) {
-        Ok(pair) => {
-            let mode = MigrationMode::multifd(channels);
-            for (tag, name) in [
-                ("gw-1", "(b) gateways, multifd {c}, first guest"),
-                (
-                    "gw-2",
-                    "(c) gateways, multifd {c}, second guest, same image",
-                ),
-            ] {
-                let r = migrate_one(
-                    &wan,
-                    &image,
-                    &guest,
-                    tag,
-                    WanRoute::Gateways {
-                        pair: &pair,
-                        connect,
-                    },
-                    mode,
-                );
-                runs.push(r.map(|report| Run {
-                    name: name.replace("{c}", &channels.to_string()),
-                    report,
-                }));
-            }
-            drop(pair);
-        }
-        Err(e) => {
-            runs.push(Err(format!("gateways: {e}")));
-        }
-    }
+    let runs = direct_then_gateways(&wan, channels, gateway_link(rate_mbit, rtt_ms, true), |tag, name, route, mode| {
+        migrate_one(&wan, &image, &guest, tag, route, mode).map(|report| Run { name, report })
+    });
 
     let base = runs.first().and_then(|r| r.as_ref().ok()).map(|r| baseline(&r.report));
     println!();

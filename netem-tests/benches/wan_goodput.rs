@@ -12,17 +12,17 @@
 
 mod support;
 
-use ferry_testkit::bench::{env_f64, env_list};
-use ferry_testkit::sys::is_root;
-use ferry_testkit::tracing::init_tracing_stderr;
-use support::{gateway_link, wan_or_exit};
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ferry_netem::Wan;
 use ferry_netem::bulk::{self, Receiver};
 use ferry_netem::gateway_pair::GatewayPair;
-use ferry_netem::Wan;
+use ferry_testkit::bench::{env_f64, env_list};
+use ferry_testkit::sys::is_root;
+use ferry_testkit::tracing::init_tracing_stderr;
+
+use support::{gateway_link, wan_or_exit};
 
 /// One transfer of at most `seconds` + warm-up; returns goodput in Mbit/s.
 fn measure(wan: &Wan, target: SocketAddr, via: SocketAddr, warmup: Duration, seconds: Duration) -> Result<f64, String> {

@@ -1,13 +1,14 @@
 //! What every emulated-WAN benchmark needs beyond the test kit (`ferry_testkit::bench` has
-//! the settings from the environment): the link, the gateways' link settings, and the table
-//! cells the migration benchmarks share.
+//! the settings from the environment): the link, the gateways' link settings, and the runs and
+//! table cells the migration benchmarks share.
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_netem::gateway_pair::PairLink;
-use ferry_netem::qemu::WanMigrationReport;
+use ferry_netem::gateway_pair::{GatewayPair, PairLink};
+use ferry_netem::qemu::{MigrationMode, MultifdCompression, WanMigrationReport, WanRoute};
 use ferry_netem::{Backend, Wan};
 
 /// Two emulated sites joined by `rtt_ms` / `rate_mbit` / `loss_pct`; exits the benchmark when
@@ -87,4 +88,38 @@ impl SharedCells {
         };
         Self { wan: mb(bytes), source, flows, transferred: mb(r.ram.transferred), ratio, time_ratio }
     }
+}
+
+/// The runs every migration benchmark makes on `wan` and compares: (a) QEMU alone, multifd with
+/// zstd, straight across the WAN; then (b) and (c), two guests one after the other through one
+/// gateway pair with `link`, multifd without compression. `migrate(tag, name, route, mode)`
+/// makes one run; a pair that does not start is an error row.
+pub fn direct_then_gateways<R>(
+    wan: &Wan,
+    channels: u8,
+    link: PairLink,
+    mut migrate: impl FnMut(&str, String, WanRoute<'_>, MigrationMode) -> Result<R, String>,
+) -> Vec<Result<R, String>> {
+    let b = wan.site_b().addr();
+    let mut runs = Vec::new();
+    let direct_mode = MigrationMode::Multifd { channels, compression: MultifdCompression::Zstd };
+    let direct = WanRoute::Direct { listen: SocketAddr::from((b, 5555)) };
+    runs.push(migrate("direct", format!("(a) QEMU direct, multifd {channels} + zstd"), direct, direct_mode));
+
+    let connect = SocketAddr::from((b, 4444));
+    match GatewayPair::start(wan, link, connect) {
+        Ok(pair) => {
+            let mode = MigrationMode::multifd(channels);
+            for (tag, name) in [
+                ("gw-1", "(b) gateways, multifd {c}, first guest"),
+                ("gw-2", "(c) gateways, multifd {c}, second guest, same image"),
+            ] {
+                let route = WanRoute::Gateways { pair: &pair, connect };
+                runs.push(migrate(tag, name.replace("{c}", &channels.to_string()), route, mode));
+            }
+            drop(pair);
+        }
+        Err(e) => runs.push(Err(format!("gateways: {e}"))),
+    }
+    runs
 }
