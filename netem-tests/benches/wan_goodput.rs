@@ -15,9 +15,9 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_netem::Wan;
 use ferry_netem::bulk::{self, Receiver};
 use ferry_netem::gateway_pair::GatewayPair;
+use ferry_netem::Wan;
 use ferry_testkit::bench::{env_f64, env_list};
 use ferry_testkit::sys::is_root;
 use ferry_testkit::tracing::init_tracing_stderr;
