@@ -77,6 +77,16 @@ pub fn set_socket_int(sock: &UdpSocket, level: libc::c_int, opt: libc::c_int, va
     Ok(())
 }
 
+/// `UDP_SEGMENT` (the UDP GSO segment size option of `SOL_UDP`), not in every libc version.
+pub const UDP_SEGMENT: libc::c_int = 103;
+
+/// Turns on UDP GSO for `sock`: one send of up to 64 KiB leaves as datagrams of `segment`
+/// payload bytes, so a sender costs little CPU. Fails where the kernel lacks it.
+pub fn enable_udp_gso(sock: &UdpSocket, segment: usize) -> io::Result<()> {
+    let segment = libc::c_int::try_from(segment).map_err(io::Error::other)?;
+    set_socket_int(sock, libc::SOL_UDP, UDP_SEGMENT, segment)
+}
+
 /// An exclusive advisory lock (flock) on a file, held until dropped: serialises tests across
 /// threads and processes.
 #[derive(Debug)]

@@ -14,11 +14,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_netem::{Backend, Site, Wan};
-use ferry_testkit::sys::{is_root, raise_priority, set_socket_int, FileLock};
+use ferry_testkit::sys::{enable_udp_gso, is_root, raise_priority, set_socket_int, FileLock};
 use ferry_testkit::tracing::init_tracing;
-
-/// `UDP_SEGMENT` (GSO segment size), not in every libc version.
-const UDP_SEGMENT: libc::c_int = 103;
 
 /// True when running as root; otherwise prints the skip notice.
 pub fn root_or_skip() -> bool {
@@ -55,14 +52,10 @@ pub fn udp_in(site: &Site, port: u16) -> UdpSocket {
         .expect("enter site")
         .expect("bind udp");
     // Big buffers (as root, beyond rmem_max) so the sockets are not the bottleneck.
-    force_buffer(&sock, libc::SO_RCVBUFFORCE, 16 << 20);
-    force_buffer(&sock, libc::SO_SNDBUFFORCE, 4 << 20);
+    // Best effort: without the privilege the default buffers stay.
+    let _ = set_socket_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20);
+    let _ = set_socket_int(&sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 4 << 20);
     sock
-}
-
-/// Best effort, like before: without the privilege the default buffers stay.
-fn force_buffer(sock: &UdpSocket, opt: libc::c_int, bytes: libc::c_int) {
-    let _ = set_socket_int(sock, libc::SOL_SOCKET, opt, bytes);
 }
 
 /// A UDP echo server in `site`; stops when the returned flag is set.
@@ -255,7 +248,7 @@ pub fn udp_stream(
 pub fn send_bulk(sock: &UdpSocket, to: SocketAddr, bits_per_sec: f64, duration: Duration) -> u64 {
     raise_priority();
     const SEG: usize = 1472;
-    let gso = set_socket_int(sock, libc::SOL_UDP, UDP_SEGMENT, SEG as libc::c_int).is_ok();
+    let gso = enable_udp_gso(sock, SEG).is_ok();
     let per_send = if gso { 40 } else { 1 };
     let buf = vec![0x42u8; SEG * per_send];
     let pps = bits_per_sec / 8.0 / (SEG as f64 + UDP_OVERHEAD as f64);
