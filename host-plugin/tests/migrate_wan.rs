@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use ferry_host::announce::{frames, Announcement};
 use ferry_netem::qemu::{GuestConfig, VerifyReport};
 use ferry_testkit::sync::lock;
+use ferry_testkit::sys::interrupt;
 use wan_sites::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, BOOT, VM_IP, VM_MAC};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -160,8 +161,7 @@ fn failures_leave_the_source_running() {
     let running = RunningMigrate::start(&s, &src_qmp, &src_hb);
     wait_until_migrating(&mut src);
     // `ip netns exec` execs the program: the child's pid is ferry-host's.
-    // SAFETY: kill(2) with a pid we spawned and a valid signal number; no pointers.
-    assert_eq!(unsafe { libc::kill(running.pid as i32, libc::SIGINT) }, 0);
+    interrupt(running.pid).expect("SIGINT to ferry-host migrate");
     let (ok, report) = running.finish();
     assert!(!ok);
     assert!(report["error"].as_str().unwrap_or_default().contains("interrupted"), "{report}");

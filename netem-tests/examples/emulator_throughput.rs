@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_netem::{Backend, Wan};
-use ferry_testkit::sys::{enable_udp_gso, set_socket_int};
+use ferry_testkit::sys::{clock_ticks_per_second, enable_udp_gso, set_socket_int};
 
 fn thread_cpu() -> Vec<(String, f64)> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = clock_ticks_per_second() as f64;
     let mut out = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
         for e in dir.flatten() {

@@ -50,6 +50,24 @@ pub fn run(cmd: &str, args: &[&str]) {
     );
 }
 
+/// Sends SIGINT (what Ctrl-C sends) to process `pid`.
+pub fn interrupt(pid: u32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(io::Error::other)?;
+    // SAFETY: kill(2) takes a pid and a valid signal number; no pointers, no memory effects here.
+    let rc = unsafe { libc::kill(pid, libc::SIGINT) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of the CPU times in `/proc`.
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf(3) takes a name constant and no pointers; it cannot fail for _SC_CLK_TCK.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).unwrap_or(100)
+}
+
 /// Nice -10 for the calling thread (tests run as root): measurements should not depend on
 /// unrelated load on the machine. Best effort: without the privilege nothing changes.
 pub fn raise_priority() {
@@ -124,6 +142,19 @@ mod tests {
         let path = dir.path().join("lock");
         drop(FileLock::exclusive(&path).expect("first lock"));
         drop(FileLock::exclusive(&path).expect("second lock"));
+    }
+
+    #[test]
+    fn clock_ticks_are_positive() {
+        assert!(clock_ticks_per_second() > 0);
+    }
+
+    #[test]
+    fn interrupting_a_child_ends_it() {
+        let mut child = Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+        interrupt(child.id()).expect("SIGINT");
+        let status = child.wait().expect("wait");
+        assert!(!status.success());
     }
 
     #[test]
