@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_testkit::capture::{src_mac, Capture};
-use ferry_testkit::sys::{enter_netns, is_root, run};
+use ferry_testkit::sys::{enter_netns, ip_in, is_root, run};
 
 use ferry_host::announce::{
     announce, announce_blocking, default_schedule, frames, AnnounceError, Announcement, MacAddr,
@@ -55,9 +55,7 @@ impl Netns {
 
     /// Runs `ip -n <ns> <args>` and panics with its stderr on failure.
     fn ip(&self, args: &[&str]) {
-        let mut full = vec!["-n", self.name.as_str()];
-        full.extend_from_slice(args);
-        run("ip", &full);
+        ip_in(&self.name, args);
     }
 }
 

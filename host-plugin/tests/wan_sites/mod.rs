@@ -17,7 +17,7 @@ use ferry_netem::Wan;
 use serde_json::Value;
 
 use ferry_testkit::capture::{src_mac, Capture};
-use ferry_testkit::sys::{enter_netns, run};
+use ferry_testkit::sys::{enter_netns, ip_in};
 use ferry_testkit::tracing::init_tracing;
 
 /// The `ferry-host` binary under test.
@@ -72,11 +72,7 @@ pub fn setup(test: &str, rate_bps: u64, bandwidth: &str) -> Option<Setup> {
         .expect("gateways");
 
     let ns = wan.site_b().netns().to_owned();
-    let ip = |args: &[&str]| {
-        let mut full = vec!["-n", ns.as_str()];
-        full.extend_from_slice(args);
-        run("ip", &full);
-    };
+    let ip = |args: &[&str]| ip_in(&ns, args);
     ip(&["link", "add", BRIDGE, "type", "bridge", "stp_state", "0", "mcast_snooping", "0"]);
     ip(&["link", "add", ANNOUNCE_DEV, "type", "veth", "peer", "name", "fann0p"]);
     ip(&["link", "add", CAPTURE_DEV, "type", "veth", "peer", "name", "fcap0p"]);

@@ -50,6 +50,14 @@ pub fn run(cmd: &str, args: &[&str]) {
     );
 }
 
+/// Runs `ip -n NETNS args` (iproute2 inside namespace `netns`) and panics with its stderr on
+/// failure.
+pub fn ip_in(netns: &str, args: &[&str]) {
+    let mut full = vec!["-n", netns];
+    full.extend_from_slice(args);
+    run("ip", &full);
+}
+
 /// Sends SIGINT (what Ctrl-C sends) to process `pid`.
 pub fn interrupt(pid: u32) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid).map_err(io::Error::other)?;
