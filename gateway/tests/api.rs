@@ -2,12 +2,11 @@
 //! format host-plugins depend on): forwards opened on demand carry bytes intact, their counters
 //! add up, bad requests get answers, and a session's forwards close with it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{config_with, free_udp_addr, receive_all, send_random, Pki};
 use ferry_gateway::Gateway;
+use ferry_testkit::loopback::{config_with, free_udp_addr, receive_all, send_random};
+use ferry_testkit::pki::Pki;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};

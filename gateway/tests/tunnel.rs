@@ -1,11 +1,11 @@
 //! End-to-end tests of two gateways on loopback: real QUIC over real UDP sockets, real TCP.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use ferry_gateway::Gateway;
+use ferry_testkit::loopback::{config, config_with, exchange, free_udp_addr, pair, receive_all};
+use ferry_testkit::pki::Pki;
+use ferry_testkit::qemu_stream::{multifd_stream, random_pages};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -303,47 +303,6 @@ async fn codec_session_window_follows_the_destination_limit() {
         assert_eq!(got, s_sent, "round {round}");
     }
     assert_eq!(a.stats().flows_failed, 0);
-}
-
-/// A QEMU multifd channel (7.2 layout: 64-byte init, then packets of a 1344-byte header and up
-/// to 128 raw pages) carrying `pages`, so the codec parses it page by page.
-fn multifd_stream(pages: &[Vec<u8>]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&0x1122_3344u32.to_be_bytes());
-    b.extend_from_slice(&1u32.to_be_bytes());
-    b.extend_from_slice(&[0xab; 16]);
-    b.push(1);
-    b.extend_from_slice(&[0; 39]);
-    for (n, packet) in pages.chunks(128).enumerate() {
-        let mut h = vec![0u8; 1344];
-        h[0..4].copy_from_slice(&0x1122_3344u32.to_be_bytes());
-        h[4..8].copy_from_slice(&1u32.to_be_bytes());
-        h[12..16].copy_from_slice(&128u32.to_be_bytes());
-        h[16..20].copy_from_slice(&(packet.len() as u32).to_be_bytes());
-        h[20..24].copy_from_slice(&(packet.len() as u32 * 4096).to_be_bytes());
-        h[24..32].copy_from_slice(&(n as u64).to_be_bytes());
-        h[64..70].copy_from_slice(b"pc.ram");
-        for i in 0..packet.len() {
-            h[320 + 8 * i..328 + 8 * i].copy_from_slice(&((n * 128 + i) as u64 * 4096).to_be_bytes());
-        }
-        b.extend_from_slice(&h);
-        for p in packet {
-            b.extend_from_slice(p);
-        }
-    }
-    b
-}
-
-fn random_pages(seed: u64, n: usize) -> Vec<Vec<u8>> {
-    use rand::{RngCore, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let mut p = vec![0u8; 4096];
-            rng.fill_bytes(&mut p);
-            p
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

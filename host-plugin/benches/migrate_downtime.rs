@@ -6,12 +6,13 @@
 //! "steered" is the default: QEMU's bandwidth cap and downtime limit follow the gateway's drain
 //! measurements. "QEMU alone" (`--no-steer`) leaves convergence to QEMU, which sees LAN speed.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+#[path = "../tests/wan_sites/mod.rs"]
+mod wan_sites;
 
 use ferry_netem::qemu::GuestConfig;
+use ferry_testkit::bench::env_parse;
 use serde_json::Value;
-use support::wan_sites::{migrate_command, report_of, setup, start_vms};
+use wan_sites::{migrate_command, report_of, setup, start_vms};
 
 struct Scenario {
     name: &'static str,
@@ -27,7 +28,7 @@ fn f(v: &Value) -> String {
 }
 
 fn main() {
-    let runs: usize = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let runs: usize = env_parse("FERRY_BENCH_RUNS", 2);
     let scenarios = [
         Scenario {
             name: "quiet 64 MiB guest, 200 Mbit/s",

@@ -20,9 +20,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-mod support;
-
-use support::{enter_netns, run, src_mac, Capture};
+use ferry_testkit::capture::{src_mac, Capture};
+use ferry_testkit::sys::{enter_netns, ip_in, is_root, run};
 
 use ferry_host::announce::{
     announce, announce_blocking, default_schedule, frames, AnnounceError, Announcement, MacAddr,
@@ -56,9 +55,7 @@ impl Netns {
 
     /// Runs `ip -n <ns> <args>` and panics with its stderr on failure.
     fn ip(&self, args: &[&str]) {
-        let mut full = vec!["-n", self.name.as_str()];
-        full.extend_from_slice(args);
-        run("ip", &full);
+        ip_in(&self.name, args);
     }
 }
 
@@ -238,8 +235,7 @@ fn body(ns_name: &str) {
 
 #[test]
 fn announcement_crosses_bridge_byte_for_byte() {
-    // SAFETY: geteuid(2) takes no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         println!("SKIP announcement_crosses_bridge_byte_for_byte: needs root (network namespaces, raw sockets)");
         return;
     }

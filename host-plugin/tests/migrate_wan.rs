@@ -5,7 +5,7 @@
 //! Skips (passes with a message) unless root with `qemu-system-x86_64` installed. Tests take a
 //! process-wide lock: TCG guests, the WAN emulator and two gateways already share the cores.
 
-mod support;
+mod wan_sites;
 
 use std::process::Output;
 use std::sync::Mutex;
@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use ferry_host::announce::{frames, Announcement};
 use ferry_netem::qemu::{GuestConfig, VerifyReport};
 use ferry_qmp::MigrationStatus;
-use support::wan_sites::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, BOOT, VM_IP, VM_MAC};
+use ferry_testkit::sync::lock;
+use ferry_testkit::sys::interrupt;
+use wan_sites::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, BOOT, VM_IP, VM_MAC};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -24,7 +26,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 #[test]
 fn one_command_migrates_a_running_vm_across_150ms() {
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     let Some(s) = setup("one_command_migrates_a_running_vm_across_150ms", 200_000_000, "200mbit") else { return };
     // Ticks every 20 ms (the heartbeat's resolution); 8 random pages dirtied per tick.
     let guest = GuestConfig { dirty_pages_per_tick: 8, verify_every_ticks: 0, retouch: true, tick_jiffies: 2, ..GuestConfig::default() };
@@ -89,7 +91,7 @@ fn one_command_migrates_a_running_vm_across_150ms() {
 
 #[test]
 fn busy_guest_outrunning_the_link_still_completes() {
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     // 40 Mbit/s = 5 MB/s; the guest rewrites 300 random (incompressible) pages every 100 ms:
     // about 12 MB/s, well beyond what the link drains.
     let Some(s) = setup("busy_guest_outrunning_the_link_still_completes", 40_000_000, "40mbit") else { return };
@@ -128,7 +130,7 @@ fn busy_guest_outrunning_the_link_still_completes() {
 
 #[test]
 fn failures_leave_the_source_running() {
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     // 20 Mbit/s so that the first pass of 32 MiB of random pages takes > 10 s.
     let Some(s) = setup("failures_leave_the_source_running", 20_000_000, "20mbit") else { return };
     let guest = GuestConfig { dirty_pages_per_tick: 16, verify_every_ticks: 0, retouch: true, rand_mib: 32, ..GuestConfig::default() };
@@ -160,8 +162,7 @@ fn failures_leave_the_source_running() {
     let running = RunningMigrate::start(&s, &src_qmp, &src_hb);
     wait_until_migrating(&mut src);
     // `ip netns exec` execs the program: the child's pid is ferry-host's.
-    // SAFETY: kill(2) with a pid we spawned and a valid signal number; no pointers.
-    assert_eq!(unsafe { libc::kill(running.pid as i32, libc::SIGINT) }, 0);
+    interrupt(running.pid).expect("SIGINT to ferry-host migrate");
     let (ok, report) = running.finish();
     assert!(!ok);
     assert!(report["error"].as_str().unwrap_or_default().contains("interrupted"), "{report}");
@@ -177,7 +178,7 @@ struct RunningMigrate {
 }
 
 impl RunningMigrate {
-    fn start(s: &support::wan_sites::Setup, qmp: &std::path::Path, hb: &std::path::Path) -> Self {
+    fn start(s: &wan_sites::Setup, qmp: &std::path::Path, hb: &std::path::Path) -> Self {
         // Bounded, so that it ends on its own even if this test fails before it does.
         let child = migrate_command(s, qmp, hb, &["--max-time", "2m"]).spawn().expect("start ferry-host migrate");
         let pid = child.id();

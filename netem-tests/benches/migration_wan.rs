@@ -17,37 +17,26 @@
 
 mod support;
 
-use support::{env_f64, wan_or_exit};
-
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_netem::gateway_pair::{GatewayPair, PairLink};
 use ferry_netem::qemu::{
     self, migrate_over_wan, GuestConfig, GuestImage, Qemu, QemuConfig, VerifyReport,
     WanMigrationReport, WanRoute,
 };
 use ferry_qmp::migration::MigrationMode;
-use ferry_qmp::MultifdCompression;
 use ferry_netem::Wan;
+use ferry_testkit::bench::env_f64;
+use ferry_testkit::sys::is_root;
+use ferry_testkit::tracing::init_tracing_stderr;
+
+use support::{baseline, direct_then_gateways, gateway_link, wan_or_exit, SharedCells};
 
 const BOOT: Duration = Duration::from_secs(120);
 const MIGRATE: Duration = Duration::from_secs(300);
 
-
 struct Run {
     name: String,
     report: WanMigrationReport,
-}
-
-impl Run {
-    /// WAN bytes and where they came from.
-    fn wan_bytes(&self) -> (u64, &'static str) {
-        match self.report.link_bytes() {
-            Some(b) => (b, "link"),
-            None => (self.report.ram.transferred, "QEMU transferred"),
-        }
-    }
 }
 
 fn migrate_one(
@@ -100,11 +89,8 @@ fn migrate_one(
 }
 
 fn main() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .try_init();
-    if !ferry_netem::netns::is_root() {
+    init_tracing_stderr();
+    if !is_root() {
         println!("skipping migration_wan: needs root (network namespaces)");
         return;
     }
@@ -130,74 +116,11 @@ fn main() {
         }
     };
     let wan = wan_or_exit(rtt_ms, rate_mbit, loss_pct);
-    let b = wan.site_b().addr();
-
-    let mut runs: Vec<Result<Run, String>> = Vec::new();
-    let direct_mode = MigrationMode::Multifd {
-        channels,
-        compression: MultifdCompression::Zstd,
-    };
-    let direct = migrate_one(
-        &wan,
-        &image,
-        &guest,
-        "direct",
-        WanRoute::Direct {
-            listen: SocketAddr::from((b, 5555)),
-        },
-        direct_mode,
-    );
-    runs.push(direct.map(|report| Run {
-        name: format!("(a) QEMU direct, multifd {channels} + zstd"),
-        report,
-    }));
-
-    let connect = SocketAddr::from((b, 4444));
-    let link = PairLink {
-        bandwidth: format!("{rate_mbit}mbit"),
-        rtt: format!("{}us", ((rtt_ms * 1000.0) as u64).max(1000)),
-        codec: true,
-    };
-    match GatewayPair::start(&wan, link, connect) {
-        Ok(pair) => {
-            let mode = MigrationMode::multifd(channels);
-            for (tag, name) in [
-                ("gw-1", "(b) gateways, multifd {c}, first guest"),
-                (
-                    "gw-2",
-                    "(c) gateways, multifd {c}, second guest, same image",
-                ),
-            ] {
-                let r = migrate_one(
-                    &wan,
-                    &image,
-                    &guest,
-                    tag,
-                    WanRoute::Gateways {
-                        pair: &pair,
-                        connect,
-                    },
-                    mode.clone(),
-                );
-                runs.push(r.map(|report| Run {
-                    name: name.replace("{c}", &channels.to_string()),
-                    report,
-                }));
-            }
-            drop(pair);
-        }
-        Err(e) => {
-            runs.push(Err(format!("gateways: {e}")));
-        }
-    }
-
-    let base = runs.first().and_then(|r| r.as_ref().ok()).map(|r| {
-        (
-            r.wan_bytes().0,
-            r.report.total_time_ms.unwrap_or(0),
-            r.report.wall_time,
-        )
+    let runs = direct_then_gateways(&wan, channels, gateway_link(rate_mbit, rtt_ms, true), |tag, name, route, mode| {
+        migrate_one(&wan, &image, &guest, tag, route, mode).map(|report| Run { name, report })
     });
+
+    let base = runs.first().and_then(|r| r.as_ref().ok()).map(|r| baseline(&r.report));
     println!();
     println!(
         "Live migration across an emulated WAN: {rtt_ms} ms RTT, {rate_mbit} Mbit/s, {loss_pct} % loss, backend {:?}; guest {} MiB VM, {} MiB random + {} MiB duplicate pages, dirtying {} pages/tick",
@@ -210,29 +133,16 @@ fn main() {
     println!();
     println!("| setup | WAN bytes (MB) | source | gateway flows wan_out+wan_in (MB) | QEMU transferred (MB) | QEMU total time (ms) | downtime (ms) | wall (s) | WAN bytes / direct | time / direct |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let mb = |b: u64| format!("{:.1}", b as f64 / 1e6);
     for run in &runs {
         match run {
             Ok(run) => {
                 let r = &run.report;
-                let (bytes, source) = run.wan_bytes();
-                let flows = if r.flows_a.is_empty() {
-                    "-".to_string()
-                } else {
-                    mb(r.wan_out_a() + r.wan_in_a())
-                };
-                let (ratio, tratio) = match base {
-                    Some((bb, bt, _)) if bb > 0 && bt > 0 => (
-                        format!("{:.2}", bytes as f64 / bb as f64),
-                        format!("{:.2}", r.total_time_ms.unwrap_or(0) as f64 / bt as f64),
-                    ),
-                    _ => ("-".into(), "-".into()),
-                };
+                let SharedCells { wan, source, flows, transferred, ratio, time_ratio } = SharedCells::of(r, base);
                 println!(
-                    "| {} | {} | {source} | {flows} | {} | {} | {} | {:.1} | {ratio} | {tratio} |",
+                    "| {} | {} | {source} | {flows} | {} | {} | {} | {:.1} | {ratio} | {time_ratio} |",
                     run.name,
-                    mb(bytes),
-                    mb(r.ram.transferred),
+                    wan,
+                    transferred,
                     r.total_time_ms.map_or("-".into(), |t| t.to_string()),
                     r.downtime_ms.map_or("-".into(), |t| t.to_string()),
                     r.wall_time.as_secs_f64(),

@@ -12,23 +12,17 @@
 
 mod support;
 
-use support::{env_f64, wan_or_exit};
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_netem::bulk::{self, Receiver};
-use ferry_netem::gateway_pair::{GatewayPair, PairLink};
+use ferry_netem::gateway_pair::GatewayPair;
 use ferry_netem::Wan;
+use ferry_testkit::bench::{env_f64, env_list};
+use ferry_testkit::sys::is_root;
+use ferry_testkit::tracing::init_tracing_stderr;
 
-fn env_list(name: &str, default: &str) -> Vec<f64> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.to_owned())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect()
-}
-
+use support::{gateway_link, wan_or_exit};
 
 /// One transfer of at most `seconds` + warm-up; returns goodput in Mbit/s.
 fn measure(wan: &Wan, target: SocketAddr, via: SocketAddr, warmup: Duration, seconds: Duration) -> Result<f64, String> {
@@ -43,11 +37,8 @@ fn measure(wan: &Wan, target: SocketAddr, via: SocketAddr, warmup: Duration, sec
 
 fn main() {
     // RUST_LOG=ferry_gateway::tunnel::link=debug shows the tunnel's RTT, cwnd and losses.
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    if !ferry_netem::netns::is_root() {
+    init_tracing_stderr();
+    if !is_root() {
         println!("skipping wan_goodput: needs root (network namespaces)");
         return;
     }
@@ -67,11 +58,7 @@ fn main() {
             let direct_target = SocketAddr::from((b, 5001));
             let gw_target = SocketAddr::from((b, 5002));
             let direct = measure(&wan, direct_target, direct_target, warmup, seconds);
-            let link = PairLink {
-                bandwidth: format!("{}mbit", rate_mbit),
-                rtt: format!("{}us", ((rtt_ms * 1000.0) as u64).max(1000)),
-                codec: false,
-            };
+            let link = gateway_link(rate_mbit, rtt_ms, false);
             let gateway = match GatewayPair::start(&wan, link, gw_target) {
                 Ok(pair) => {
                     let r = measure(&wan, gw_target, pair.forward_addr, warmup, seconds);

@@ -6,16 +6,15 @@
 //! Run as root: `cargo run --release -p ferry-netem --example emulator_throughput [SECONDS] [PAYLOAD] [RATE]`
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_netem::{Backend, Wan};
+use ferry_testkit::sys::{clock_ticks_per_second, enable_udp_gso, set_socket_int};
 
 fn thread_cpu() -> Vec<(String, f64)> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = clock_ticks_per_second() as f64;
     let mut out = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
         for e in dir.flatten() {
@@ -30,19 +29,6 @@ fn thread_cpu() -> Vec<(String, f64)> {
         }
     }
     out
-}
-
-fn force_buffer(fd: std::os::fd::RawFd, opt: libc::c_int, bytes: libc::c_int) {
-    // SAFETY: setsockopt reads an int from a live local for the call on a socket we own.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&bytes as *const libc::c_int).cast(),
-            4,
-        );
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,8 +53,9 @@ fn main() -> anyhow::Result<()> {
     let addr_a = a.addr();
     let tx = a.run(move || UdpSocket::bind((addr_a, 0)))??;
     rx.set_read_timeout(Some(Duration::from_millis(200)))?;
-    force_buffer(rx.as_raw_fd(), libc::SO_RCVBUFFORCE, 16 << 20);
-    force_buffer(tx.as_raw_fd(), libc::SO_SNDBUFFORCE, 4 << 20);
+    // Best effort: big buffers so the sockets are not the bottleneck.
+    let _ = set_socket_int(&rx, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20);
+    let _ = set_socket_int(&tx, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 4 << 20);
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let (r2, s2) = (received.clone(), stop.clone());
@@ -91,17 +78,7 @@ fn main() -> anyhow::Result<()> {
         .name("sender".into())
         .spawn(move || {
             // UDP GSO: one send carries 32 datagrams, so the sender costs little CPU.
-            let seg = payload as libc::c_int;
-            // SAFETY: setsockopt reads an int from a live local for the call on a socket we own.
-            let gso = unsafe {
-                libc::setsockopt(
-                    tx.as_raw_fd(),
-                    libc::SOL_UDP,
-                    103, /* UDP_SEGMENT */
-                    (&seg as *const libc::c_int).cast(),
-                    4,
-                )
-            } == 0;
+            let gso = enable_udp_gso(&tx, payload).is_ok();
             let per_send = if gso { 32 } else { 1 };
             let msg = vec![0u8; payload * per_send];
             while !stop_tx2.load(Ordering::Relaxed) {

@@ -8,6 +8,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use ferry_testkit::rng::Rng;
+
 use crate::wan::Site;
 
 /// What the receiver saw.
@@ -35,17 +37,9 @@ impl Received {
 /// its CPU on sending rather than on generating data.
 const PATTERN_LEN: usize = 16 << 20;
 
-/// The payload pattern of `seed` (xorshift64*, 8 bytes per step).
+/// The payload pattern of `seed` (the test kit's xorshift64*).
 fn pattern(seed: u64) -> Vec<u8> {
-    let mut out = vec![0u8; PATTERN_LEN];
-    let mut x = seed | 1;
-    for chunk in out.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out
+    Rng::new(seed).bytes(PATTERN_LEN)
 }
 
 /// Fills `buf` with the payload bytes at stream position `pos`.

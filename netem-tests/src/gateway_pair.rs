@@ -2,8 +2,8 @@
 //!
 //! Each gateway runs on its own OS thread inside its site's namespace, with its own tokio
 //! runtime, configured through the real TOML parser with certificates from the real
-//! `ferry-gateway certs` code. Site A forwards `127.0.0.1:<port>` (in A's namespace) to
-//! `connect` in site B. Both serve the host-plugin API on `127.0.0.1:<port>` in their namespace. Dropping the pair stops both gateways and joins their threads.
+//! `ferry-gateway certs` code (both through the test kit's `pki` and `gateway_config`). Site A
+//! forwards `127.0.0.1:<port>` (in A's namespace) to `connect` in site B. Both serve the host-plugin API on `127.0.0.1:<port>` in their namespace. Dropping the pair stops both gateways and joins their threads.
 
 use std::net::SocketAddr;
 use std::sync::mpsc;
@@ -11,7 +11,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ferry_gateway::tunnel::FlowLog;
-use ferry_gateway::{certs, Config, Gateway};
+use ferry_gateway::Gateway;
+use ferry_testkit::gateway_config::GatewayConfig;
+use ferry_testkit::pki::Pki;
 
 use crate::wan::{Site, Wan};
 
@@ -63,33 +65,31 @@ pub struct GatewayPair {
     pub api_b: SocketAddr,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
     threads: Vec<JoinHandle<()>>,
-    pki: tempfile::TempDir,
+    pki: Pki,
 }
 
 const QUIC_PORT: u16 = 4433;
 
-fn site_config(name: &str, me: &Site, peer: (&str, &Site), link: &PairLink, forward: Option<SocketAddr>) -> String {
-    let mut text = format!(
-        "site = \"{name}\"\nlisten = \"{}:{QUIC_PORT}\"\n[tls]\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\
-         [link]\nbandwidth = \"{}\"\nrtt = \"{}\"\n[[peer]]\nsite = \"{}\"\naddr = \"{}:{QUIC_PORT}\"\n",
-        me.addr(), link.bandwidth, link.rtt, peer.0, peer.1.addr()
-    );
-    text += "[api]\nlisten = \"127.0.0.1:0\"\n";
-    if let Some(connect) = forward {
-        let codec = if link.codec { "auto" } else { "off" };
-        text += &format!("[[forward]]\nlisten = \"127.0.0.1:0\"\npeer = \"{}\"\nconnect = \"{connect}\"\ncodec = \"{codec}\"\n", peer.0);
+/// The config of `name`'s gateway in `me`, peered with `peer`; with `forward`, a forward to that
+/// address behind the peer.
+fn site_config(name: &str, me: &Site, peer: (&str, &Site), link: &PairLink, forward: Option<SocketAddr>) -> GatewayConfig {
+    let config = GatewayConfig::new(name, SocketAddr::from((me.addr(), QUIC_PORT)))
+        .link(&link.bandwidth, &link.rtt)
+        .peer(peer.0, SocketAddr::from((peer.1.addr(), QUIC_PORT)))
+        .api(SocketAddr::from(([127, 0, 0, 1], 0)));
+    match forward {
+        Some(connect) => config.forward_with_codec(peer.0, connect, if link.codec { "auto" } else { "off" }),
+        None => config,
     }
-    text
 }
 
 impl GatewayPair {
     /// Starts gateways in both sites of `wan`; A forwards to `connect` (an address in site B).
     /// Returns once both report a live tunnel connection.
     pub fn start(wan: &Wan, link: PairLink, connect: SocketAddr) -> Result<Self, PairError> {
-        let pki = tempfile::tempdir().map_err(|e| PairError::Setup(e.to_string()))?;
-        certs::generate(pki.path(), &["site-a".into(), "site-b".into()]).map_err(|e| PairError::Setup(e.to_string()))?;
-        let a_text = site_config("site-a", wan.site_a(), ("site-b", wan.site_b()), &link, Some(connect));
-        let b_text = site_config("site-b", wan.site_b(), ("site-a", wan.site_a()), &link, None);
+        let pki = Pki::generate(&["site-a", "site-b"]).map_err(|e| PairError::Setup(e.to_string()))?;
+        let a_config = site_config("site-a", wan.site_a(), ("site-b", wan.site_b()), &link, Some(connect));
+        let b_config = site_config("site-b", wan.site_b(), ("site-a", wan.site_a()), &link, None);
         let mut pair = Self {
             forward_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             flows_a: FlowLog::default(),
@@ -100,8 +100,8 @@ impl GatewayPair {
             threads: Vec::new(),
             pki,
         };
-        let b = pair.spawn("site-b", wan.site_b(), &b_text, None)?;
-        let a = pair.spawn("site-a", wan.site_a(), &a_text, Some("site-b"))?;
+        let b = pair.spawn("site-b", wan.site_b(), &b_config, None)?;
+        let a = pair.spawn("site-a", wan.site_a(), &a_config, Some("site-b"))?;
         let a_forwards = a.forwards;
         pair.flows_a = a.flows;
         pair.flows_b = b.flows;
@@ -112,10 +112,8 @@ impl GatewayPair {
     }
 
     /// Starts one gateway in `site_ns`; with `wait_for`, ready means connected to that peer.
-    fn spawn(&mut self, site: &'static str, site_ns: &Site, text: &str, wait_for: Option<&'static str>) -> Result<Started, PairError> {
-        let path = self.pki.path().join(format!("{site}.toml"));
-        std::fs::write(&path, text).map_err(|e| PairError::Setup(e.to_string()))?;
-        let config = Config::load(&path).map_err(|e| PairError::Setup(e.to_string()))?;
+    fn spawn(&mut self, site: &'static str, site_ns: &Site, config: &GatewayConfig, wait_for: Option<&'static str>) -> Result<Started, PairError> {
+        let config = config.load(self.pki.path(), &format!("{site}.toml")).map_err(|e| PairError::Setup(e.to_string()))?;
         let (ready_tx, ready_rx) = mpsc::channel::<Result<Started, String>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = site_ns

@@ -204,7 +204,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if !ferry_netem::netns::is_root() {
+    if !ferry_testkit::sys::is_root() {
         bail!("ferry-netem needs root (network namespaces, TUN devices, tc)");
     }
     match cli.command {

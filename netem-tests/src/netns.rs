@@ -3,7 +3,6 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::mpsc;
@@ -13,13 +12,7 @@ use crate::command::run_args;
 use crate::error::{Error, Result};
 
 /// Where `ip netns` keeps its bind-mounted namespace files.
-const NETNS_DIR: &str = "/run/netns";
-
-/// True when the process runs with effective uid 0.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
+const NETNS_DIR: &str = ferry_testkit::sys::NETNS_DIR;
 
 /// Path of the file that pins namespace `name`.
 pub fn netns_path(name: &str) -> PathBuf {
@@ -103,17 +96,7 @@ pub fn open(name: &str) -> Result<File> {
 /// Moves the calling thread into the network namespace referred to by `ns`
 /// (a file from [`open`]).
 pub fn enter_fd(ns: &File, name: &str) -> Result<()> {
-    // SAFETY: `ns` is an open namespace file for the whole call; setns with
-    // CLONE_NEWNET only changes the calling thread's network namespace (per
-    // thread state in Linux), so no other thread or memory is affected.
-    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(Error::io(
-            format!("setns into {name}"),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    ferry_testkit::sys::setns_net(ns).map_err(|e| Error::io(format!("setns into {name}"), e))
 }
 
 /// Moves the calling thread into namespace `name` for good.

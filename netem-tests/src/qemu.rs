@@ -184,7 +184,7 @@ pub fn qemu_available() -> bool {
 /// Why QEMU guests in network namespaces cannot run here (not root, or no QEMU), if they
 /// cannot: the message a skipped test or benchmark prints.
 pub fn unavailable_reason() -> Option<&'static str> {
-    if !crate::netns::is_root() {
+    if !ferry_testkit::sys::is_root() {
         Some("needs root (network namespaces)")
     } else if !qemu_available() {
         Some("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")

@@ -308,7 +308,7 @@ impl Wan {
 
     fn up(config: WanConfig) -> Result<Wan> {
         config.validate()?;
-        if !netns::is_root() {
+        if !ferry_testkit::sys::is_root() {
             return Err(Error::NotRoot);
         }
         match naming::sweep_stale() {

@@ -10,7 +10,7 @@ use ferry_netem::Wan;
 
 #[test]
 fn bulk_256mib_crosses_150ms_1pct_loss_byte_identical() {
-    if !ferry_netem::netns::is_root() {
+    if !ferry_testkit::sys::is_root() {
         println!("skipping: needs root");
         return;
     }

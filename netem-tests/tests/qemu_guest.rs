@@ -12,15 +12,11 @@ use ferry_netem::qemu::{
 use ferry_qmp::migration::MigrationMode;
 use ferry_qmp::{MigrationParameters, MigrationStatus, MultifdCompression, RunState};
 
+use ferry_testkit::sys::is_root;
+use ferry_testkit::tracing::init_tracing;
+
 const BOOT: Duration = Duration::from_secs(60);
 const MIGRATE: Duration = Duration::from_secs(120);
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
 
 /// The guest image, or `None` (test skipped) without QEMU.
 fn setup(test: &str) -> Option<GuestImage> {
@@ -394,8 +390,7 @@ fn guest_runs_in_netns() {
     let Some(image) = setup("guest_runs_in_netns") else {
         return;
     };
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = is_root();
     let has_ip = std::process::Command::new("ip")
         .arg("-V")
         .output()

@@ -11,10 +11,11 @@ mod qemu_support;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use qemu_support::{Setup, BOOT};
+use qemu_support::Setup;
 use ferry_netem::qemu::{GuestConfig, Qemu, QemuConfig, WanMigrationReport};
 use ferry_qmp::migration::MigrationMode;
 use ferry_qmp::RunState;
+use ferry_testkit::sync::lock;
 
 const MIGRATE: Duration = Duration::from_secs(180);
 
@@ -44,20 +45,7 @@ fn vm_config(name: &str, guest: &GuestConfig) -> QemuConfig {
 
 /// A running source in site A and a waiting destination in site B.
 fn start_vms(s: &Setup, tag: &str, guest: &GuestConfig) -> (Qemu, Qemu) {
-    let src = Qemu::spawn(
-        &s.image,
-        &vm_config(&format!("src-{tag}"), guest),
-        Some(s.wan.site_a().netns()),
-    )
-    .expect("start source in site A");
-    let dst = Qemu::spawn(
-        &s.image,
-        &vm_config(&format!("dst-{tag}"), guest).incoming_defer(),
-        Some(s.wan.site_b().netns()),
-    )
-    .expect("start destination in site B");
-    src.serial().wait_for_tick(3, BOOT).expect("source ticks");
-    (src, dst)
+    qemu_support::start_vms(s, &vm_config(&format!("src-{tag}"), guest), vm_config(&format!("dst-{tag}"), guest))
 }
 
 fn migrate(s: &Setup, src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode) -> WanMigrationReport {
@@ -74,7 +62,7 @@ fn check_migration(src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode, r: &Wan
 }
 
 fn single_migration(test: &str, mode: MigrationMode) {
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     let t0 = Instant::now();
     let Some(s) = setup(test) else { return };
     let (mut src, mut dst) = start_vms(&s, "1", &guest());
@@ -103,7 +91,7 @@ fn migrate_multifd_4_through_gateways() {
 #[test]
 fn second_guest_of_same_image_costs_less_than_half_on_the_wan() {
     let test = "second_guest_of_same_image_costs_less_than_half_on_the_wan";
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     let t0 = Instant::now();
     let Some(s) = setup(test) else { return };
     let mode = MigrationMode::multifd(4);

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use ferry_codec::StreamMode;
 use ferry_gateway::tunnel::FlowRecord;
-use qemu_support::{check_migration, Setup, BOOT};
+use qemu_support::{check_migration, Setup};
 use ferry_netem::qemu::{
     migrate_over_wan_with, GuestConfig, Qemu, QemuConfig, WanMigrationOptions,
     WanMigrationReport, WanRoute,
@@ -31,6 +31,7 @@ use ferry_qmp::{
     BlockingQmp, CapabilityState, MigrationCapability, MigrationInfo, MigrationParameters,
     MigrationStatus, MultifdCompression, RunState, UNLIMITED_BANDWIDTH,
 };
+use ferry_testkit::sync::lock;
 use serde_json::Value;
 
 const MIGRATE: Duration = Duration::from_secs(120);
@@ -61,16 +62,7 @@ fn start_vms(
     };
     let mut src_cfg = config("src");
     src_cfg.extra_qmp_socket = with_extra_qmp.map(Into::into);
-    let src = Qemu::spawn(&s.image, &src_cfg, Some(s.wan.site_a().netns()))
-        .expect("start source in site A");
-    let dst = Qemu::spawn(
-        &s.image,
-        &config("dst").incoming_defer(),
-        Some(s.wan.site_b().netns()),
-    )
-    .expect("start destination in site B");
-    src.serial().wait_for_tick(3, BOOT).expect("source ticks");
-    (src, dst)
+    qemu_support::start_vms(s, &src_cfg, config("dst"))
 }
 
 fn migrate(s: &Setup, src: &mut Qemu, dst: &mut Qemu, mode: &MigrationMode) -> WanMigrationReport {
@@ -98,7 +90,7 @@ fn describe(f: &FlowRecord) -> String {
 #[test]
 fn multifd_zstd_goes_opaque_through_gateways() {
     let test = "multifd_zstd_goes_opaque_through_gateways";
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     let t0 = Instant::now();
     let Some(s) = setup(test) else { return };
     let guest = GuestConfig {
@@ -265,7 +257,7 @@ fn hold_until_xbzrle(
 #[test]
 fn xbzrle_main_channel_goes_opaque_through_gateways() {
     let test = "xbzrle_main_channel_goes_opaque_through_gateways";
-    let _lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock(&SERIAL);
     let t0 = Instant::now();
     let Some(s) = setup(test) else { return };
     let dir = tempfile::tempdir().expect("temp dir");

@@ -244,8 +244,7 @@ fn ensure_nasm() -> Result<PathBuf> {
             "FERRY_NO_APT=1; install it with `apt-get install -y nasm`".into(),
         ));
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !ferry_testkit::sys::is_root() {
         return Err(missing(
             "not root, so not installing it; run `sudo apt-get install -y nasm`".into(),
         ));

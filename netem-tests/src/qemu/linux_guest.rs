@@ -388,11 +388,6 @@ fn apt_allowed() -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// `apt-get download PKGS` into `dir`, running `apt-get update` once (as
 /// root) if the first try fails.
 fn apt_download(dir: &Path, pkgs: &[&str]) -> Result<()> {
@@ -402,7 +397,7 @@ fn apt_download(dir: &Path, pkgs: &[&str]) -> Result<()> {
             .args(["download", "-q", "-o", "DPkg::Lock::Timeout=300"])
             .args(pkgs)
             .env("DEBIAN_FRONTEND", "noninteractive");
-        if is_root() {
+        if ferry_testkit::sys::is_root() {
             // The cache directory is root's; apt's `_apt` sandbox user could
             // not write there (it would only warn and fall back anyway).
             c.args(["-o", "APT::Sandbox::User=root"]);
@@ -411,7 +406,7 @@ fn apt_download(dir: &Path, pkgs: &[&str]) -> Result<()> {
     };
     match download() {
         Ok(()) => Ok(()),
-        Err(first) if is_root() => {
+        Err(first) if ferry_testkit::sys::is_root() => {
             tracing::info!(error = %first, "apt-get download failed; running apt-get update and retrying");
             let mut up = Command::new("apt-get");
             up.args(["update", "-q", "-o", "DPkg::Lock::Timeout=300"]);

@@ -1,5 +1,6 @@
 //! Shared by the QEMU-through-the-gateways tests: two emulated sites with a gateway pair, the
-//! test guest image, one migration along the pair, and the checks every migration must pass.
+//! test guest image, a source/destination VM pair, one migration along the pair, and the checks
+//! every migration must pass.
 
 #![allow(dead_code)]
 
@@ -7,19 +8,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_netem::gateway_pair::{GatewayPair, PairLink};
-use ferry_netem::qemu::{self, migrate_over_wan, GuestImage, Qemu, VerifyReport, WanMigrationReport, WanRoute};
+use ferry_netem::qemu::{self, migrate_over_wan, GuestImage, Qemu, QemuConfig, VerifyReport, WanMigrationReport, WanRoute};
 use ferry_qmp::migration::MigrationMode;
 use ferry_qmp::{MigrationStatus, RunState};
 use ferry_netem::Wan;
+use ferry_testkit::tracing::init_tracing;
 
 /// Longest wait for a guest to boot or answer.
 pub const BOOT: Duration = Duration::from_secs(60);
 /// Port the destination QEMU listens on in site B (the gateways' `connect`).
 pub const MIGRATION_PORT: u16 = 4444;
-
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
-}
 
 /// Fields drop in declaration order: VMs (held by the tests) first, then the gateways, then
 /// the WAN.
@@ -48,6 +46,15 @@ pub fn setup(test: &str, rtt: Duration, loss: f64) -> Option<Setup> {
     let link = PairLink { bandwidth: "1gbit".into(), rtt: format!("{}ms", rtt.as_millis()), codec: true };
     let pair = GatewayPair::start(&wan, link, connect).expect("gateways");
     Some(Setup { image, pair, connect, wan })
+}
+
+/// Starts `src` as the running source in site A and `dst`, made incoming (deferred), as the
+/// waiting destination in site B; returns once the source ticks.
+pub fn start_vms(s: &Setup, src: &QemuConfig, dst: QemuConfig) -> (Qemu, Qemu) {
+    let src = Qemu::spawn(&s.image, src, Some(s.wan.site_a().netns())).expect("start source in site A");
+    let dst = Qemu::spawn(&s.image, &dst.incoming_defer(), Some(s.wan.site_b().netns())).expect("start destination in site B");
+    src.serial().wait_for_tick(3, BOOT).expect("source ticks");
+    (src, dst)
 }
 
 /// Migrates `src` (site A) into `dst` (site B) through the gateways.

@@ -1,24 +1,26 @@
-//! Helpers shared by the WAN integration tests: root check, a cross-process
+//! Helpers shared by the WAN integration tests: the root-or-skip check, a cross-process
 //! lock that serialises timing-sensitive tests, and UDP/TCP probes written
-//! in plain std so the tests need no external tools.
+//! in plain std so the tests need no external tools. (The system calls behind them are the
+//! test kit's `ferry_testkit::sys`.)
 
 #![allow(dead_code)]
 
-use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_netem::{Backend, Site, Wan};
+use ferry_testkit::sys::{enable_udp_gso, is_root, raise_priority, set_socket_int, FileLock};
+use ferry_testkit::tracing::init_tracing;
 
 /// True when running as root; otherwise prints the skip notice.
 pub fn root_or_skip() -> bool {
     init_tracing();
-    if ferry_netem::netns::is_root() {
+    if is_root() {
         true
     } else {
         println!("skipping: needs root");
@@ -26,28 +28,10 @@ pub fn root_or_skip() -> bool {
     }
 }
 
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
 /// Held while a test measures timing or throughput: one such test at a time,
 /// across threads and processes (flock on a shared file).
-pub struct Serial(File);
-
-pub fn serial() -> Serial {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/tmp/ferry-netem-tests.lock")
-        .expect("open test lock file");
-    // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
-    Serial(file)
+pub fn serial() -> FileLock {
+    FileLock::exclusive(Path::new("/tmp/ferry-netem-tests.lock")).unwrap_or_else(|e| panic!("test lock file: {e}"))
 }
 
 /// Backends to exercise: userspace always, netem where the kernel has it.
@@ -60,13 +44,6 @@ pub fn backends() -> Vec<Backend> {
     v
 }
 
-/// Nice -10 for the calling thread (tests run as root): measurements should
-/// not depend on unrelated load on the machine.
-pub fn raise_priority() {
-    // SAFETY: PRIO_PROCESS with who = 0 changes the calling thread's nice value only.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
-}
-
 /// Binds a UDP socket inside `site`.
 pub fn udp_in(site: &Site, port: u16) -> UdpSocket {
     let addr = site.addr();
@@ -75,22 +52,10 @@ pub fn udp_in(site: &Site, port: u16) -> UdpSocket {
         .expect("enter site")
         .expect("bind udp");
     // Big buffers (as root, beyond rmem_max) so the sockets are not the bottleneck.
-    force_buffer(&sock, libc::SO_RCVBUFFORCE, 16 << 20);
-    force_buffer(&sock, libc::SO_SNDBUFFORCE, 4 << 20);
+    // Best effort: without the privilege the default buffers stay.
+    let _ = set_socket_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20);
+    let _ = set_socket_int(&sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 4 << 20);
     sock
-}
-
-fn force_buffer(sock: &UdpSocket, opt: libc::c_int, bytes: libc::c_int) {
-    // SAFETY: setsockopt reads an int from a live local for the call on a socket we own.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
 }
 
 /// A UDP echo server in `site`; stops when the returned flag is set.
@@ -283,17 +248,7 @@ pub fn udp_stream(
 pub fn send_bulk(sock: &UdpSocket, to: SocketAddr, bits_per_sec: f64, duration: Duration) -> u64 {
     raise_priority();
     const SEG: usize = 1472;
-    let seg: libc::c_int = SEG as libc::c_int;
-    // SAFETY: setsockopt reads an int from a live local for the call on a socket we own.
-    let gso = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_UDP,
-            103, // UDP_SEGMENT
-            (&seg as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
+    let gso = enable_udp_gso(sock, SEG).is_ok();
     let per_send = if gso { 40 } else { 1 };
     let buf = vec![0x42u8; SEG * per_send];
     let pps = bits_per_sec / 8.0 / (SEG as f64 + UDP_OVERHEAD as f64);

@@ -2,6 +2,8 @@
 //! in site B, a bridge standing for site B's L2, and helpers to start VM pairs and run
 //! `ferry-host migrate` in site A. Shared by the migration tests and the downtime benchmark.
 
+#![allow(dead_code)]
+
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -14,7 +16,9 @@ use ferry_netem::qemu::{self, GuestConfig, GuestImage, Qemu, QemuConfig};
 use ferry_netem::Wan;
 use serde_json::Value;
 
-use super::{enter_netns, run, src_mac, Capture};
+use ferry_testkit::capture::{src_mac, Capture};
+use ferry_testkit::sys::{enter_netns, ip_in};
+use ferry_testkit::tracing::init_tracing;
 
 /// The `ferry-host` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferry-host");
@@ -27,10 +31,6 @@ pub const SERVE_PORT: u16 = 7800;
 pub const BRIDGE: &str = "fbr0";
 pub const ANNOUNCE_DEV: &str = "fann0";
 pub const CAPTURE_DEV: &str = "fcap0";
-
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
-}
 
 /// A child process killed (and reaped) when dropped, panics included.
 pub struct Process(pub Child);
@@ -72,11 +72,7 @@ pub fn setup(test: &str, rate_bps: u64, bandwidth: &str) -> Option<Setup> {
         .expect("gateways");
 
     let ns = wan.site_b().netns().to_owned();
-    let ip = |args: &[&str]| {
-        let mut full = vec!["-n", ns.as_str()];
-        full.extend_from_slice(args);
-        run("ip", &full);
-    };
+    let ip = |args: &[&str]| ip_in(&ns, args);
     ip(&["link", "add", BRIDGE, "type", "bridge", "stp_state", "0", "mcast_snooping", "0"]);
     ip(&["link", "add", ANNOUNCE_DEV, "type", "veth", "peer", "name", "fann0p"]);
     ip(&["link", "add", CAPTURE_DEV, "type", "veth", "peer", "name", "fcap0p"]);

@@ -1,48 +1,32 @@
-//! Test support: two (or more) gateways on loopback with certificates from `certs::generate`,
-//! configured through the real TOML parser, and TCP endpoints that check what crosses them.
-#![allow(dead_code)]
+//! Gateways on loopback and the TCP endpoints that check what crosses them: configs through the
+//! real parser with certificates from a [`Pki`], pseudo-random payloads checked by blake3.
+//!
+//! These are test steps: they panic (failing the test) when a step that must work does not.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use ferry_gateway::{certs, Config, Gateway};
-use rand::{RngCore, SeedableRng};
+use ferry_gateway::{Config, Gateway};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Certificates for a set of sites from one CA.
-pub struct Pki {
-    pub dir: tempfile::TempDir,
-}
+use crate::gateway_config::GatewayConfig;
+use crate::pki::Pki;
+use crate::rng::Rng;
 
-impl Pki {
-    pub fn new(sites: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let sites: Vec<String> = sites.iter().map(|s| s.to_string()).collect();
-        certs::generate(dir.path(), &sites).unwrap();
-        Self { dir }
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
+/// Chunk size of the payload senders and receivers.
+const CHUNK: usize = 256 << 10;
 
 /// A free UDP port on loopback (bound and released; fine for tests).
 pub fn free_udp_addr() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap()
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("binding a loopback UDP port: {e}"));
+    s.local_addr().unwrap_or_else(|e| panic!("local address of a bound socket: {e}"))
 }
 
-/// Writes a config for `site` and loads it through the real parser.
-pub fn config(
-    pki_dir: &Path,
-    site: &str,
-    listen: SocketAddr,
-    peers: &[(&str, SocketAddr)],
-    forwards: &[(&str, SocketAddr)],
-) -> Config {
+/// Writes a config for `site` (default link, `peers`, `forwards` from `127.0.0.1:0`) into
+/// `pki_dir` and loads it through the real parser.
+pub fn config(pki_dir: &Path, site: &str, listen: SocketAddr, peers: &[(&str, SocketAddr)], forwards: &[(&str, SocketAddr)]) -> Config {
     config_with(pki_dir, site, listen, peers, forwards, "")
 }
 
@@ -55,29 +39,27 @@ pub fn config_with(
     forwards: &[(&str, SocketAddr)],
     extra: &str,
 ) -> Config {
-    let mut text = format!(
-        "site = \"{site}\"\nlisten = \"{listen}\"\n[tls]\nca = \"ca.pem\"\ncert = \"{site}.pem\"\nkey = \"{site}.key\"\n\
-         [link]\nbandwidth = \"10gbit\"\nrtt = \"1ms\"\n"
-    );
+    let mut config = GatewayConfig::new(site, listen);
     for (peer, addr) in peers {
-        text += &format!("[[peer]]\nsite = \"{peer}\"\naddr = \"{addr}\"\n");
+        config = config.peer(peer, *addr);
     }
     for (peer, connect) in forwards {
-        text += &format!("[[forward]]\nlisten = \"127.0.0.1:0\"\npeer = \"{peer}\"\nconnect = \"{connect}\"\n");
+        config = config.forward(peer, *connect);
     }
-    text += extra;
-    let path: PathBuf = pki_dir.join(format!("{site}-{}.toml", listen.port()));
-    std::fs::write(&path, text).unwrap();
-    Config::load(&path).unwrap()
+    config
+        .extra(extra)
+        .load(pki_dir, &format!("{site}-{}.toml", listen.port()))
+        .unwrap_or_else(|e| panic!("test config for {site}: {e}"))
 }
 
-/// Gateways A and B, each the other's peer; A forwards to `target` via B.
+/// Gateways A and B, each the other's peer; A forwards to `target` via B. Returns once both
+/// are connected.
 pub async fn pair(pki: &Pki, target: SocketAddr) -> (Gateway, Gateway) {
     let (a_addr, b_addr) = (free_udp_addr(), free_udp_addr());
     let a = config(pki.path(), "site-a", a_addr, &[("site-b", b_addr)], &[("site-b", target)]);
     let b = config(pki.path(), "site-b", b_addr, &[("site-a", a_addr)], &[]);
-    let a = Gateway::start(a).await.unwrap();
-    let b = Gateway::start(b).await.unwrap();
+    let a = Gateway::start(a).await.unwrap_or_else(|e| panic!("starting site-a: {e:#}"));
+    let b = Gateway::start(b).await.unwrap_or_else(|e| panic!("starting site-b: {e:#}"));
     assert!(a.wait_connected("site-b", Duration::from_secs(10)).await, "gateways did not connect");
     assert!(b.wait_connected("site-a", Duration::from_secs(10)).await, "gateways did not connect");
     (a, b)
@@ -85,25 +67,25 @@ pub async fn pair(pki: &Pki, target: SocketAddr) -> (Gateway, Gateway) {
 
 /// Sends `len` pseudo-random bytes (from `seed`), then half-closes; returns their blake3.
 pub async fn send_random<W: AsyncWriteExt + Unpin>(w: &mut W, seed: u64, len: u64) -> blake3::Hash {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = Rng::new(seed);
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 << 10];
+    let mut buf = vec![0u8; CHUNK];
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        rng.fill_bytes(&mut buf[..n]);
+        rng.fill(&mut buf[..n]);
         hasher.update(&buf[..n]);
-        w.write_all(&buf[..n]).await.unwrap();
+        w.write_all(&buf[..n]).await.unwrap_or_else(|e| panic!("sending the payload: {e}"));
         left -= n as u64;
     }
-    w.shutdown().await.unwrap();
+    w.shutdown().await.unwrap_or_else(|e| panic!("half-closing after the payload: {e}"));
     hasher.finalize()
 }
 
 /// Reads to end of stream; returns (bytes, blake3).
 pub async fn receive_all<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<(u64, blake3::Hash)> {
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 << 10];
+    let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
         let n = r.read(&mut buf).await?;
@@ -120,6 +102,6 @@ pub async fn receive_all<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<
 pub async fn exchange(tcp: TcpStream, seed: u64, len: u64) -> (blake3::Hash, (u64, blake3::Hash)) {
     let (mut r, mut w) = tcp.into_split();
     let send = async move { send_random(&mut w, seed, len).await };
-    let recv = async move { receive_all(&mut r).await.unwrap() };
+    let recv = async move { receive_all(&mut r).await.unwrap_or_else(|e| panic!("receiving the payload: {e}")) };
     tokio::join!(send, recv)
 }

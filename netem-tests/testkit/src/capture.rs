@@ -1,47 +1,23 @@
-//! Test support shared by the host-plugin's integration tests: running commands, entering a
-//! network namespace, capturing frames on an interface.
-#![allow(dead_code)]
-
-pub mod wan_sites;
+//! A raw `AF_PACKET` socket receiving every frame seen on one interface, for tests that check
+//! what crosses a bridge. (The product's announcement sender has its own sending socket in
+//! ferry-host; the kit must not depend on ferry-host.)
 
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::Command;
 use std::ptr;
 
-/// Runs `cmd args` and panics with its stderr on failure.
-pub fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+/// How long [`Capture::recv`] waits for a frame.
+const RECV_TIMEOUT_US: libc::suseconds_t = 20_000;
 
-/// Moves the calling thread into the named network namespace.
-pub fn enter_netns(name: &str) -> io::Result<()> {
-    let file = std::fs::File::open(format!("/run/netns/{name}"))?;
-    // SAFETY: setns(2) takes a descriptor that is open for the duration of the call (`file`
-    // lives until the end of this function) and a namespace-type flag; no pointers.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A raw packet socket receiving every frame seen on one interface.
+/// A raw packet socket bound to one interface (in the calling thread's network namespace).
+#[derive(Debug)]
 pub struct Capture {
     fd: OwnedFd,
 }
 
 impl Capture {
+    /// Opens a capture of all protocols on `interface` with a 20 ms receive timeout.
     pub fn open(interface: &str) -> io::Result<Self> {
         // ETH_P_ALL (3) in network byte order, as both socket() and sockaddr_ll want it.
         let all = (libc::ETH_P_ALL as u16).to_be();
@@ -52,13 +28,7 @@ impl Capture {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: socket(2) takes no pointers; the result is checked below.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(all),
-            )
-        };
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(all)) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -71,19 +41,12 @@ impl Capture {
         addr.sll_ifindex = i32::try_from(ifindex).map_err(io::Error::other)?;
         // SAFETY: `addr` is initialised, outlives the call, and its exact size is passed.
         let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                ptr::addr_of!(addr).cast(),
-                mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
+            libc::bind(fd.as_raw_fd(), ptr::addr_of!(addr).cast(), mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t)
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        let timeout = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 20_000,
-        };
+        let timeout = libc::timeval { tv_sec: 0, tv_usec: RECV_TIMEOUT_US };
         // SAFETY: `timeout` is an initialised timeval that outlives the call; its size is passed.
         let rc = unsafe {
             libc::setsockopt(
@@ -101,6 +64,9 @@ impl Capture {
     }
 
     /// The next incoming (not locally sent) frame, or `None` after the 20 ms receive timeout.
+    ///
+    /// # Panics
+    /// On a receive error other than a timeout or an interruption (the capture is broken).
     pub fn recv(&self) -> Option<Vec<u8>> {
         loop {
             let mut buf = vec![0u8; 2048];
@@ -136,7 +102,26 @@ impl Capture {
     }
 }
 
+/// The source MAC address of an Ethernet frame (bytes 6..12).
+///
+/// # Panics
+/// When `frame` is shorter than an Ethernet header's two addresses.
 pub fn src_mac(frame: &[u8]) -> &[u8] {
     &frame[6..12]
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn src_mac_is_the_second_address() {
+        let frame: Vec<u8> = (0u8..14).collect();
+        assert_eq!(src_mac(&frame), &[6, 7, 8, 9, 10, 11]);
+    }
+
+    #[test]
+    fn missing_interface_is_an_error() {
+        assert!(Capture::open("ferry-no-such0").is_err());
+    }
+}

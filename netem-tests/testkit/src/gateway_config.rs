@@ -1,0 +1,140 @@
+//! Gateway configuration files for tests: written as TOML next to a [`Pki`](crate::pki::Pki)'s
+//! certificates and loaded through the gateway's real parser, so tests exercise the same path
+//! as a deployment.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use ferry_gateway::Config;
+
+use crate::KitError;
+
+/// One `[[forward]]` section.
+#[derive(Clone, Debug)]
+struct Forward {
+    peer: String,
+    connect: SocketAddr,
+    codec: Option<String>,
+}
+
+/// A gateway configuration under construction. Defaults: `[link]` 10 Gbit/s and 1 ms RTT, no
+/// peers, no forwards, no API.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    site: String,
+    listen: SocketAddr,
+    bandwidth: String,
+    rtt: String,
+    peers: Vec<(String, SocketAddr)>,
+    api: Option<SocketAddr>,
+    forwards: Vec<Forward>,
+    extra: String,
+}
+
+impl GatewayConfig {
+    /// The gateway of `site`, its QUIC endpoint on `listen`, with the certificates
+    /// `ca.pem`, `SITE.pem`, `SITE.key`.
+    pub fn new(site: &str, listen: SocketAddr) -> Self {
+        Self {
+            site: site.to_string(),
+            listen,
+            bandwidth: "10gbit".into(),
+            rtt: "1ms".into(),
+            peers: Vec::new(),
+            api: None,
+            forwards: Vec::new(),
+            extra: String::new(),
+        }
+    }
+
+    /// `[link]`: the path's `bandwidth` (e.g. `"1gbit"`) and `rtt` (e.g. `"150ms"`).
+    pub fn link(mut self, bandwidth: &str, rtt: &str) -> Self {
+        self.bandwidth = bandwidth.to_string();
+        self.rtt = rtt.to_string();
+        self
+    }
+
+    /// A `[[peer]]`: the gateway of `site` at `addr`.
+    pub fn peer(mut self, site: &str, addr: SocketAddr) -> Self {
+        self.peers.push((site.to_string(), addr));
+        self
+    }
+
+    /// `[api]` on `listen` (the host-plugin API).
+    pub fn api(mut self, listen: SocketAddr) -> Self {
+        self.api = Some(listen);
+        self
+    }
+
+    /// A `[[forward]]` listening on `127.0.0.1:0` to `connect` behind `peer`, codec by default.
+    pub fn forward(mut self, peer: &str, connect: SocketAddr) -> Self {
+        self.forwards.push(Forward { peer: peer.to_string(), connect, codec: None });
+        self
+    }
+
+    /// [`forward`](Self::forward) with an explicit `codec` setting (`"auto"`, `"off"`).
+    pub fn forward_with_codec(mut self, peer: &str, connect: SocketAddr, codec: &str) -> Self {
+        self.forwards.push(Forward { peer: peer.to_string(), connect, codec: Some(codec.to_string()) });
+        self
+    }
+
+    /// Extra TOML (whole sections) appended at the end.
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self
+    }
+
+    /// The configuration file's text.
+    pub fn to_toml(&self) -> String {
+        let Self { site, listen, bandwidth, rtt, .. } = self;
+        let mut text = format!(
+            "site = \"{site}\"\nlisten = \"{listen}\"\n[tls]\nca = \"ca.pem\"\ncert = \"{site}.pem\"\nkey = \"{site}.key\"\n\
+             [link]\nbandwidth = \"{bandwidth}\"\nrtt = \"{rtt}\"\n"
+        );
+        for (peer, addr) in &self.peers {
+            text += &format!("[[peer]]\nsite = \"{peer}\"\naddr = \"{addr}\"\n");
+        }
+        if let Some(api) = self.api {
+            text += &format!("[api]\nlisten = \"{api}\"\n");
+        }
+        for f in &self.forwards {
+            text += &format!("[[forward]]\nlisten = \"127.0.0.1:0\"\npeer = \"{}\"\nconnect = \"{}\"\n", f.peer, f.connect);
+            if let Some(codec) = &f.codec {
+                text += &format!("codec = \"{codec}\"\n");
+            }
+        }
+        text += &self.extra;
+        text
+    }
+
+    /// Writes the file as `dir/file_name` (`dir` holds the certificates) and loads it through
+    /// the gateway's parser.
+    pub fn load(&self, dir: &Path, file_name: &str) -> Result<Config, KitError> {
+        let path = dir.join(file_name);
+        std::fs::write(&path, self.to_toml()).map_err(|source| KitError::File { what: "writing", path: path.clone(), source })?;
+        Config::load(&path).map_err(|e| KitError::Config { path, message: e.to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::Pki;
+
+    #[test]
+    fn every_section_loads_through_the_real_parser() {
+        let pki = Pki::generate(&["site-a", "site-b"]).expect("pki");
+        let peer: SocketAddr = "127.0.0.1:4433".parse().expect("literal");
+        let target: SocketAddr = "127.0.0.1:9".parse().expect("literal");
+        let config = GatewayConfig::new("site-a", "127.0.0.1:4434".parse().expect("literal"))
+            .link("1gbit", "150ms")
+            .peer("site-b", peer)
+            .api("127.0.0.1:0".parse().expect("literal"))
+            .forward("site-b", target)
+            .forward_with_codec("site-b", target, "off")
+            .extra("[cache]\nsize = \"1MiB\"\n");
+        let text = config.to_toml();
+        assert!(text.contains("codec = \"off\"") && text.contains("[api]") && text.ends_with("size = \"1MiB\"\n"), "{text}");
+        config.load(pki.path(), "site-a.toml").expect("the gateway accepts the kit's config");
+    }
+}
