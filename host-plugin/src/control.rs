@@ -7,7 +7,6 @@
 use std::marker::PhantomData;
 use std::time::Duration;
 
-pub use ferry_api::control::{clock_offset, SharedSettings, ToDestination, ToSource, DEFAULT_SERVE_PORT};
 use ferry_api::framing::{FramingError, JsonLines};
 use serde::de::DeserializeOwned;
 use serde::Serialize;

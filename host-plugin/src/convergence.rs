@@ -360,12 +360,14 @@ impl ConvergenceController {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const MB: f64 = 1e6;
 
-    fn controller() -> ConvergenceController {
+    /// A controller for a 500 ms target on a 10 MB/s, 150 ms link (also used by the session
+    /// tests).
+    pub(crate) fn controller() -> ConvergenceController {
         ConvergenceController::new(ControllerConfig {
             target_downtime: Duration::from_millis(500),
             max_time: Duration::from_secs(600),

@@ -14,13 +14,12 @@
 //!   throttles guests that outrun it.
 //! - [`heartbeat`]: guest-observed downtime from a heartbeat on a serial port.
 //! - [`progress`]: progress display and the final report.
-//! - [`qmp`]: the async QMP client, the `ferry-qmp` crate (typestate handshake, typed commands,
-//!   bounded events).
 //! - [`announce`]: re-announcing a VM's MACs on the destination L2 after cutover (RARP as QEMU's
 //!   announce-self, gratuitous ARP, unsolicited neighbour advertisements) over AF_PACKET.
 //!
-//! The host-plugin does not link the gateway: what the two share is the `ferry_api` crate (API
-//! and control messages, JSON-lines framing) and `ferry_units` (durations on the command line).
+//! QEMU is driven through `ferry_qmp` (the workspace's one QMP client). The host-plugin does not
+//! link the gateway: what the two share is the `ferry_api` crate (API and control messages,
+//! JSON-lines framing) and `ferry_units` (durations on the command line).
 
 pub mod announce;
 pub mod control;
@@ -32,10 +31,6 @@ pub mod progress;
 pub mod serve;
 pub mod session;
 pub mod settings;
-
-/// The QMP client (the `ferry-qmp` crate), under the path the host-plugin's modules have always
-/// used (`crate::qmp::...`).
-pub use ferry_qmp as qmp;
 
 /// Version string reported by `ferry-host --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

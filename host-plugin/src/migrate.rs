@@ -19,12 +19,13 @@ use anyhow::{anyhow, bail, Context};
 use ferry_api::protocol::{CodecMode, ForwardStats};
 use tokio::net::TcpStream;
 
-use crate::control::{clock_offset, Channel, ChannelError, ToDestination, ToSource};
+use crate::control::{Channel, ChannelError};
+use ferry_api::control::{clock_offset, ToDestination, ToSource};
 use crate::convergence::{ControllerConfig, ConvergenceController};
 use crate::gateway_api::GatewayApi;
 use crate::heartbeat::{event_time_ns, guest_downtime_ns, unix_now_ns, Heartbeat};
 use crate::progress::{MigrationReport, Progress, ProgressMode};
-use crate::qmp::{CapabilityState, MigrationCapability, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
+use ferry_qmp::{CapabilityState, MigrationCapability, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
 use crate::session::source::{GatewayReading, SourceAction, SourceConfig, SourceSession, Stage};
 use crate::session::{ControlEvent, Signal, SourceVm};
 use crate::settings::{self, MultifdChoice};
@@ -69,9 +70,6 @@ pub struct MigrateOptions {
     /// in charge (no bandwidth cap, `downtime-limit` = the target), for comparison.
     pub steer: bool,
 }
-
-/// `max-bandwidth` when not steering: far above any link, so QEMU never limits itself.
-const UNLIMITED_BANDWIDTH: u64 = 10 << 30;
 
 /// Runs one migration; never panics, always returns a report (check `outcome`).
 pub async fn migrate(options: MigrateOptions) -> MigrationReport {
@@ -205,7 +203,7 @@ impl Run {
         let (max_bandwidth, downtime_limit) = if o.steer {
             (controller.initial_max_bandwidth(), controller.initial_downtime_limit_ms())
         } else {
-            (UNLIMITED_BANDWIDTH, o.downtime.as_millis() as u64)
+            (ferry_qmp::UNLIMITED_BANDWIDTH, o.downtime.as_millis() as u64)
         };
         let chosen = settings::choose(ram, o.multifd, &available, max_bandwidth, downtime_limit);
         self.report.multifd_channels = chosen.shared.multifd_channels;

@@ -18,9 +18,10 @@ use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::announce::{self, Announcement, MacAddr};
-use crate::control::{Channel, SharedSettings, ToDestination, ToSource};
+use crate::control::Channel;
+use ferry_api::control::{SharedSettings, ToDestination, ToSource};
 use crate::heartbeat::{event_time_ns, unix_now_ns, Heartbeat};
-use crate::qmp::{CapabilityState, MigrationCapability, Qmp, QmpConfig, QmpEvent, RunState};
+use ferry_qmp::{CapabilityState, MigrationCapability, Qmp, QmpConfig, QmpEvent, RunState};
 use crate::session::destination::{DestinationAction, DestinationSession};
 use crate::settings;
 

@@ -9,7 +9,7 @@
 //! - Auto-converge on, with the convergence controller adjusting its step.
 //! - Postcopy off: a lost WAN during postcopy loses the VM.
 
-use crate::control::SharedSettings;
+use ferry_api::control::SharedSettings;
 use crate::convergence::THROTTLE_INCREMENT_START;
 use ferry_qmp::{MigrationCapability, MigrationParameters, MultifdCompression};
 

@@ -20,16 +20,15 @@ mod support;
 use std::time::Duration;
 
 use ferry_netem::qemu::{
-    self, migrate_over_wan, GuestConfig, GuestImage, Qemu, QemuConfig, VerifyReport,
+    migrate_over_wan, GuestConfig, GuestImage, Qemu, QemuConfig, VerifyReport,
     WanMigrationReport, WanRoute,
 };
 use ferry_qmp::migration::MigrationMode;
 use ferry_netem::Wan;
 use ferry_testkit::bench::env_f64;
-use ferry_testkit::sys::is_root;
 use ferry_testkit::tracing::init_tracing_stderr;
 
-use support::{baseline, direct_then_gateways, gateway_link, wan_or_exit, SharedCells};
+use support::{baseline, can_run_qemu_bench, direct_then_gateways, gateway_link, wan_or_exit, SharedCells};
 
 const BOOT: Duration = Duration::from_secs(120);
 const MIGRATE: Duration = Duration::from_secs(300);
@@ -90,12 +89,7 @@ fn migrate_one(
 
 fn main() {
     init_tracing_stderr();
-    if !is_root() {
-        println!("skipping migration_wan: needs root (network namespaces)");
-        return;
-    }
-    if !qemu::qemu_available() {
-        println!("skipping migration_wan: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)");
+    if !can_run_qemu_bench("migration_wan") {
         return;
     }
     let rtt_ms = env_f64("FERRY_BENCH_RTT_MS", 150.0);

@@ -112,14 +112,6 @@ pub mod stores;
 #[cfg(test)]
 mod tests;
 
-/// A distinct page numbered `i` and its digest, for the tests.
-#[cfg(test)]
-pub(crate) fn numbered_test_page(i: u32) -> (PageDigest, bytes::Bytes) {
-    let mut p = vec![0u8; PAGE_SIZE];
-    p[..4].copy_from_slice(&i.to_le_bytes());
-    (PageDigest::of(&p), bytes::Bytes::from(p))
-}
-
 pub use decoder::{DecodeError, Decoder, DecoderConfig, DecoderStats, MAX_REQUESTED_PAGES};
 pub use digest_set::{Advertisement, AdvertisementError, DestinationIndex, DigestSet, NoIndex};
 pub use encoder::{CodecStats, Encoder, EncoderConfig, StreamMode};

@@ -23,7 +23,6 @@ pub use retained::{RetainedPages, RetainedStats};
 /// A distinct page numbered `i` and its digest, for the store tests.
 #[cfg(test)]
 pub(crate) fn numbered_test_page(i: u32) -> (ferry_codec::PageDigest, bytes::Bytes) {
-    let mut p = vec![0u8; ferry_codec::PAGE_SIZE];
-    p[..4].copy_from_slice(&i.to_le_bytes());
+    let p = ferry_testkit::qemu_stream::numbered_page(i);
     (ferry_codec::PageDigest::of(&p), bytes::Bytes::from(p))
 }

@@ -17,8 +17,9 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::control::{ChannelError, SharedSettings, ToDestination, ToSource};
-use crate::qmp::{MigrationInfo, MigrationStatus, QmpError, RunState, StatusInfo};
+use crate::control::ChannelError;
+use ferry_api::control::{SharedSettings, ToDestination, ToSource};
+use ferry_qmp::{MigrationInfo, MigrationStatus, QmpError, RunState, StatusInfo};
 
 use super::{error_chain, ControlEvent};
 

@@ -21,10 +21,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::control::{ToDestination, ToSource};
+use ferry_api::control::{ToDestination, ToSource};
 use crate::convergence::{ConvergenceController, Estimate, Sample};
 use crate::progress::Snapshot;
-use crate::qmp::{MigrationInfo, MigrationParameters, MigrationStatus};
+use ferry_qmp::{MigrationInfo, MigrationParameters, MigrationStatus};
 
 use super::{error_chain, ControlEvent, Outcome, Signal, SourceVm};
 
@@ -412,18 +412,8 @@ mod tests {
 
     use super::*;
     use crate::control::ChannelError;
-    use crate::convergence::ControllerConfig;
-    use crate::qmp::RamStats;
-
-    fn controller() -> ConvergenceController {
-        ConvergenceController::new(ControllerConfig {
-            target_downtime: Duration::from_millis(500),
-            max_time: Duration::from_secs(600),
-            link_bytes_per_sec: 10_000_000,
-            rtt: Duration::from_millis(150),
-            cwnd: None,
-        })
-    }
+    use crate::convergence::tests::controller;
+    use ferry_qmp::RamStats;
 
     fn session(keep_source: bool) -> (SourceSession, Instant) {
         let t0 = Instant::now();

@@ -13,6 +13,20 @@ use ferry_qmp::migration::MigrationMode;
 use ferry_qmp::MultifdCompression;
 use ferry_netem::{Backend, Wan};
 
+/// Whether a QEMU-over-WAN benchmark can run here (root for the namespaces, QEMU installed);
+/// prints why not, as `skipping NAME: ...`, when it cannot.
+pub fn can_run_qemu_bench(name: &str) -> bool {
+    if !ferry_testkit::sys::is_root() {
+        println!("skipping {name}: needs root (network namespaces)");
+        return false;
+    }
+    if !ferry_netem::qemu::qemu_available() {
+        println!("skipping {name}: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)");
+        return false;
+    }
+    true
+}
+
 /// Two emulated sites joined by `rtt_ms` / `rate_mbit` / `loss_pct`; exits the benchmark when
 /// the link cannot come up (nothing to measure without it).
 pub fn wan_or_exit(rtt_ms: f64, rate_mbit: f64, loss_pct: f64) -> Wan {

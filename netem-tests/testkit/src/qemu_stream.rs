@@ -57,6 +57,13 @@ pub fn page(rng: &mut Rng, c: Content) -> Vec<u8> {
     p
 }
 
+/// A distinct page numbered `i`: `i` little-endian in its first 4 bytes, zeros after.
+pub fn numbered_page(i: u32) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE_SIZE];
+    p[..4].copy_from_slice(&i.to_le_bytes());
+    p
+}
+
 /// `n` pages of random bytes from `seed`.
 pub fn random_pages(seed: u64, n: usize) -> Vec<Vec<u8>> {
     let mut rng = Rng::new(seed);
@@ -110,7 +117,9 @@ impl MainStream {
         self.bytes.extend_from_slice(payload);
     }
 
-    fn section_full_header(&mut self, t: u8, sid: u32, idstr: &str, version: u32) {
+    /// A `QEMU_VM_SECTION_START`/`FULL`-style header (type `t`, section `sid`, `idstr`,
+    /// instance 0, `version`), for tests that write sections the builder has no method for.
+    pub fn section_full_header(&mut self, t: u8, sid: u32, idstr: &str, version: u32) {
         self.bytes.push(t);
         self.bytes.extend_from_slice(&sid.to_be_bytes());
         self.bytes.push(idstr.len() as u8);

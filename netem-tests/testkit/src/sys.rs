@@ -11,6 +11,23 @@ use std::process::Command;
 /// Where `ip netns` keeps its bind-mounted namespace files.
 pub const NETNS_DIR: &str = "/run/netns";
 
+/// A binary of this workspace, next to the running test or bench executable's `deps/` folder
+/// (`target/<profile>/NAME`). Tests of another package than the binary's cannot use
+/// `CARGO_BIN_EXE_*`; `cargo build --workspace` (the test command runs it first) builds it.
+///
+/// # Panics
+/// When the binary is not there, with the command that builds it.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("path of the running test executable");
+    let profile_dir = exe
+        .parent()
+        .map(|dir| if dir.ends_with("deps") { dir.parent().unwrap_or(dir) } else { dir })
+        .expect("test executable has a parent folder");
+    let bin = profile_dir.join(name);
+    assert!(bin.is_file(), "{} not found: run `cargo build --workspace --all-targets` first", bin.display());
+    bin
+}
+
 /// True when the process runs with effective uid 0.
 pub fn is_root() -> bool {
     // SAFETY: geteuid(2) takes no arguments, has no preconditions and cannot fail.

@@ -21,7 +21,10 @@ use ferry_testkit::sys::{enter_netns, ip_in};
 use ferry_testkit::tracing::init_tracing;
 
 /// The `ferry-host` binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_ferry-host");
+/// The `ferry-host` binary under test (built by `cargo build --workspace`).
+pub fn ferry_host_bin() -> PathBuf {
+    ferry_testkit::sys::workspace_bin("ferry-host")
+}
 pub const BOOT: Duration = Duration::from_secs(60);
 pub const VM_MAC: &str = "52:54:00:12:34:56";
 pub const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 9);
@@ -94,7 +97,7 @@ pub fn setup(test: &str, rate_bps: u64, bandwidth: &str) -> Option<Setup> {
     .expect("serve config");
     let serve = wan
         .site_b()
-        .command(BIN)
+        .command(ferry_host_bin())
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "ferry_host=debug")
@@ -148,7 +151,7 @@ pub fn in_path(dir: &Path, name: &str, kind: &str) -> PathBuf {
 
 /// `ferry-host migrate ...` in site A (its log and report are printed by [`report_of`] if it fails).
 pub fn migrate_command(s: &Setup, qmp: &Path, heartbeat: &Path, extra: &[&str]) -> Command {
-    let mut c = s.wan.site_a().command(BIN);
+    let mut c = s.wan.site_a().command(ferry_host_bin());
     c.arg("migrate")
         .arg("--qmp")
         .arg(qmp)

@@ -5,7 +5,7 @@
 //! Skips (passes with a message) unless root with `qemu-system-x86_64` installed. Tests take a
 //! process-wide lock: TCG guests, the WAN emulator and two gateways already share the cores.
 
-mod wan_sites;
+mod host_support;
 
 use std::process::Output;
 use std::sync::Mutex;
@@ -16,7 +16,7 @@ use ferry_netem::qemu::{GuestConfig, VerifyReport};
 use ferry_qmp::MigrationStatus;
 use ferry_testkit::sync::lock;
 use ferry_testkit::sys::interrupt;
-use wan_sites::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, BOOT, VM_IP, VM_MAC};
+use host_support::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, BOOT, VM_IP, VM_MAC};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -178,7 +178,7 @@ struct RunningMigrate {
 }
 
 impl RunningMigrate {
-    fn start(s: &wan_sites::Setup, qmp: &std::path::Path, hb: &std::path::Path) -> Self {
+    fn start(s: &host_support::Setup, qmp: &std::path::Path, hb: &std::path::Path) -> Self {
         // Bounded, so that it ends on its own even if this test fails before it does.
         let child = migrate_command(s, qmp, hb, &["--max-time", "2m"]).spawn().expect("start ferry-host migrate");
         let pid = child.id();

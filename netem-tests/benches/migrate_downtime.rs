@@ -1,18 +1,18 @@
 //! Benchmark: `ferry-host migrate` through the gateways with and without steering, side by
 //! side on the same emulated links and guests (real QEMU under TCG, real gateways).
 //!
-//! `cargo bench -p ferry-host --bench migrate_downtime` (root, qemu-system-x86 installed).
+//! `cargo build --workspace --release --all-targets && cargo bench -p ferry-netem --bench migrate_downtime` (root, qemu-system-x86 installed).
 //! `FERRY_BENCH_RUNS` sets the runs per cell (default 2). Prints one line per run and a table.
 //! "steered" is the default: QEMU's bandwidth cap and downtime limit follow the gateway's drain
 //! measurements. "QEMU alone" (`--no-steer`) leaves convergence to QEMU, which sees LAN speed.
 
-#[path = "../tests/wan_sites/mod.rs"]
-mod wan_sites;
+#[path = "../tests/host_support/mod.rs"]
+mod host_support;
 
 use ferry_netem::qemu::GuestConfig;
 use ferry_testkit::bench::env_parse;
 use serde_json::Value;
-use wan_sites::{migrate_command, report_of, setup, start_vms};
+use host_support::{migrate_command, report_of, setup, start_vms};
 
 struct Scenario {
     name: &'static str,
