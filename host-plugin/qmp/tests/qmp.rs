@@ -74,7 +74,7 @@ async fn wait_status(qmp: &Qmp, want: RunState) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qmp_client_drives_real_qemu_through_a_local_migration() {
-    let _ = tracing_subscriber_init();
+    ferry_testkit::tracing::init_tracing();
     if !qemu::qemu_available() {
         eprintln!("SKIPPED: qemu-system-x86_64 is not installed (Debian package qemu-system-x86)");
         return;
@@ -166,6 +166,7 @@ async fn qmp_client_drives_real_qemu_through_a_local_migration() {
         multifd_zstd_level: None,
         max_cpu_throttle: None,
         throttle_trigger_threshold: None,
+        xbzrle_cache_size: None,
         ..got.clone()
     };
     assert_eq!(typed_only, set, "read back: {got:?}");
@@ -328,14 +329,4 @@ async fn qmp_client_drives_real_qemu_through_a_local_migration() {
     assert!(err.is_connection_lost(), "{err}");
     drop(src_vm);
     eprintln!("whole test: {:?}", started.elapsed());
-}
-
-/// Logs to the test output when `RUST_LOG` is set.
-fn tracing_subscriber_init() -> Option<()> {
-    let filter = std::env::var("RUST_LOG").ok()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init()
-        .ok()
 }
