@@ -10,8 +10,10 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::UnixStream;
@@ -75,7 +77,7 @@ impl Heartbeat {
     }
 
     fn with<R>(&self, f: impl FnOnce(&Beats) -> R) -> R {
-        f(&self.beats.0.lock().unwrap_or_else(|e| e.into_inner()))
+        f(&self.beats.0.lock())
     }
 
     /// Arrival of the first line, ns since the Unix epoch.
@@ -134,7 +136,7 @@ async fn read_beats(stream: UnixStream, beats: Arc<(Mutex<Beats>, Notify)>) {
             Ok(0) | Err(_) => break,
             Ok(_) => {
                 let now = unix_now_ns();
-                let mut b = beats.0.lock().unwrap_or_else(|e| e.into_inner());
+                let mut b = beats.0.lock();
                 b.first.get_or_insert(now);
                 if b.recent.len() == KEPT {
                     b.recent.pop_front();
@@ -146,7 +148,7 @@ async fn read_beats(stream: UnixStream, beats: Arc<(Mutex<Beats>, Notify)>) {
             }
         }
     }
-    beats.0.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+    beats.0.lock().closed = true;
     beats.1.notify_waiters();
 }
 

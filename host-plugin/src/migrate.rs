@@ -25,7 +25,7 @@ use crate::convergence::{ControllerConfig, ConvergenceController};
 use crate::gateway_api::GatewayApi;
 use crate::heartbeat::{event_time_ns, guest_downtime_ns, unix_now_ns, Heartbeat};
 use crate::progress::{MigrationReport, Progress, ProgressMode};
-use ferry_qmp::{CapabilityState, MigrationCapability, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
+use ferry_qmp::{MigrationCapability, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
 use crate::session::source::{GatewayReading, SourceAction, SourceConfig, SourceSession, Stage};
 use crate::session::{ControlEvent, Signal, SourceVm};
 use crate::settings::{self, MultifdChoice};
@@ -244,14 +244,7 @@ impl Run {
 
         // Settings, then go.
         let qmp = self.qmp()?;
-        let mut caps: Vec<CapabilityState> = Vec::new();
-        for (c, on) in chosen.shared.capabilities.iter().chain(&chosen.source_capabilities) {
-            caps.push(CapabilityState::new(MigrationCapability::from(c.as_str()), *on));
-        }
-        qmp.migrate_set_capabilities(&caps).await.context("migrate-set-capabilities on the source")?;
-        if let Some(p) = settings::shared_parameters(&chosen.shared) {
-            qmp.migrate_set_parameters(&p).await.context("migrate-set-parameters (multifd) on the source")?;
-        }
+        settings::apply_shared(&qmp, &chosen.shared, &chosen.source_capabilities, "source").await?;
         qmp.migrate_set_parameters(&chosen.source_parameters).await.context("migrate-set-parameters on the source")?;
         // An operator's Ctrl-C (or a SIGTERM) cancels cleanly rather than leaving QEMU migrating
         // with whatever cap was last set. They are watched from before `migrate` on, so a signal that

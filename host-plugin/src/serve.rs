@@ -21,7 +21,7 @@ use crate::announce::{self, Announcement, MacAddr};
 use crate::control::Channel;
 use ferry_api::control::{SharedSettings, ToDestination, ToSource};
 use crate::heartbeat::{event_time_ns, unix_now_ns, Heartbeat};
-use ferry_qmp::{CapabilityState, MigrationCapability, Qmp, QmpConfig, QmpEvent, RunState};
+use ferry_qmp::{Qmp, QmpConfig, QmpEvent, RunState};
 use crate::session::destination::{DestinationAction, DestinationSession};
 use crate::settings;
 
@@ -215,15 +215,7 @@ impl Session {
             bail!("the QEMU at {} is not waiting for a migration (status {}; start it with -incoming defer)", path.display(), status.status.as_str());
         }
         let version = qmp.query_version().await.context("query-version")?.qemu.to_string();
-        let caps: Vec<CapabilityState> = shared
-            .capabilities
-            .iter()
-            .map(|(c, on)| CapabilityState::new(MigrationCapability::from(c.as_str()), *on))
-            .collect();
-        qmp.migrate_set_capabilities(&caps).await.context("migrate-set-capabilities on the destination")?;
-        if let Some(p) = settings::shared_parameters(shared) {
-            qmp.migrate_set_parameters(&p).await.context("migrate-set-parameters on the destination")?;
-        }
+        settings::apply_shared(&qmp, shared, &[], "destination").await?;
         let heartbeat = match &self.config.incoming.heartbeat {
             Some(t) => {
                 let p = expand(t, vm);

@@ -9,9 +9,11 @@
 //! - Auto-converge on, with the convergence controller adjusting its step.
 //! - Postcopy off: a lost WAN during postcopy loses the VM.
 
+use anyhow::Context;
 use ferry_api::control::SharedSettings;
+use ferry_qmp::{CapabilityState, MigrationCapability, MigrationParameters, MultifdCompression, Qmp};
+
 use crate::convergence::THROTTLE_INCREMENT_START;
-use ferry_qmp::{MigrationCapability, MigrationParameters, MultifdCompression};
 
 /// VMs at least this large use multifd when the user leaves the choice to Ferry.
 pub const MULTIFD_MIN_RAM: u64 = 1 << 30;
@@ -93,6 +95,28 @@ pub fn shared_parameters(shared: &SharedSettings) -> Option<MigrationParameters>
         multifd_compression: Some(MultifdCompression::None),
         ..MigrationParameters::default()
     })
+}
+
+/// Sets `shared` (plus `extra_capabilities`, this side's own) on one end of the migration:
+/// the capabilities, then the shared parameters. Both sides call it, so they cannot drift apart;
+/// errors name the command and `side` ("source" or "destination").
+pub async fn apply_shared(
+    qmp: &Qmp,
+    shared: &SharedSettings,
+    extra_capabilities: &[(String, bool)],
+    side: &str,
+) -> anyhow::Result<()> {
+    let caps: Vec<CapabilityState> = shared
+        .capabilities
+        .iter()
+        .chain(extra_capabilities)
+        .map(|(c, on)| CapabilityState::new(MigrationCapability::from(c.as_str()), *on))
+        .collect();
+    qmp.migrate_set_capabilities(&caps).await.with_context(|| format!("migrate-set-capabilities on the {side}"))?;
+    if let Some(p) = shared_parameters(shared) {
+        qmp.migrate_set_parameters(&p).await.with_context(|| format!("migrate-set-parameters (multifd) on the {side}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ impl GuestImage {
 
     /// Like [`GuestImage::build`], with an explicit output directory.
     pub fn build_in(dir: &Path) -> Result<GuestImage> {
-        let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = ferry_testkit::sync::lock(&BUILD_LOCK);
         let out = dir.join(format!(
             "guest-{:016x}.bin",
             fnv1a64(GUEST_SOURCE.as_bytes())

@@ -160,7 +160,7 @@ impl LinuxGuest {
     /// `<target>/ferry-guest/linux/initramfs-<hash>.cpio` (cached by content).
     pub fn build(config: &LinuxGuestConfig) -> Result<LinuxGuest> {
         let cache = default_cache_dir().join("linux");
-        let _guard = LINUX_BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = ferry_testkit::sync::lock(&LINUX_BUILD_LOCK);
         let files = locate_files(&cache)?;
         let initramfs = build_initramfs(&cache, &files)?;
         let initramfs_bytes = std::fs::metadata(&initramfs)

@@ -108,7 +108,7 @@ impl SerialLog {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.inner.0.lock().unwrap_or_else(|e| e.into_inner())
+        ferry_testkit::sync::lock(&self.inner.0)
     }
 
     /// Appends a line (used by the reader thread; public for tests of code

@@ -309,10 +309,7 @@ impl Qemu {
 
     /// What QEMU printed on stderr so far.
     pub fn stderr_lines(&self) -> Vec<String> {
-        self.stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        ferry_testkit::sync::lock(&self.stderr).clone()
     }
 
     /// Sends one line to the guest's serial input. The guest understands
@@ -394,7 +391,7 @@ fn attach(child: &mut Child, config: &QemuConfig, qmp_path: &Path) -> Result<Att
             .spawn(move || {
                 for line in BufReader::new(err).lines().map_while(|l| l.ok()) {
                     tracing::debug!(vm = %vm, "qemu stderr: {line}");
-                    let mut v = sink.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut v = ferry_testkit::sync::lock(&sink);
                     if v.len() < 1000 {
                         v.push(line);
                     }
@@ -407,7 +404,7 @@ fn attach(child: &mut Child, config: &QemuConfig, qmp_path: &Path) -> Result<Att
         Err(QemuError::Exited { status, .. }) => {
             // Give the stderr thread a moment so the error says why.
             std::thread::sleep(Duration::from_millis(200));
-            let tail = stderr.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+            let tail = ferry_testkit::sync::lock(&stderr).join("\n");
             Err(QemuError::Exited {
                 name: config.name.clone(),
                 status,
