@@ -2,7 +2,7 @@
 //! queue of received messages and a sender.
 //!
 //! The messages, the session they make up and the JSON-lines framing are in
-//! [`ferry_api::control`] and [`ferry_api::framing`]; they are re-exported here.
+//! [`ferry_api::control`] and [`ferry_api::framing`], which both host-plugins use directly.
 
 use std::marker::PhantomData;
 use std::time::Duration;

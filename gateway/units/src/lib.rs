@@ -52,9 +52,11 @@ fn split_number(text: &str) -> Option<(f64, &str)> {
 const DURATION_FORMS: &str = "expected a number with a unit: ns, us, ms, s, m or min, h, d or w \
      (e.g. 150ms, 1.5s, 250us, 30m, or several: 1m 30s)";
 
-/// Nanoseconds per unit of a duration; units are case-insensitive.
+/// Nanoseconds per unit of a duration. Units are case-sensitive, as humantime's (which the gateway
+/// config and `ferry-host` used before): there `M` is a month, so accepting it as a minute would
+/// silently change what `1M` means; upper-case units are refused instead.
 fn duration_unit_ns(unit: &str) -> Option<f64> {
-    Some(match unit.to_lowercase().as_str() {
+    Some(match unit {
         "ns" | "nsec" | "nanos" => 1.0,
         "us" | "µs" | "usec" => 1e3,
         "ms" | "msec" | "millis" => 1e6,
@@ -69,7 +71,8 @@ fn duration_unit_ns(unit: &str) -> Option<f64> {
 
 /// Parses a duration: one or more numbers, each with a unit (`150ms`, `1.5s`, `250us`, `100ns`,
 /// `2min`, `30m`, `1h`, `1m 30s`). Numbers may have a fraction; units are ns, us (µs), ms, s,
-/// m (min), h, d and w, case-insensitive, with humantime's long forms (`sec`, `minutes`, ...).
+/// m (min), h, d and w, in lower case (case-sensitive, as humantime's), with humantime's long
+/// forms (`sec`, `minutes`, ...).
 ///
 /// A bare `0` is accepted; any other number needs a unit.
 pub fn parse_duration(text: &str) -> Result<Duration, ParseUnitError> {
@@ -111,7 +114,13 @@ pub mod duration_text {
 // Bit rates
 
 const BANDWIDTH_FORMS: &str = "expected bits per second as NUMBER[k|m|g|t]bit (e.g. 1gbit, \
-     2.5gbit, 800mbit), or bytes per second tc-style as NUMBER[k|m|g]bps";
+     2.5gbit, 800mbit)";
+
+/// Why a bandwidth refuses `bps` units: the gateway config took a bare `bps` as bits per second,
+/// `tc` (and so the WAN emulator's CLI) takes `bps` as *bytes* per second. Rather than silently
+/// mean 8x more or less than an operator meant, a bandwidth accepts bit units only.
+const BANDWIDTH_NO_BPS: &str = "`bps` units are ambiguous here (tc reads them as bytes per \
+     second): give bits per second as NUMBER[k|m|g|t]bit, e.g. 1gbit";
 
 const RATE_LIMIT_FORMS: &str = "expected bits per second as NUMBER[k|m|g|t]bit (e.g. 1gbit, \
      200mbit, 500kbit), bytes per second tc-style as NUMBER[k|m|g]bps, or `unlimited`/0";
@@ -182,6 +191,9 @@ impl FromStr for Bandwidth {
     type Err = ParseUnitError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.trim().to_ascii_lowercase().ends_with("bps") {
+            return Err(ParseUnitError::new("bandwidth", text, BANDWIDTH_NO_BPS));
+        }
         let bits = parse_bits_per_second(text, "bandwidth", BANDWIDTH_FORMS)?;
         if bits == 0.0 {
             return Err(ParseUnitError::new("bandwidth", text, "must be greater than zero"));
@@ -322,6 +334,11 @@ mod tests {
             let err = bad.parse::<Bandwidth>().unwrap_err().to_string();
             assert!(err.contains("invalid bandwidth"), "{bad}: {err}");
         }
+        // tc's bytes-per-second units would mean 8x what a bare `bps` used to mean here.
+        for bad in ["1000000000bps", "125mbps", "1GBPS"] {
+            let err = bad.parse::<Bandwidth>().unwrap_err().to_string();
+            assert!(err.contains("ambiguous"), "{bad}: {err}");
+        }
     }
 
     #[test]
@@ -365,7 +382,9 @@ mod tests {
         assert_eq!(parse_duration("1m 30s").ok(), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("1m30s").ok(), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("2 seconds").ok(), Some(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1MS").ok(), Some(Duration::from_millis(1)));
+        // Case-sensitive like humantime: `1M` was a month there, it must not become a minute.
+        assert!(parse_duration("1M").is_err());
+        assert!(parse_duration("1MS").is_err());
         assert!(parse_duration("1m 30").is_err());
         assert!(parse_duration("1m,30s").is_err());
     }

@@ -24,8 +24,9 @@
 //!
 //! Layout, each module one job, dependencies pointing down the list:
 //! - [`migration`]: drives one migration between two sessions (same settings on both ends,
-//!   `migrate-incoming`, `migrate`, polling to `completed`): the one orchestrator of a QEMU
-//!   pair, on the typed client.
+//!   `migrate-incoming`, `migrate`, polling to `completed`) when one caller holds both QMP
+//!   sessions: the harness's "QEMU without the host-plugin" baselines and captures. (The
+//!   host-plugin holds only one end; its lifecycle is `ferry-host`'s `session` module.)
 //! - [`blocking`]: [`BlockingQmp`], the typed client behind blocking calls, for synchronous
 //!   callers (the test harness).
 //! - `client`: the async shell ([`Handshake`], [`Qmp`]); `events`: its bounded event buffer.
