@@ -16,7 +16,7 @@
 //! the `ferry_codec` encoder or decoder with the stores of [`crate::store`].
 
 pub mod congestion;
-pub mod flow;
+mod flow;
 mod link;
 mod peers;
 pub mod protocol;
