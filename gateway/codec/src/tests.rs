@@ -446,18 +446,34 @@ fn main_stream_of(pages: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
 /// answers every need from `store` (the encoder's retained pages), and releases pages the
 /// decoder has consumed. Returns the output and the decoder.
 fn decode_resupplying(wire: &[u8], cache: Arc<dyn PageStore>, store: &MemRetained, chunk: usize) -> (Vec<u8>, Decoder) {
-    let mut dec = Decoder::new(cache);
+    decode_resupplying_bounded(wire, cache, store, chunk, usize::MAX)
+}
+
+/// [`decode_resupplying`] with `max_output_per_push = bound`: also takes pending output (a push
+/// with no input) before more input, and asserts every call appends at most the bound.
+fn decode_resupplying_bounded(wire: &[u8], cache: Arc<dyn PageStore>, store: &MemRetained, chunk: usize, bound: usize) -> (Vec<u8>, Decoder) {
+    let cfg = DecoderConfig { max_output_per_push: bound, ..DecoderConfig::default() };
+    let mut dec = Decoder::with_config(cfg, cache);
     let mut out = Vec::new();
     let mut pos = 0;
+    let within_bound = |before: usize, out: &[u8]| assert!(out.len() - before <= bound, "{} bytes in one call", out.len() - before);
     loop {
         let needs = dec.take_needs();
         for d in needs {
             let page = store.resupply(&d).expect("the source retains every advertised page it referred to");
+            let before = out.len();
             dec.supply(d, page, &mut out).unwrap();
+            within_bound(before, &out);
         }
         if dec.is_stalled() {
             // Supplying may have resumed into a later batch that needs pages of its own.
             assert!(dec.outstanding() > 0, "stalled with nothing asked for: {dec:?}");
+            continue;
+        }
+        if dec.has_pending_output() {
+            let before = out.len();
+            dec.push(&[], &mut out).unwrap();
+            within_bound(before, &out);
             continue;
         }
         store.release(dec.consumed());
@@ -465,7 +481,9 @@ fn decode_resupplying(wire: &[u8], cache: Arc<dyn PageStore>, store: &MemRetaine
             break;
         }
         let n = chunk.min(wire.len() - pos);
+        let before = out.len();
         dec.push(&wire[pos..pos + n], &mut out).unwrap();
+        within_bound(before, &out);
         pos += n;
     }
     dec.finish(&mut out).unwrap();
@@ -1305,4 +1323,25 @@ fn finish_with_output_pending_fails() {
     assert!(dec.has_pending_output());
     assert!(matches!(dec.finish(&mut out), Err(DecodeError::OutputPending)));
     assert!(matches!(dec.push(&[], &mut out), Err(DecodeError::Poisoned)));
+}
+
+#[test]
+fn stalls_and_supplies_under_a_tiny_output_bound_stay_byte_identical() {
+    let mut rng = Rng::new(22);
+    let pages: Vec<Vec<u8>> = (0..300).map(|i| page(&mut rng, if i % 4 == 0 { Content::Zero } else { Content::Random })).collect();
+    let input = main_stream_of(&pages, &mut rng);
+    for (chunk, bound) in [(777, PAGE_SIZE), (64 << 10, 5000), (usize::MAX, 3 * PAGE_SIZE + 1)] {
+        let idx = DigestSet::from_digests(&pages.iter().map(|p| PageDigest::of(p)).collect::<Vec<_>>());
+        let (mut enc, store) = encoder(EncoderConfig::default(), Arc::new(idx));
+        let mut wire = Vec::new();
+        for piece in input.chunks(5 * 4096) {
+            enc.push(piece, &mut wire);
+            enc.flush(&mut wire);
+        }
+        enc.finish(&mut wire);
+        let (out, dec) = decode_resupplying_bounded(&wire, Arc::new(MemPages::new(0)), &store, chunk, bound);
+        assert!(dec.stats().stalls > 10, "chunk {chunk}");
+        assert_eq!(store.stats().pages, 0, "chunk {chunk}: everything acknowledged");
+        assert!(out == input, "chunk {chunk}, bound {bound}");
+    }
 }
