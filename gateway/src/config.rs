@@ -190,11 +190,18 @@ pub struct LimitsConfig {
     /// Bytes a forwarded connection may buffer per direction while it reorders data arriving on
     /// several QUIC streams. `None` sizes it from the link (about 1.5 × bandwidth × rtt).
     pub reorder_buffer: Option<ByteSize>,
+    /// Most bytes a codec decoder hands to the local socket per call (zero pages expand about
+    /// 4000× from wire to bytes; this bounds what a call may turn them into). At least
+    /// [`MIN_DECODER_OUTPUT`].
+    pub decoder_output: ByteSize,
 }
+
+/// Smallest `[limits] decoder_output`: one page (smaller bounds are correct but only slow).
+pub const MIN_DECODER_OUTPUT: u64 = ferry_codec::PAGE_SIZE as u64;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_connections: 64, reorder_buffer: None }
+        Self { max_connections: 64, reorder_buffer: None, decoder_output: ByteSize(4 << 20) }
     }
 }
 
@@ -288,6 +295,12 @@ impl Config {
         }
         if raw.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections".into(), "must be at least 1".into()));
+        }
+        if raw.limits.decoder_output.0 < MIN_DECODER_OUTPUT {
+            return Err(invalid(
+                "limits.decoder_output".into(),
+                format!("must be at least {MIN_DECODER_OUTPUT} bytes (one page), e.g. \"4MiB\""),
+            ));
         }
 
         Ok(Self {
@@ -436,6 +449,15 @@ connect = "127.0.0.2:4444"
         let cfg = parse(&sample("[limits]\nmax_connections = 8\nreorder_buffer = \"32MiB\"\n"), dir.path()).unwrap();
         assert_eq!(cfg.limits.max_connections, 8);
         assert_eq!(cfg.limits.reorder_buffer, Some(ByteSize(32 << 20)));
+        assert_eq!(cfg.limits.decoder_output, ByteSize(4 << 20), "default");
+        let cfg = parse(&sample("[limits]\ndecoder_output = \"1MiB\"\n"), dir.path()).unwrap();
+        assert_eq!(cfg.limits.decoder_output, ByteSize(1 << 20));
+        for bad in ["0", "4095"] {
+            let err = parse(&sample(&format!("[limits]\ndecoder_output = \"{bad}\"\n")), dir.path()).unwrap_err().to_string();
+            assert!(err.contains("limits.decoder_output") && err.contains("at least 4096"), "{bad}: {err}");
+        }
+        let err = parse(&sample("[limits]\ndecoder_output = \"4 pages\"\n"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("decoder_output"), "{err}");
         let err = parse(&sample("[limits]\nmax_conections = 8\n"), dir.path()).unwrap_err().to_string();
         assert!(err.contains("max_conections"), "{err}");
     }

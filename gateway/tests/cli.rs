@@ -77,6 +77,8 @@ fn bad_values_and_references_are_named() {
         (GOOD.replace("peer = \"site-b\"", "peer = \"site-x\""), "forward[0].peer"),
         (GOOD.replace("site-a.key", "missing.key"), "tls.key"),
         (GOOD.replace("listen = \"127.0.0.1:0\"\n[tls]", "listen = \"localhost\"\n[tls]"), "listen"),
+        (format!("{GOOD}[limits]\ndecoder_output = \"0\"\n"), "limits.decoder_output"),
+        (format!("{GOOD}[limits]\ndecoder_output = \"lots\"\n"), "decoder_output"),
     ] {
         let (ok, err) = run_with(&text);
         assert!(!ok, "{key}: should fail");

@@ -373,3 +373,32 @@ async fn codec_resupplies_advertised_pages_the_destination_evicted() {
     assert!(egress.pages_needed > 0 && egress.pages_resupplied == egress.pages_needed, "{egress:?}");
     assert_eq!(a.stats().flows_failed + b.stats().flows_failed, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codec_flow_under_a_tiny_decoder_output_bound_is_byte_identical() {
+    // B's decoders hand at most 5000 bytes (not page-aligned) to the socket per call; zero pages
+    // expand the most, so half the stream is zero pages.
+    let pki = Pki::new(&["site-a", "site-b"]);
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a_addr, b_addr) = (free_udp_addr(), free_udp_addr());
+    let a = config(pki.path(), "site-a", a_addr, &[("site-b", b_addr)], &[("site-b", target.local_addr().unwrap())]);
+    let b = config_with(pki.path(), "site-b", b_addr, &[("site-a", a_addr)], &[], "[limits]\ndecoder_output = \"5000\"\n");
+    let a = Gateway::start(a).await.unwrap();
+    let b = Gateway::start(b).await.unwrap();
+    assert!(a.wait_connected("site-b", Duration::from_secs(10)).await);
+    let pages: Vec<Vec<u8>> = random_pages(3, 400).into_iter().flat_map(|p| [p, vec![0u8; 4096]]).collect();
+    let stream = multifd_stream(&pages);
+    let server = tokio::spawn(async move {
+        let (mut tcp, _) = target.accept().await.unwrap();
+        receive_all(&mut tcp).await.expect("the destination must receive a complete stream")
+    });
+    let tcp = TcpStream::connect(a.forward_addrs()[0]).await.unwrap();
+    let (mut r, mut w) = tcp.into_split();
+    w.write_all(&stream).await.unwrap();
+    w.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(server.await.unwrap(), (stream.len() as u64, blake3::hash(&stream)));
+    assert_eq!(a.stats().flows_failed + b.stats().flows_failed, 0);
+}

@@ -19,6 +19,14 @@
 //! caller should stop pushing input while [`Decoder::is_stalled`] (input pushed meanwhile is only
 //! buffered, up to [`DecoderConfig::max_stalled_input`]). [`Decoder::consumed`] tells how much of
 //! the wire is fully decoded: the source keeps pages it may be asked for until then.
+//!
+//! Output bound: one call appends at most [`DecoderConfig::max_output_per_push`] bytes to `out`
+//! (zero pages expand about 4000× from wire to bytes, so unbounded output would let a few MiB of
+//! wire become GiB in one call). A batch is rebuilt whole (it is verified as a whole); verified
+//! bytes beyond the bound stay in the decoder, and no further batch is started while they amount
+//! to the bound: its input is kept buffered, as while stalled (up to
+//! [`DecoderConfig::max_stalled_input`]). The caller calls [`push`](Decoder::push) with no input
+//! while [`Decoder::has_pending_output`] to take the rest, before it pushes more input.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -48,12 +56,19 @@ const HASH_STEP: usize = 64 << 10;
 /// sees an unverified byte.
 struct Staging<'a> {
     out: &'a mut Vec<u8>,
+    /// Length of `out` when the call started.
+    start: usize,
     verified: usize,
 }
 
 impl Staging<'_> {
     fn unverified(&self) -> usize {
         self.out.len() - self.verified
+    }
+
+    /// Verified bytes this call could release (the output bound may hold some back).
+    fn verified_in_call(&self) -> usize {
+        self.verified - self.start
     }
 
     /// Everything rebuilt so far was verified: it may be released.
@@ -83,11 +98,22 @@ pub struct DecoderConfig {
     /// pushing while [`Decoder::is_stalled`] (so this holds at most the rest of one push); the
     /// limit stops one that does not.
     pub max_stalled_input: usize,
+    /// Most bytes one [`Decoder::push`] or [`Decoder::supply`] appends to `out` (0 counts as 1).
+    /// Verified bytes beyond it stay in the decoder until the next call, and no further batch is
+    /// decoded meanwhile (see the [module docs](self)). The default is no bound (an in-memory
+    /// decode of a trusted stream); a decoder fed from the network sets one (the gateway's
+    /// `[limits] decoder_output`).
+    pub max_output_per_push: usize,
 }
 
 impl Default for DecoderConfig {
     fn default() -> Self {
-        Self { max_session_window_pages: 65536, max_unverified_bytes: 64 << 20, max_stalled_input: 16 << 20 }
+        Self {
+            max_session_window_pages: 65536,
+            max_unverified_bytes: 64 << 20,
+            max_stalled_input: 16 << 20,
+            max_output_per_push: usize::MAX,
+        }
     }
 }
 
@@ -141,8 +167,9 @@ pub enum DecodeError {
         /// Its length.
         len: usize,
     },
-    /// Too much input pushed while stalled.
-    #[error("{held} wire bytes buffered while waiting for a page (limit {limit})")]
+    /// Too much input pushed while stalled, or while output was pending (see
+    /// [`Decoder::has_pending_output`]).
+    #[error("{held} wire bytes buffered while the decoder took no input (waiting for a page or for pending output to be taken; limit {limit})")]
     StalledInputFull {
         /// Bytes buffered.
         held: usize,
@@ -189,6 +216,9 @@ pub enum DecodeError {
         /// [`DecoderConfig::max_unverified_bytes`].
         limit: usize,
     },
+    /// [`Decoder::finish`] while output was pending: the caller did not take all of it.
+    #[error("wire ended with decoded output not taken (push with no input while has_pending_output)")]
+    OutputPending,
     /// Wire bytes after the trailer.
     #[error("{0} wire bytes after the trailer")]
     AfterTrailer(usize),
@@ -277,8 +307,16 @@ pub struct Decoder {
     hasher: StreamHasher,
     produced: u64,
     /// Reconstructed bytes not yet covered by a verified checkpoint, between calls (during a call
-    /// they are at the end of the caller's buffer, see [`Staging`]).
+    /// they are at the end of the caller's buffer, see [`Staging`]). From `held_released` on,
+    /// `held_verified` of them are verified bytes the output bound kept back, then the
+    /// unverified ones.
     held: Vec<u8>,
+    /// Bytes at the start of `held` released already (so draining it copies each byte once).
+    held_released: usize,
+    /// Verified bytes in `held` after `held_released`, released by the next calls.
+    held_verified: usize,
+    /// The last call stopped before a batch in `buf` because of the output bound.
+    paused: bool,
     trailer_seen: bool,
     failed: bool,
     payload: Vec<u8>,
@@ -327,6 +365,9 @@ impl Decoder {
             hasher: StreamHasher::new(),
             produced: 0,
             held: Vec::new(),
+            held_released: 0,
+            held_verified: 0,
+            paused: false,
             trailer_seen: false,
             failed: false,
             payload: Vec::new(),
@@ -345,9 +386,17 @@ impl Decoder {
         StreamOffset::new(self.produced)
     }
 
-    /// Bytes currently held back awaiting verification.
+    /// Bytes currently held back: awaiting verification, or verified and kept back by the
+    /// output bound.
     pub fn held_back(&self) -> usize {
-        self.held.len()
+        self.held.len() - self.held_released
+    }
+
+    /// Whether a [`push`](Self::push) with no input would append more: verified bytes the
+    /// output bound kept back, or buffered input not decoded because of it. Take them (push with
+    /// no input until this is false) before pushing more input and before [`finish`](Self::finish).
+    pub fn has_pending_output(&self) -> bool {
+        self.held_verified > 0 || (self.paused && !self.buf.is_empty() && !self.failed)
     }
 
     /// Whether the trailer arrived and verified.
@@ -404,6 +453,9 @@ impl Decoder {
             self.cache.insert(digest, page.clone());
             self.supplied.insert(digest, page);
             if self.stall.as_ref().is_some_and(|s| s.waiting == digest) {
+                // A stalled batch was started within the output bound and is unverified, so
+                // nothing verified was kept back behind it.
+                debug_assert_eq!(self.held_verified, 0);
                 self.resume(&mut out)?;
             }
             Ok(())
@@ -412,7 +464,9 @@ impl Decoder {
         r
     }
 
-    /// Feeds wire bytes (any split points); appends bytes that may be released to QEMU to `out`.
+    /// Feeds wire bytes (any split points); appends bytes that may be released to QEMU to `out`,
+    /// at most [`DecoderConfig::max_output_per_push`]. A call with no input continues with what
+    /// is pending ([`has_pending_output`](Self::has_pending_output)).
     /// On error nothing more is ever released and every later call fails.
     pub fn push(&mut self, mut wire: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
         if self.failed {
@@ -420,9 +474,19 @@ impl Decoder {
         }
         let mut out = self.stage(out);
         let r = (|| {
+            if self.held_verified > 0 {
+                // Bytes kept from an earlier call reached the output bound: take no input now.
+                self.buf.extend_from_slice(wire);
+                self.paused |= !self.buf.is_empty() && self.stall.is_none();
+                wire = &[];
+            } else if std::mem::take(&mut self.paused) && self.stall.is_none() {
+                // Continue with the input the output bound kept back.
+                self.process_buffered(&mut out)?;
+            }
             while !wire.is_empty() {
-                if self.stall.is_some() {
-                    // Waiting for a page: keep the input for later (the caller should have stopped).
+                if self.stall.is_some() || self.paused {
+                    // Waiting for a page or for output to be taken: keep the input for later (the
+                    // caller should have stopped).
                     self.buf.extend_from_slice(wire);
                     break;
                 }
@@ -439,7 +503,7 @@ impl Decoder {
                 // Try even if short of `need`: header needs are estimates, and the wire may end here.
                 self.process_buffered(&mut out)?;
             }
-            if self.stall.is_some() && self.buf.len() > self.cfg.max_stalled_input {
+            if (self.stall.is_some() || self.paused) && self.buf.len() > self.cfg.max_stalled_input {
                 return Err(DecodeError::StalledInputFull { held: self.buf.len(), limit: self.cfg.max_stalled_input });
             }
             Ok(())
@@ -460,6 +524,10 @@ impl Decoder {
             self.fail();
             return Err(DecodeError::MissingPage(missing));
         }
+        if self.has_pending_output() {
+            self.fail();
+            return Err(DecodeError::OutputPending);
+        }
         if !self.trailer_seen {
             self.fail();
             return Err(DecodeError::Truncated { produced: self.produced, buffered: self.buf.len() });
@@ -470,10 +538,28 @@ impl Decoder {
     }
 
     /// Starts a public call that may rebuild into `out` (see [`Staging`]): bytes held from an
-    /// earlier call go first.
+    /// earlier call go first (the verified ones among them count as verified in this call).
+    /// If verified bytes kept back by the output bound fill this call's bound, only they are
+    /// appended (and `self.held_verified` stays non-zero: the call must take no input).
     fn stage<'a>(&mut self, out: &'a mut Vec<u8>) -> Staging<'a> {
+        let start = out.len();
+        if self.held_verified > 0 {
+            let n = self.held_verified.min(self.output_bound());
+            out.extend_from_slice(&self.held[self.held_released..self.held_released + n]);
+            self.held_released += n;
+            self.held_verified -= n;
+            if self.held_verified > 0 {
+                let verified = out.len();
+                return Staging { out, start, verified };
+            }
+        }
         let verified = out.len();
-        if !self.held.is_empty() {
+        if self.held_released > 0 {
+            // The unverified rest of what was kept.
+            out.extend_from_slice(&self.held[self.held_released..]);
+            self.held.clear();
+            self.held_released = 0;
+        } else if !self.held.is_empty() {
             if out.is_empty() && out.capacity() <= self.held.capacity() {
                 std::mem::swap(out, &mut self.held);
             } else {
@@ -481,22 +567,33 @@ impl Decoder {
                 self.held.clear();
             }
         }
-        Staging { out, verified }
+        Staging { out, start, verified }
     }
 
-    /// Ends a public call: on success, keeps what is not verified yet for a later call (at most
+    /// [`DecoderConfig::max_output_per_push`], at least 1 (so every call makes progress).
+    fn output_bound(&self) -> usize {
+        self.cfg.max_output_per_push.max(1)
+    }
+
+    /// Ends a public call: on success, keeps for a later call what is not verified yet (at most
     /// one batch: the encoder checkpoints after each, so this is a batch whose checkpoint has not
-    /// arrived, or one stalled on a page); on failure, poisons the decoder. Either way `out` ends
-    /// at the verified bytes.
-    fn unstage(&mut self, out: Staging<'_>, ok: bool) {
+    /// arrived, or one stalled on a page) and the verified bytes beyond the output bound; on
+    /// failure, poisons the decoder. Either way `out` ends at the verified bytes, at most the
+    /// output bound past where it started.
+    fn unstage(&mut self, mut out: Staging<'_>, ok: bool) {
+        let released = out.verified.min(out.start.saturating_add(self.output_bound()));
+        let kept_verified = out.verified - released;
+        out.verified = released;
         if !ok {
             self.fail();
             return;
         }
-        debug_assert!(self.held.is_empty());
         if out.unverified() == 0 {
+            // Everything released (or a call that only released kept bytes: `held` stays).
             return;
         }
+        debug_assert!(self.held.is_empty() && self.held_verified == 0);
+        self.held_verified = kept_verified;
         if out.verified == 0 {
             // Nothing released in this call: keep the whole buffer without copying it.
             std::mem::swap(out.out, &mut self.held);
@@ -508,6 +605,9 @@ impl Decoder {
     fn fail(&mut self) {
         self.failed = true;
         self.held = Vec::new();
+        self.held_released = 0;
+        self.held_verified = 0;
+        self.paused = false;
         self.buf = Vec::new();
         self.payload = Vec::new();
         self.supplied = HashMap::new();
@@ -591,6 +691,12 @@ impl Decoder {
                     let total = hlen + b.body_len;
                     if rest.len() < total {
                         self.need = total;
+                        return Ok(pos);
+                    }
+                    if out.verified_in_call() >= self.output_bound() {
+                        // The output bound is reached: this batch waits in `buf` for a later call.
+                        self.paused = true;
+                        self.need = 0;
                         return Ok(pos);
                     }
                     pos += total;

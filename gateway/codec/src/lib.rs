@@ -87,6 +87,9 @@
 //! *before* buffering), one unverified batch, the session window; while stalled, also the
 //! batch's payload, the input pushed behind it (≤ `max_stalled_input`) and the supplied pages
 //! (≤ [`MAX_REQUESTED_PAGES`]). No length read from the wire is allocated before it is checked against a limit.
+//! Decoder output per call: at most [`DecoderConfig::max_output_per_push`]; verified bytes beyond
+//! it wait in the decoder (one batch of an encoder's stream; at most `max_unverified_bytes` plus
+//! the bound), which takes no input until they are taken.
 //!
 //! # Page size
 //! Page frames are 4096 bytes (x86 target page size). The main channel announces a different target

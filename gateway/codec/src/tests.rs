@@ -446,18 +446,34 @@ fn main_stream_of(pages: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
 /// answers every need from `store` (the encoder's retained pages), and releases pages the
 /// decoder has consumed. Returns the output and the decoder.
 fn decode_resupplying(wire: &[u8], cache: Arc<dyn PageStore>, store: &MemRetained, chunk: usize) -> (Vec<u8>, Decoder) {
-    let mut dec = Decoder::new(cache);
+    decode_resupplying_bounded(wire, cache, store, chunk, usize::MAX)
+}
+
+/// [`decode_resupplying`] with `max_output_per_push = bound`: also takes pending output (a push
+/// with no input) before more input, and asserts every call appends at most the bound.
+fn decode_resupplying_bounded(wire: &[u8], cache: Arc<dyn PageStore>, store: &MemRetained, chunk: usize, bound: usize) -> (Vec<u8>, Decoder) {
+    let cfg = DecoderConfig { max_output_per_push: bound, ..DecoderConfig::default() };
+    let mut dec = Decoder::with_config(cfg, cache);
     let mut out = Vec::new();
     let mut pos = 0;
+    let within_bound = |before: usize, out: &[u8]| assert!(out.len() - before <= bound, "{} bytes in one call", out.len() - before);
     loop {
         let needs = dec.take_needs();
         for d in needs {
             let page = store.resupply(&d).expect("the source retains every advertised page it referred to");
+            let before = out.len();
             dec.supply(d, page, &mut out).unwrap();
+            within_bound(before, &out);
         }
         if dec.is_stalled() {
             // Supplying may have resumed into a later batch that needs pages of its own.
             assert!(dec.outstanding() > 0, "stalled with nothing asked for: {dec:?}");
+            continue;
+        }
+        if dec.has_pending_output() {
+            let before = out.len();
+            dec.push(&[], &mut out).unwrap();
+            within_bound(before, &out);
             continue;
         }
         store.release(dec.consumed());
@@ -465,7 +481,9 @@ fn decode_resupplying(wire: &[u8], cache: Arc<dyn PageStore>, store: &MemRetaine
             break;
         }
         let n = chunk.min(wire.len() - pos);
+        let before = out.len();
         dec.push(&wire[pos..pos + n], &mut out).unwrap();
+        within_bound(before, &out);
         pos += n;
     }
     dec.finish(&mut out).unwrap();
@@ -1124,5 +1142,206 @@ fn bench_throughput() {
             st.ref_pages(),
             st.literal_pages,
         );
+    }
+}
+
+/// Decodes `pieces` with `max_output_per_push = bound` the way the tunnel does: after each piece,
+/// pushes no input while output is pending. Asserts every call appends at most the bound (at
+/// least 1: a bound of 0 counts as 1). Returns the output and how many calls appended something.
+fn decode_bounded<'a>(pieces: impl IntoIterator<Item = &'a [u8]>, bound: usize) -> (Vec<u8>, usize) {
+    let cfg = DecoderConfig { max_output_per_push: bound, ..DecoderConfig::default() };
+    let mut dec = Decoder::with_config(cfg, Arc::new(MemPages::new(64 << 20)));
+    let mut out = Vec::new();
+    let mut calls = 0;
+    let mut call = |dec: &mut Decoder, input: &[u8], out: &mut Vec<u8>| {
+        let before = out.len();
+        dec.push(input, out).unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.len() - before <= bound.max(1), "one call appended {} bytes (bound {bound})", out.len() - before);
+        calls += usize::from(out.len() > before);
+    };
+    for piece in pieces {
+        call(&mut dec, piece, &mut out);
+        while dec.has_pending_output() {
+            call(&mut dec, &[], &mut out);
+        }
+    }
+    dec.finish(&mut out).unwrap_or_else(|e| panic!("{e}"));
+    (out, calls)
+}
+
+/// Preamble, then batches of one op claiming the largest zero run a batch may have
+/// ([`frame::MAX_BATCH_PAGE_OPS`] pages, 16 MiB from a dozen wire bytes), each followed by a
+/// checkpoint, until the wire is `wire_len` long. The first `valid` checkpoints are right, the
+/// rest wrong (so decoding fails at checkpoint `valid + 1`, after `valid` × 16 MiB of output).
+fn hostile_zero_batches(wire_len: usize, valid: usize) -> Vec<u8> {
+    let mut w = Vec::new();
+    frame::Preamble { mode: 0, session_window_pages: 0 }.encode(&mut w);
+    let mut ops = vec![frame::OP_ZERO];
+    put_varint(&mut ops, frame::MAX_BATCH_PAGE_OPS as u64);
+    let zeros = vec![0u8; frame::MAX_BATCH_PAGE_OPS * PAGE_SIZE];
+    let mut hasher = blake3::Hasher::new();
+    let mut offset = 0u64;
+    let mut batches = 0;
+    while w.len() < wire_len {
+        let header = frame::BatchHeader {
+            compressed: false,
+            stream_offset: offset,
+            n_literal: 0,
+            verbatim_len: 0,
+            ops_len: ops.len(),
+            body_len: ops.len(),
+        };
+        header.encode(&mut w);
+        w.extend_from_slice(&ops);
+        offset += zeros.len() as u64;
+        let digest = if batches < valid {
+            hasher.update(&zeros);
+            *hasher.finalize().as_bytes()
+        } else {
+            [0; 32]
+        };
+        frame::encode_digest_frame(&mut w, false, offset, &digest);
+        batches += 1;
+    }
+    w
+}
+
+#[test]
+fn one_mib_of_hostile_minimal_zero_batches_never_produces_more_than_the_bound_per_call() {
+    const BATCH_OUT: usize = frame::MAX_BATCH_PAGE_OPS * PAGE_SIZE;
+    let valid = 4;
+    let wire = hostile_zero_batches(1 << 20, valid);
+    assert!(wire.len() / 64 > 16_000, "about 20,000 batches claiming 16 MiB each: {}", wire.len());
+
+    // Without a bound, one call turns the wire into everything up to the first bad checkpoint.
+    let mut reference = Vec::new();
+    let mut dec = Decoder::new(Arc::new(MemPages::new(0)));
+    let e = dec.push(&wire, &mut reference).unwrap_err();
+    assert!(matches!(e, DecodeError::DigestMismatch { .. }), "{e}");
+    assert_eq!(reference.len(), valid * BATCH_OUT);
+
+    for bound in [1 << 20, 3 * PAGE_SIZE + 5] {
+        let cfg = DecoderConfig { max_output_per_push: bound, ..DecoderConfig::default() };
+        let mut dec = Decoder::with_config(cfg, Arc::new(MemPages::new(0)));
+        let mut out = Vec::new();
+        let mut hasher = blake3::Hasher::new();
+        let (mut total, mut calls) = (0, 0);
+        let mut r = dec.push(&wire, &mut out);
+        assert!(dec.consumed().get() < 200, "the first call decodes one batch: {}", dec.consumed().get());
+        let e = loop {
+            assert!(out.len() <= bound, "one call appended {} bytes (bound {bound})", out.len());
+            // What the decoder holds: at most the one batch it decoded, never the GiB claimed.
+            assert!(dec.held_back() <= BATCH_OUT, "{} bytes held", dec.held_back());
+            hasher.update(&out);
+            total += out.len();
+            out.clear();
+            if let Err(e) = r {
+                break e;
+            }
+            assert!(dec.has_pending_output(), "stopped after {total} bytes without an error");
+            r = dec.push(&[], &mut out);
+            calls += 1;
+        };
+        assert!(matches!(e, DecodeError::DigestMismatch { .. }), "{e}");
+        assert_eq!(total, reference.len());
+        assert_eq!(hasher.finalize(), blake3::hash(&reference));
+        assert!(calls >= reference.len() / bound, "{calls} calls");
+    }
+}
+
+#[test]
+fn sample_streams_round_trip_with_tiny_output_bounds() {
+    let main = sample_main_stream(7, 900).bytes;
+    let multifd = sample_multifd_stream(8, 10, &[Content::Random, Content::Dup(3), Content::Zero]);
+    let mut rng = Rng::new(98);
+    for input in [&main, &multifd] {
+        let (wire, _) = encode_with(input, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
+        // One page, and bounds that are not page-aligned.
+        for bound in [PAGE_SIZE, 3 * PAGE_SIZE + 17, 1000] {
+            let (out, calls) = decode_bounded([&wire[..]], bound);
+            assert_eq!(blake3::hash(&out), blake3::hash(input), "bound {bound}");
+            assert!(calls >= input.len() / bound, "bound {bound}: {calls} calls");
+            let mut pieces = Vec::new();
+            let mut pos = 0;
+            while pos < wire.len() {
+                let n = match rng.below(3) {
+                    0 => 1 + rng.below(16),
+                    1 => 1 + rng.below(5000),
+                    _ => 1 + rng.below(70_000),
+                }
+                .min(wire.len() - pos);
+                pieces.push(&wire[pos..pos + n]);
+                pos += n;
+            }
+            let (out, _) = decode_bounded(pieces, bound);
+            assert_eq!(blake3::hash(&out), blake3::hash(input), "bound {bound}, random splits");
+        }
+    }
+}
+
+#[test]
+fn every_split_point_with_tiny_output_bounds() {
+    let mut rng = Rng::new(5);
+    let mut s = MainStream::new(&[]);
+    s.ram_start(&[("pc.ram", 1 << 20)], false);
+    s.part();
+    let a = page(&mut rng, Content::Random);
+    s.page("pc.ram", 0, &a);
+    s.zero("pc.ram", 4096);
+    s.page("pc.ram", 8192, &a);
+    s.page("pc.ram", 12288, &[0; 4096]);
+    s.eos();
+    s.end();
+    s.eos();
+    s.finish(&mut rng);
+    let (wire, _) = encode_with(&s.bytes, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
+    for bound in [PAGE_SIZE, 5000, 7] {
+        for cut in 0..=wire.len() {
+            let (out, _) = decode_bounded([&wire[..cut], &wire[cut..]], bound);
+            assert!(out == s.bytes, "bound {bound}, split at {cut}");
+        }
+    }
+}
+
+#[test]
+fn output_bound_of_zero_means_one_byte_per_call() {
+    let s = sample_main_stream(3, 20).bytes;
+    let (wire, _) = encode_with(&s, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
+    let (out, calls) = decode_bounded([&wire[..]], 0);
+    assert!(out == s);
+    assert_eq!(calls, s.len());
+}
+
+#[test]
+fn finish_with_output_pending_fails() {
+    let s = sample_main_stream(3, 20).bytes;
+    let (wire, _) = encode_with(&s, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
+    let cfg = DecoderConfig { max_output_per_push: PAGE_SIZE, ..DecoderConfig::default() };
+    let mut dec = Decoder::with_config(cfg, Arc::new(MemPages::new(1 << 20)));
+    let mut out = Vec::new();
+    dec.push(&wire, &mut out).unwrap();
+    assert!(dec.has_pending_output());
+    assert!(matches!(dec.finish(&mut out), Err(DecodeError::OutputPending)));
+    assert!(matches!(dec.push(&[], &mut out), Err(DecodeError::Poisoned)));
+}
+
+#[test]
+fn stalls_and_supplies_under_a_tiny_output_bound_stay_byte_identical() {
+    let mut rng = Rng::new(22);
+    let pages: Vec<Vec<u8>> = (0..300).map(|i| page(&mut rng, if i % 4 == 0 { Content::Zero } else { Content::Random })).collect();
+    let input = main_stream_of(&pages, &mut rng);
+    for (chunk, bound) in [(777, PAGE_SIZE), (64 << 10, 5000), (usize::MAX, 3 * PAGE_SIZE + 1)] {
+        let idx = DigestSet::from_digests(&pages.iter().map(|p| PageDigest::of(p)).collect::<Vec<_>>());
+        let (mut enc, store) = encoder(EncoderConfig::default(), Arc::new(idx));
+        let mut wire = Vec::new();
+        for piece in input.chunks(5 * 4096) {
+            enc.push(piece, &mut wire);
+            enc.flush(&mut wire);
+        }
+        enc.finish(&mut wire);
+        let (out, dec) = decode_resupplying_bounded(&wire, Arc::new(MemPages::new(0)), &store, chunk, bound);
+        assert!(dec.stats().stalls > 10, "chunk {chunk}");
+        assert_eq!(store.stats().pages, 0, "chunk {chunk}: everything acknowledged");
+        assert!(out == input, "chunk {chunk}, bound {bound}");
     }
 }

@@ -613,6 +613,9 @@ async fn write_lane(
 /// (Need) and takes no more input until `supplies` brought the pages: the reorder buffer fills
 /// and backpressure reaches the sender. Acks then report the wire bytes the decoder fully
 /// decoded, so the peer keeps every page it may still be asked for.
+///
+/// The decoder appends at most its output bound (`[limits] decoder_output`) per call; see
+/// [`write_decoded`]: everything it has to emit reaches the socket before more input is taken.
 async fn pump_in(
     tcp: &mut OwnedWriteHalf,
     inbound: &Arc<Inbound>,
@@ -648,10 +651,8 @@ async fn pump_in(
                 Some(dec) => {
                     dec.push(&data, &mut decoded)?;
                     supply_deadline = tokio::time::Instant::now() + SUPPLY_TIMEOUT;
-                    request_pages(dec, &control, &inbound.counters).await?;
+                    write_decoded(dec, tcp, &mut decoded, &control, &inbound.counters).await?;
                     delivered = dec.consumed();
-                    write_local(tcp, &decoded, &inbound.counters).await?;
-                    decoded.clear();
                 }
                 None => write_local(tcp, &data, &inbound.counters).await?,
             }
@@ -685,10 +686,8 @@ async fn pump_in(
                     dec.supply(digest, page, &mut decoded)?;
                     inbound.counters.pages_resupplied.fetch_add(1, Ordering::Relaxed);
                 }
-                request_pages(dec, &control, &inbound.counters).await?;
+                write_decoded(dec, tcp, &mut decoded, &control, &inbound.counters).await?;
                 delivered = dec.consumed();
-                write_local(tcp, &decoded, &inbound.counters).await?;
-                decoded.clear();
             }
             _ = tokio::time::sleep_until(supply_deadline), if stalled => {
                 return Err(FlowError::SupplyTimeout(SUPPLY_TIMEOUT));
@@ -709,6 +708,27 @@ async fn next_supply(supplies: &mut Option<mpsc::Receiver<(PageDigest, Bytes)>>)
     match supplies {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// After a decoder call: asks for the pages it found missing and writes what it appended to
+/// `decoded` to the socket, then takes the rest of its output one bounded piece at a time (a
+/// push with no input) until it has nothing more to emit. `decoded` ends empty.
+async fn write_decoded(
+    dec: &mut Decoder,
+    tcp: &mut OwnedWriteHalf,
+    decoded: &mut Vec<u8>,
+    control: &Mutex<SendStream>,
+    counters: &FlowCounters,
+) -> Result<(), FlowError> {
+    loop {
+        request_pages(dec, control, counters).await?;
+        write_local(tcp, decoded, counters).await?;
+        decoded.clear();
+        if !dec.has_pending_output() {
+            return Ok(());
+        }
+        dec.push(&[], decoded)?;
     }
 }
 

@@ -260,7 +260,11 @@ impl PeerLink {
                     Err(e) => Err(e),
                     Ok(()) => {
                         let decoder = codec.then(|| {
-                            let cfg = DecoderConfig { max_session_window_pages: self.shared.session_window_pages, ..DecoderConfig::default() };
+                            let cfg = DecoderConfig {
+                                max_session_window_pages: self.shared.session_window_pages,
+                                max_output_per_push: self.shared.decoder_output,
+                                ..DecoderConfig::default()
+                            };
                             Decoder::with_config(cfg, self.shared.page_cache.clone())
                         });
                         let parts = self.flow_parts(key, (send, recv), &inbound, &counters, None, decoder);

@@ -169,6 +169,8 @@ pub(crate) struct TunnelShared {
     advertise_max_pages: usize,
     /// Session window our decoders accept (and advertise).
     session_window_pages: u64,
+    /// Most bytes each of our decoders appends per call (`[limits] decoder_output`).
+    decoder_output: usize,
     /// Bytes each of our encoders may keep of advertised pages for resupply (`[cache]
     /// resupply_budget`).
     resupply_budget: usize,

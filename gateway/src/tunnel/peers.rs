@@ -135,7 +135,8 @@ impl Tunnel {
             reorder_memory_bound_mib = (config.limits.max_connections as u64 * 2 * sizing.reorder_budget) >> 20,
             page_cache_mib = config.cache.size.0 >> 20,
             session_window_mib_per_codec_connection = (config.cache.session_window_pages * 4096) >> 20,
-            "memory bounds: flow reorder buffers, page cache"
+            decoder_output_per_call = config.limits.decoder_output.0,
+            "memory bounds: flow reorder buffers, page cache, decoder output"
         );
         let cache_bytes = usize::try_from(config.cache.size.0).unwrap_or(usize::MAX);
         let page_cache = Arc::new(match &config.cache.dir {
@@ -151,6 +152,7 @@ impl Tunnel {
             page_cache,
             advertise_max_pages: config.cache.advertise_max_pages,
             session_window_pages: config.cache.session_window_pages,
+            decoder_output: usize::try_from(config.limits.decoder_output.0).unwrap_or(usize::MAX),
             resupply_budget: usize::try_from(config.cache.resupply_budget.0).unwrap_or(usize::MAX),
             peer_configs: config.peers.clone(),
         });
