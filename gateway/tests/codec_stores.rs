@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ferry_codec::{Advertisement, Decoder, DigestSet, Encoder, EncoderConfig, NoIndex, PageDigest, PageStore, PAGE_SIZE};
 use ferry_gateway::store::{retained::REF_COST, PageCache, RetainedPages};
-use ferry_testkit::qemu_stream::{page, sample_multifd_stream, Content, MainStream};
+use ferry_testkit::qemu_stream::{page, Content, MainStream, MultifdStream};
 use ferry_testkit::rng::Rng;
 
 /// Encodes `input` in one piece with advertised pages kept in `retained`.
@@ -106,20 +106,12 @@ fn session_window_survives_real_cache_eviction() {
     // The cache holds 2 pages; the window guarantees later references still resolve.
     let mut rng = Rng::new(12);
     let pages: Vec<Vec<u8>> = (0..50).map(|_| page(&mut rng, Content::Random)).collect();
-    let mut input = sample_multifd_stream(1, 0, &[Content::Zero]);
+    // The same 50 pages in three packets of one multifd channel.
+    let mut stream = MultifdStream::new();
     for round in 0..3 {
-        let mut h = vec![0u8; 1344];
-        h[0..4].copy_from_slice(&0x1122_3344u32.to_be_bytes());
-        h[4..8].copy_from_slice(&1u32.to_be_bytes());
-        h[12..16].copy_from_slice(&128u32.to_be_bytes());
-        h[16..20].copy_from_slice(&50u32.to_be_bytes());
-        h[20..24].copy_from_slice(&(50u32 * 4096).to_be_bytes());
-        h[24..32].copy_from_slice(&(round as u64).to_be_bytes());
-        input.extend_from_slice(&h);
-        for p in &pages {
-            input.extend_from_slice(p);
-        }
+        stream.pages(round, 0, &pages);
     }
+    let input = stream.into_bytes();
     let (wire, st) = encode(&input, EncoderConfig::default(), Arc::new(NoIndex), retained());
     assert_eq!((st.literal_pages, st.window_refs), (50, 100));
     let cache = Arc::new(PageCache::new(2 * PAGE_SIZE));
