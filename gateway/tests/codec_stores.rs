@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ferry_codec::{Advertisement, Decoder, DigestSet, Encoder, EncoderConfig, NoIndex, PageDigest, PageStore, PAGE_SIZE};
 use ferry_gateway::store::{retained::REF_COST, PageCache, RetainedPages};
-use ferry_testkit::qemu_stream::{page, Content, MainStream, MultifdStream};
+use ferry_testkit::qemu_stream::{main_stream_of, page, Content, MultifdStream};
 use ferry_testkit::rng::Rng;
 
 /// Encodes `input` in one piece with advertised pages kept in `retained`.
@@ -30,21 +30,6 @@ fn decode(wire: &[u8], cache: Arc<dyn PageStore>) -> Vec<u8> {
 
 fn retained() -> Arc<RetainedPages> {
     Arc::new(RetainedPages::new(64 << 20))
-}
-
-/// A main-channel stream of `pages` (one RAM record each), then the device tail and EOF.
-fn main_stream_of(pages: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
-    let mut s = MainStream::new(&[]);
-    s.ram_start(&[("pc.ram", 64 << 20)], false);
-    s.part();
-    for (i, p) in pages.iter().enumerate() {
-        s.page("pc.ram", i as u64 * 4096, p);
-    }
-    s.eos();
-    s.end();
-    s.eos();
-    s.finish(rng);
-    s.bytes
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use ferry_gateway::Gateway;
-use ferry_testkit::loopback::{config, config_with, exchange, free_udp_addr, pair, receive_all};
+use ferry_testkit::loopback::{config, exchange, free_udp_addr, pair, pair_with, receive_all};
 use ferry_testkit::pki::Pki;
 use ferry_testkit::qemu_stream::{multifd_stream, random_pages};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -275,12 +275,7 @@ async fn codec_session_window_follows_the_destination_limit() {
     // before B's advertisement arrives nor after.
     let pki = Pki::new(&["site-a", "site-b"]);
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (a_addr, b_addr) = (free_udp_addr(), free_udp_addr());
-    let a = config(pki.path(), "site-a", a_addr, &[("site-b", b_addr)], &[("site-b", target.local_addr().unwrap())]);
-    let b = config_with(pki.path(), "site-b", b_addr, &[("site-a", a_addr)], &[], "[cache]\nsession_window_pages = 4096\n");
-    let a = Gateway::start(a).await.unwrap();
-    let _b = Gateway::start(b).await.unwrap();
-    assert!(a.wait_connected("site-b", Duration::from_secs(10)).await);
+    let (a, _b) = pair_with(&pki, target.local_addr().unwrap(), "[cache]\nsession_window_pages = 4096\n").await;
     let server = tokio::spawn(async move {
         let mut results = Vec::new();
         for round in 0..2u64 {
@@ -313,13 +308,7 @@ async fn codec_resupplies_advertised_pages_the_destination_evicted() {
     // it again from the copies it kept. Without the miss path B's decoder fails (MissingPage).
     let pki = Pki::new(&["site-a", "site-b"]);
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (a_addr, b_addr) = (free_udp_addr(), free_udp_addr());
-    let a = config(pki.path(), "site-a", a_addr, &[("site-b", b_addr)], &[("site-b", target.local_addr().unwrap())]);
-    let b = config_with(pki.path(), "site-b", b_addr, &[("site-a", a_addr)], &[], "[cache]\nsize = \"1MiB\"\n");
-    let a = Gateway::start(a).await.unwrap();
-    let b = Gateway::start(b).await.unwrap();
-    assert!(a.wait_connected("site-b", Duration::from_secs(10)).await);
-    assert!(b.wait_connected("site-a", Duration::from_secs(10)).await);
+    let (a, b) = pair_with(&pki, target.local_addr().unwrap(), "[cache]\nsize = \"1MiB\"\n").await;
 
     let p = random_pages(1, 200);
     let q = random_pages(2, 512);
@@ -380,12 +369,7 @@ async fn codec_flow_under_a_tiny_decoder_output_bound_is_byte_identical() {
     // expand the most, so half the stream is zero pages.
     let pki = Pki::new(&["site-a", "site-b"]);
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (a_addr, b_addr) = (free_udp_addr(), free_udp_addr());
-    let a = config(pki.path(), "site-a", a_addr, &[("site-b", b_addr)], &[("site-b", target.local_addr().unwrap())]);
-    let b = config_with(pki.path(), "site-b", b_addr, &[("site-a", a_addr)], &[], "[limits]\ndecoder_output = \"5000\"\n");
-    let a = Gateway::start(a).await.unwrap();
-    let b = Gateway::start(b).await.unwrap();
-    assert!(a.wait_connected("site-b", Duration::from_secs(10)).await);
+    let (a, b) = pair_with(&pki, target.local_addr().unwrap(), "[limits]\ndecoder_output = \"5000\"\n").await;
     let pages: Vec<Vec<u8>> = random_pages(3, 400).into_iter().flat_map(|p| [p, vec![0u8; 4096]]).collect();
     let stream = multifd_stream(&pages);
     let server = tokio::spawn(async move {

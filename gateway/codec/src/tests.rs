@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::frame::{put_varint, T_BATCH_ZSTD};
 use super::*;
-pub(crate) use ferry_testkit::qemu_stream::{numbered_page, page, sample_main_stream, sample_multifd_stream, Content, MainStream, MultifdStream};
+pub(crate) use ferry_testkit::qemu_stream::{main_stream_of, numbered_page, page, sample_main_stream, sample_multifd_stream, Content, MainStream, MultifdStream};
 pub(crate) use ferry_testkit::rng::Rng;
 
 /// In-memory [`PageStore`] for the tests: bounded by `capacity_bytes`, first in, first out.
@@ -318,8 +318,9 @@ fn opaque_triggers_keep_round_trip_exact() {
     assert!(st.opaque_reason.as_deref().unwrap().contains("page bits"), "{st:?}");
 }
 
-#[test]
-fn every_split_point_small_streams() {
+/// Four RAM records (a random page, a zero record, the same page again, a zero-filled page) and
+/// the device tail: every op kind in a stream short enough to cut at every byte.
+fn small_main_stream() -> MainStream {
     let mut rng = Rng::new(5);
     let mut s = MainStream::new(&[]);
     s.ram_start(&[("pc.ram", 1 << 20)], false);
@@ -333,6 +334,12 @@ fn every_split_point_small_streams() {
     s.end();
     s.eos();
     s.finish(&mut rng);
+    s
+}
+
+#[test]
+fn every_split_point_small_streams() {
+    let s = small_main_stream();
     let multifd = sample_multifd_stream(6, 2, &[Content::Dup(1), Content::Random]);
     for input in [&s.bytes[..], &multifd[..4096 * 3]] {
         let (ref_wire, _) = encode_with(input, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
@@ -425,21 +432,6 @@ fn second_migration_with_advertisement_sends_far_less() {
     assert_eq!(st2.advertised_refs, 1960);
     let ratio = wire2.len() as f64 / wire1.len() as f64;
     assert!(ratio < 0.1, "second migration ratio {ratio:.3} ({} vs {} bytes)", wire2.len(), wire1.len());
-}
-
-/// A main-channel stream of `pages` (one RAM record each), then the device tail and EOF.
-fn main_stream_of(pages: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
-    let mut s = MainStream::new(&[]);
-    s.ram_start(&[("pc.ram", 64 << 20)], false);
-    s.part();
-    for (i, p) in pages.iter().enumerate() {
-        s.page("pc.ram", i as u64 * 4096, p);
-    }
-    s.eos();
-    s.end();
-    s.eos();
-    s.finish(rng);
-    s.bytes
 }
 
 /// Decodes like the tunnel does: pushes `chunk`-sized pieces, stops pushing while stalled,
@@ -1273,19 +1265,7 @@ fn sample_streams_round_trip_with_tiny_output_bounds() {
 
 #[test]
 fn every_split_point_with_tiny_output_bounds() {
-    let mut rng = Rng::new(5);
-    let mut s = MainStream::new(&[]);
-    s.ram_start(&[("pc.ram", 1 << 20)], false);
-    s.part();
-    let a = page(&mut rng, Content::Random);
-    s.page("pc.ram", 0, &a);
-    s.zero("pc.ram", 4096);
-    s.page("pc.ram", 8192, &a);
-    s.page("pc.ram", 12288, &[0; 4096]);
-    s.eos();
-    s.end();
-    s.eos();
-    s.finish(&mut rng);
+    let s = small_main_stream();
     let (wire, _) = encode_with(&s.bytes, EncoderConfig::default(), Arc::new(NoIndex), &mut whole);
     for bound in [PAGE_SIZE, 5000, 7] {
         for cut in 0..=wire.len() {

@@ -55,9 +55,15 @@ pub fn config_with(
 /// Gateways A and B, each the other's peer; A forwards to `target` via B. Returns once both
 /// are connected.
 pub async fn pair(pki: &Pki, target: SocketAddr) -> (Gateway, Gateway) {
+    pair_with(pki, target, "").await
+}
+
+/// [`pair`], with `b_extra` (TOML sections such as `"[cache]\nsize = \"1MiB\"\n"`) added to B's
+/// config.
+pub async fn pair_with(pki: &Pki, target: SocketAddr, b_extra: &str) -> (Gateway, Gateway) {
     let (a_addr, b_addr) = (free_udp_addr(), free_udp_addr());
     let a = config(pki.path(), "site-a", a_addr, &[("site-b", b_addr)], &[("site-b", target)]);
-    let b = config(pki.path(), "site-b", b_addr, &[("site-a", a_addr)], &[]);
+    let b = config_with(pki.path(), "site-b", b_addr, &[("site-a", a_addr)], &[], b_extra);
     let a = Gateway::start(a).await.unwrap_or_else(|e| panic!("starting site-a: {e:#}"));
     let b = Gateway::start(b).await.unwrap_or_else(|e| panic!("starting site-b: {e:#}"));
     assert!(a.wait_connected("site-b", Duration::from_secs(10)).await, "gateways did not connect");

@@ -64,6 +64,22 @@ pub fn numbered_page(i: u32) -> Vec<u8> {
     p
 }
 
+/// A main-channel stream of `pages` (one RAM record each, `pc.ram` from offset 0), then the
+/// device tail and EOF.
+pub fn main_stream_of(pages: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
+    let mut s = MainStream::new(&[]);
+    s.ram_start(&[("pc.ram", 64 << 20)], false);
+    s.part();
+    for (i, p) in pages.iter().enumerate() {
+        s.page("pc.ram", (i * PAGE_SIZE) as u64, p);
+    }
+    s.eos();
+    s.end();
+    s.eos();
+    s.finish(rng);
+    s.bytes
+}
+
 /// `n` pages of random bytes from `seed`.
 pub fn random_pages(seed: u64, n: usize) -> Vec<Vec<u8>> {
     let mut rng = Rng::new(seed);
