@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_api::framing::{FramingError, JsonLines};
-use ferry_api::protocol::{CodecMode, ForwardInfo, ForwardStats, GatewayInfo, Request, Response};
+use anyhow::{bail, Context};
+use ferry_api::protocol::{CodecMode, ForwardInfo, ForwardStats, GatewayInfo, PathInfo, Request, Response};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -99,4 +100,31 @@ impl GatewayApi {
             other => Err(GatewayApiError::Unexpected(Box::new(other))),
         }
     }
+}
+
+/// A control channel's way to the destination host-plugin, through the local gateway.
+#[derive(Debug)]
+pub struct ControlRoute {
+    /// The local gateway.
+    pub gateway: GatewayInfo,
+    /// The tunnel path to the destination site.
+    pub path: PathInfo,
+    /// Connected to the control forward: the destination host-plugin is at its other end.
+    pub tcp: TcpStream,
+}
+
+/// Checks the gateway has a live tunnel to site `to`, opens a control forward (codec off) to the
+/// destination host-plugin `dest` (as that site reaches it) and connects to it.
+pub async fn open_control(api: &mut GatewayApi, to: &str, dest: SocketAddr) -> anyhow::Result<ControlRoute> {
+    let gateway = api.hello().await?;
+    let Some(peer) = gateway.peers.iter().find(|p| p.site == to) else {
+        let known: Vec<&str> = gateway.peers.iter().map(|p| p.site.as_str()).collect();
+        bail!("the gateway at site {} has no peer site `{to}` (its peers: {known:?})", gateway.site);
+    };
+    let Some(path) = peer.path else { bail!("the gateway at site {} has no live tunnel to {to}", gateway.site) };
+    let forward = api.open_forward(to, dest, CodecMode::Off).await?;
+    let tcp = TcpStream::connect(forward.listen)
+        .await
+        .with_context(|| format!("cannot connect to the control forward {}", forward.listen))?;
+    Ok(ControlRoute { gateway, path, tcp })
 }

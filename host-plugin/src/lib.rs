@@ -7,7 +7,11 @@
 //!   are `ferry_api::control`).
 //! - [`gateway_api`]: the client of the local gateway's API (forwards, drain-rate counters;
 //!   messages and framing from `ferry_api`).
-//! - [`settings`]: the QEMU capabilities and parameters Ferry picks.
+//! - [`settings`]: the QEMU capabilities and parameters Ferry picks (and what undoes them).
+//! - [`exclusive`]: one `migrate` per VM per host (locks on its QMP socket and name).
+//! - [`watchdog`]: the child that cancels and restores if `migrate` dies.
+//! - [`incoming`]: the destination's inquiry and discard of an incoming QEMU (quit, else SIGKILL).
+//! - [`resolve`]: `ferry-host resolve`, which starts exactly one VM after an undecided end.
 //! - [`session`]: the sans-IO state machines of both sides' lifecycles (when the source VM
 //!   may run again), driven by [`migrate`] and [`serve`].
 //! - [`convergence`]: the sans-IO controller that keeps QEMU's view of the WAN true and
@@ -24,13 +28,17 @@
 pub mod announce;
 pub mod control;
 pub mod convergence;
+pub mod exclusive;
 pub mod gateway_api;
 pub mod heartbeat;
+pub mod incoming;
 pub mod migrate;
 pub mod progress;
+pub mod resolve;
 pub mod serve;
 pub mod session;
 pub mod settings;
+pub mod watchdog;
 
 /// Version string reported by `ferry-host --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use ferry_api::control::DEFAULT_SERVE_PORT;
+use ferry_host::exclusive::DEFAULT_STATE_DIR;
 use ferry_host::migrate::{migrate, MigrateOptions};
+use ferry_host::resolve::{resolve, ResolveOptions};
+use ferry_host::watchdog::{self, WatchdogOptions};
 use ferry_host::progress::ProgressMode;
 use ferry_host::serve::{serve, ServeConfig};
 use ferry_host::session::Outcome;
@@ -76,6 +79,42 @@ enum Command {
         /// downtime-limit = --downtime): for comparisons and diagnosis.
         #[arg(long = "no-steer")]
         no_steer: bool,
+        /// Where the per-VM locks live (one migration per VM per host).
+        #[arg(long = "state-dir", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// After a migration that ended undecided (the source paused, the destination silent):
+    /// ask both sides and start the VM in exactly one place.
+    Resolve {
+        /// The source VM's QMP socket.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Destination site.
+        #[arg(long)]
+        to: String,
+        /// The destination host's `ferry-host serve` (IP or IP:PORT, as for migrate).
+        #[arg(long = "dest-host")]
+        dest_host: String,
+        /// The local gateway's API.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        gateway: SocketAddr,
+        /// VM name (default: QEMU's -name).
+        #[arg(long)]
+        name: Option<String>,
+        /// When the VM runs at the destination, leave the source paused instead of quitting it.
+        #[arg(long = "keep-source")]
+        keep_source: bool,
+    },
+    /// (internal) Started by `migrate`: undoes its changes to QEMU if it dies.
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Migration parameters to set back, as JSON.
+        #[arg(long)]
+        restore: String,
+        #[arg(long)]
+        parent: u32,
     },
     /// Receive migrations (run on each destination host).
     Serve {
@@ -105,9 +144,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
-        Command::Migrate { qmp, to, dest_host, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json, no_steer } => {
+        Command::Migrate { qmp, to, dest_host, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json, no_steer, state_dir } => {
             let dest = parse_dest(&dest_host)?;
-            let options = MigrateOptions { qmp, to, dest, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, steer: !no_steer };
+            let options = MigrateOptions { qmp, to, dest, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, steer: !no_steer, state_dir };
             let result = runtime.block_on(migrate(options));
             let text = serde_json::to_string_pretty(&result).context("cannot encode the report")?;
             if let Some(path) = report {
@@ -123,17 +162,34 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Resolve { qmp, to, dest_host, gateway, name, keep_source } => {
+            let dest = parse_dest(&dest_host)?;
+            let report = runtime.block_on(resolve(ResolveOptions { qmp, to, dest, gateway, name, keep_source }))?;
+            println!("{}", serde_json::to_string_pretty(&report).context("cannot encode the report")?);
+            Ok(())
+        }
+        Command::Watchdog { qmp, restore, parent } => {
+            let restore = serde_json::from_str(&restore).context("--restore: not migration parameters in JSON")?;
+            watchdog::run(WatchdogOptions { qmp, restore, parent }, &runtime)
+        }
         Command::Serve { config } => {
             let config = ServeConfig::load(&config)?;
             runtime.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+                let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await
                     .with_context(|| format!("key `listen`: cannot listen on {}", config.listen))?;
-                tracing::info!(listen = %config.listen, "serving incoming migrations");
-                tokio::select! {
-                    _ = serve(listener, config) => Ok(()),
-                    r = tokio::signal::ctrl_c() => r.context("cannot wait for Ctrl-C"),
-                }
+                tracing::info!(listen = %config.listen, shutdown_grace = ?config.shutdown_grace, "serving incoming migrations");
+                let stop = async move {
+                    tokio::select! {
+                        _ = terminate.recv() => tracing::info!("SIGTERM"),
+                        _ = interrupt.recv() => tracing::info!("SIGINT"),
+                    }
+                };
+                serve(listener, config, stop).await;
+                Ok(())
             })
         }
     }

@@ -3,9 +3,14 @@
 //! Steps: check the source VM; ask the local gateway (API) for a control forward to the
 //! destination host-plugin and agree on settings; ask for a migration forward to the incoming
 //! QEMU; set QEMU up and start; steer convergence from the gateway's real drain rate while
-//! showing progress; after QEMU completes, wait for the destination to report the VM running,
-//! then quit (or keep paused) the source. Until the destination confirms, any failure cancels
-//! the migration and leaves the source VM running.
+//! showing progress; when QEMU completes, commit (the destination starts the VM only then), wait
+//! for the destination to report the VM running, then quit (or keep paused) the source. Before
+//! the commit any failure cancels the migration, restores QEMU's parameters and leaves the
+//! source VM running (see [`crate::session::source`] for after).
+//!
+//! One `migrate` per VM: it holds a lock for the QMP socket and the VM name
+//! ([`crate::exclusive`]), and a watchdog child ([`crate::watchdog`]) cancels the migration and
+//! restores the parameters if this process dies.
 //!
 //! This is the async shell: it does the I/O and leaves every decision about the lifecycle (what
 //! a failure, a signal or a message means at each stage) to [`SourceSession`].
@@ -17,15 +22,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use ferry_api::protocol::{CodecMode, ForwardStats};
-use tokio::net::TcpStream;
 
 use crate::control::{Channel, ChannelError};
+use crate::exclusive::{qmp_key, vm_key, MigrationLock};
+use crate::watchdog::Watchdog;
 use ferry_api::control::{clock_offset, ToDestination, ToSource};
 use crate::convergence::{ControllerConfig, ConvergenceController};
-use crate::gateway_api::GatewayApi;
+use crate::gateway_api::{open_control, ControlRoute, GatewayApi};
 use crate::heartbeat::{event_time_ns, guest_downtime_ns, unix_now_ns, Heartbeat};
 use crate::progress::{MigrationReport, Progress, ProgressMode};
-use ferry_qmp::{MigrationCapability, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
+use ferry_qmp::{MigrationCapability, MigrationParameters, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
 use crate::session::source::{GatewayReading, SourceAction, SourceConfig, SourceSession, Stage};
 use crate::session::{ControlEvent, Signal, SourceVm};
 use crate::settings::{self, MultifdChoice};
@@ -69,6 +75,8 @@ pub struct MigrateOptions {
     /// Steer QEMU from the gateway's measurements (the default). Off leaves QEMU's own logic
     /// in charge (no bandwidth cap, `downtime-limit` = the target), for comparison.
     pub steer: bool,
+    /// Where the per-VM locks live.
+    pub state_dir: PathBuf,
 }
 
 /// Runs one migration; never panics, always returns a report (check `outcome`).
@@ -90,6 +98,9 @@ pub async fn migrate(options: MigrateOptions) -> MigrationReport {
         heartbeat: None,
         stop_unix_ns: None,
         clock_uncertainty_ms: 0.0,
+        restore: None,
+        watchdog: None,
+        _locks: Vec::new(),
     };
     let result = run.execute().await;
     run.progress.finish();
@@ -110,6 +121,10 @@ pub async fn migrate(options: MigrateOptions) -> MigrationReport {
     run.report.peak_dirty_rate_mb_s = figures.peak_dirty_rate_mb_s;
     run.report.drain_rate_mb_s = figures.drain_rate_mb_s;
     run.report.source_vm = run.session.source_vm().clone();
+    // Whatever happened, this process cleaned up after itself: the watchdog may go.
+    if let Some(watchdog) = run.watchdog.take() {
+        watchdog.disarm();
+    }
     run.report
 }
 
@@ -132,6 +147,12 @@ struct Run {
     /// QEMU's timestamp of the source VM's `STOP` event.
     stop_unix_ns: Option<i128>,
     clock_uncertainty_ms: f64,
+    /// The source's migration parameters as they were, for what this run changes.
+    restore: Option<MigrationParameters>,
+    /// Undoes the changes if this process dies.
+    watchdog: Option<Watchdog>,
+    /// One migration per VM (its QMP socket, its name) while this runs.
+    _locks: Vec<MigrationLock>,
 }
 
 /// What woke a wait: a control-channel event or a signal.
@@ -143,8 +164,9 @@ enum Woken {
 impl Run {
     async fn execute(&mut self) -> anyhow::Result<()> {
         let o = self.options.clone();
-        // The source VM.
-        // The source VM runs already: a missing socket is a wrong path, not QEMU still starting.
+        // The source VM, one migration at a time. It runs already: a missing socket is a wrong
+        // path, not QEMU still starting.
+        self._locks.push(MigrationLock::acquire(&o.state_dir, &qmp_key(&o.qmp), &format!("the VM at {}", o.qmp.display()))?);
         let qmp = Qmp::connect(&o.qmp, QmpConfig { connect_timeout: Duration::from_secs(1), ..QmpConfig::default() })
             .await
             .with_context(|| format!("cannot open the source VM's QMP socket {}", o.qmp.display()))?;
@@ -164,6 +186,8 @@ impl Run {
             })?,
         };
         self.report.vm = name.clone();
+        ferry_api::control::check_vm_name(&name).map_err(|e| anyhow!(e))?;
+        self._locks.push(MigrationLock::acquire(&o.state_dir, &vm_key(&name), &format!("VM {name}"))?);
         let ram = qmp.base_memory().await.context("query-memory-size-summary")?;
         let available: Vec<MigrationCapability> =
             qmp.query_migrate_capabilities().await.context("query-migrate-capabilities")?.into_iter().map(|c| c.capability).collect();
@@ -171,17 +195,8 @@ impl Run {
 
         // The gateway and the destination host-plugin.
         let mut api = GatewayApi::connect(o.gateway).await?;
-        let info = api.hello().await?;
+        let ControlRoute { gateway: info, path, tcp } = open_control(&mut api, &o.to, o.dest).await?;
         self.report.from_site = info.site.clone();
-        let Some(peer) = info.peers.iter().find(|p| p.site == o.to) else {
-            let known: Vec<&str> = info.peers.iter().map(|p| p.site.as_str()).collect();
-            bail!("the gateway at site {} has no peer site `{}` (its peers: {known:?})", info.site, o.to);
-        };
-        let Some(path) = peer.path else { bail!("the gateway at site {} has no live tunnel to {}", info.site, o.to) };
-        let control_forward = api.open_forward(&o.to, o.dest, CodecMode::Off).await?;
-        let tcp = TcpStream::connect(control_forward.listen)
-            .await
-            .with_context(|| format!("cannot connect to the control forward {}", control_forward.listen))?;
         self.control = Some(Control::new(tcp));
         self.session.handle_control_opened();
         let offset = self.measure_clock().await.with_context(|| {
@@ -233,7 +248,7 @@ impl Run {
                 tracing::info!(%listen, %qemu_version, "destination prepared");
                 listen
             }
-            ToSource::Failed { reason } => bail!("the destination could not prepare: {reason}"),
+            ToSource::Failed { reason, .. } => bail!("the destination could not prepare: {reason}"),
             other => bail!("unexpected answer from the destination: {other:?}"),
         };
         let migration_forward = api.open_forward(&o.to, listen, CodecMode::Auto).await?;
@@ -242,8 +257,13 @@ impl Run {
             None => None,
         };
 
-        // Settings, then go.
+        // Settings, then go; the watchdog first, with what undoes them.
         let qmp = self.qmp()?;
+        let original = qmp.query_migrate_parameters().await.context("query-migrate-parameters on the source")?;
+        let multifd = MigrationParameters { multifd_channels: chosen.shared.multifd_channels, ..MigrationParameters::default() };
+        let restore = settings::undo_parameters(&original, &[&chosen.source_parameters, &multifd, &settings::steered_parameters()]);
+        self.watchdog = Some(Watchdog::spawn(&o.qmp, &restore)?);
+        self.restore = Some(restore);
         settings::apply_shared(&qmp, &chosen.shared, &chosen.source_capabilities, "source").await?;
         qmp.migrate_set_parameters(&chosen.source_parameters).await.context("migrate-set-parameters on the source")?;
         // An operator's Ctrl-C (or a SIGTERM) cancels cleanly rather than leaving QEMU migrating
@@ -277,20 +297,20 @@ impl Run {
             let info = qmp.query_migrate().await.context("query-migrate")?;
             let stats = api.forward_stats(migration_forward.id).await?;
             self.session.handle_progress(Instant::now(), &info, &gateway_reading(&stats))?;
-            if self.session.stage() == Stage::SourceCompleted {
+            if self.session.stage() == Stage::Committed {
                 break (info, stats);
             }
             self.perform_actions().await?;
         };
         self.report.qemu_total_time_ms = last_info.total_time;
         self.report.qemu_downtime_ms = last_info.downtime;
-        self.progress.note("source QEMU completed; waiting for the destination to run the VM");
+        self.progress.note("source QEMU completed; committed: waiting for the destination to run the VM");
 
         // Cutover: only a destination that runs the VM releases the source. Each message gets
         // DESTINATION_TIMEOUT; signals do not shorten or extend that.
         self.perform_actions().await?;
         let mut deadline = tokio::time::Instant::now() + DESTINATION_TIMEOUT;
-        while self.session.stage() == Stage::SourceCompleted {
+        while self.session.stage() == Stage::Committed {
             let control = self.control.as_mut().ok_or_else(|| anyhow!("internal: no control channel"))?;
             let woken = tokio::select! {
                 received = tokio::time::timeout_at(deadline, control.next()) => {
@@ -352,6 +372,14 @@ impl Run {
                 SourceAction::CancelMigration => {
                     if let Some(qmp) = self.qmp.clone() {
                         cancel_migration(&qmp).await;
+                    }
+                }
+                SourceAction::RestoreParameters => {
+                    if let (Some(qmp), Some(restore)) = (self.qmp.clone(), self.restore.as_ref()) {
+                        match qmp.migrate_set_parameters(restore).await {
+                            Ok(()) => tracing::info!(?restore, "migration parameters restored"),
+                            Err(e) => self.warn(format!("cannot restore the migration parameters: {e}")),
+                        }
                     }
                 }
                 SourceAction::ResumeSource => {

@@ -7,22 +7,31 @@
 //!
 //! The incoming QEMU is one the operator (or their tooling) started with `-incoming defer`,
 //! with its QMP socket (and optional heartbeat chardev) at the paths `[incoming]` derives from
-//! the VM's name.
+//! the VM's name. Serve turns its autostart off before the stream comes (`stop` while
+//! `inmigrate`), so it runs only on the source's `Commit`, and discards it (quit, else
+//! SIGKILL) when a session ends without one. One session per VM name at a time.
+//!
+//! On SIGTERM or SIGINT serve stops accepting; sessions not yet committed give their VM up at
+//! once (the source resumes its own), committed ones finish, for at most `shutdown_grace`.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde::Deserialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::announce::{self, Announcement, MacAddr};
 use crate::control::Channel;
-use ferry_api::control::{SharedSettings, ToDestination, ToSource};
+use ferry_api::control::{IncomingState, SharedSettings, ToDestination, ToSource};
 use crate::heartbeat::{event_time_ns, unix_now_ns, Heartbeat};
+use crate::incoming;
 use ferry_qmp::{Qmp, QmpConfig, QmpEvent, RunState};
 use crate::session::destination::{DestinationAction, DestinationSession};
+use crate::session::ControlEvent;
 use crate::settings;
 
 /// How long the incoming QEMU's QMP socket may take to appear.
@@ -43,6 +52,13 @@ pub struct ServeConfig {
     pub announce_interface: Option<String>,
     /// Where incoming VMs are.
     pub incoming: IncomingConfig,
+    /// On SIGTERM/SIGINT, how long committed sessions may take to finish (default 30 s).
+    #[serde(default = "default_shutdown_grace", with = "ferry_units::duration_text")]
+    pub shutdown_grace: Duration,
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// Paths of an incoming VM; `{vm}` is replaced by the VM's name.
@@ -81,42 +97,78 @@ impl ServeConfig {
     }
 }
 
-/// A VM name usable in a path: letters, digits, `.`, `_`, `-`, not starting with `.`.
 fn check_vm_name(name: &str) -> anyhow::Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        bail!("VM name `{name}` is not usable in a socket path (letters, digits, `.`, `_`, `-`; up to 64)")
-    }
+    ferry_api::control::check_vm_name(name).map_err(|e| anyhow!(e))
 }
 
 fn expand(template: &str, vm: &str) -> PathBuf {
     PathBuf::from(template.replace("{vm}", vm))
 }
 
-/// Serves control sessions on `listener` forever.
-pub async fn serve(listener: TcpListener, config: ServeConfig) {
+/// The VMs with a session under way here: one session per VM name at a time.
+#[derive(Clone, Debug, Default)]
+struct Claims(Arc<parking_lot::Mutex<HashSet<String>>>);
+
+/// A VM name claimed by one session; released on drop.
+#[derive(Debug)]
+struct Claim {
+    claims: Claims,
+    vm: String,
+}
+
+impl Claims {
+    /// Claims `vm`, atomically; `None` if another session has it.
+    fn claim(&self, vm: &str) -> Option<Claim> {
+        self.0.lock().insert(vm.to_owned()).then(|| Claim { claims: self.clone(), vm: vm.to_owned() })
+    }
+
+    fn is_claimed(&self, vm: &str) -> bool {
+        self.0.lock().contains(vm)
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.claims.0.lock().remove(&self.vm);
+    }
+}
+
+/// Serves control sessions on `listener` until `shutdown` resolves; then stops accepting, tells
+/// the sessions (uncommitted ones give their VM up) and waits for them at most
+/// `config.shutdown_grace`.
+pub async fn serve(listener: TcpListener, config: ServeConfig, shutdown: impl std::future::Future<Output = ()>) {
+    let claims = Claims::default();
+    let (stopping, _) = tokio::sync::watch::channel(false);
+    let mut sessions = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
     loop {
-        match listener.accept().await {
-            Ok((tcp, remote)) => {
-                let config = config.clone();
-                tokio::spawn(async move {
-                    tracing::debug!(%remote, "control session");
-                    match Session::new(tcp, config).run().await {
-                        Ok(()) => tracing::debug!(%remote, "control session finished"),
-                        Err(e) => tracing::warn!(%remote, error = format!("{e:#}"), "control session failed"),
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, remote)) => {
+                    let session = Session { control: Control::new(tcp), config: config.clone(), claims: claims.clone(), stopping: stopping.subscribe() };
+                    sessions.spawn(async move {
+                        tracing::debug!(%remote, "control session");
+                        match session.run().await {
+                            Ok(()) => tracing::debug!(%remote, "control session finished"),
+                            Err(e) => tracing::warn!(%remote, error = format!("{e:#}"), "control session failed"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            () = &mut shutdown => break,
         }
+    }
+    drop(listener);
+    tracing::info!(sessions = sessions.len(), grace = ?config.shutdown_grace, "stopping: no new sessions");
+    let _ = stopping.send(true);
+    let drained = tokio::time::timeout(config.shutdown_grace, async { while sessions.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(sessions = sessions.len(), "sessions still running after the grace period: stopping them");
     }
 }
 
@@ -126,6 +178,9 @@ type Control = Channel<ToDestination, ToSource>;
 struct Session {
     control: Control,
     config: ServeConfig,
+    claims: Claims,
+    /// Becomes true when serve stops.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The incoming VM once prepared.
@@ -133,11 +188,43 @@ struct Incoming {
     qmp: Qmp,
     heartbeat: Option<Heartbeat>,
     ips: Vec<IpAddr>,
+    _claim: Claim,
+}
+
+/// What a wait for the source ended with.
+enum Received {
+    Control(ControlEvent<ToDestination>),
+    Watch,
+    Stopping,
 }
 
 impl Session {
-    fn new(tcp: TcpStream, config: ServeConfig) -> Self {
-        Self { control: Control::new(tcp), config }
+    /// Waits for a control message, at most `watch` if given, or serve's stop.
+    async fn receive(&mut self, watch: Option<Duration>) -> Received {
+        if *self.stopping.borrow() {
+            return Received::Stopping;
+        }
+        let mut stopping = self.stopping.clone();
+        let control = &mut self.control;
+        let next = async move {
+            match watch {
+                Some(w) => match tokio::time::timeout(w, control.next()).await {
+                    Ok(r) => Received::Control(r.into()),
+                    Err(_) => Received::Watch,
+                },
+                None => Received::Control(control.next().await.into()),
+            }
+        };
+        tokio::select! {
+            r = next => r,
+            _ = stopping.wait_for(|s| *s) => Received::Stopping,
+        }
+    }
+
+    async fn send(&mut self, message: &ToSource) {
+        if let Err(e) = self.control.send(message).await {
+            tracing::warn!(error = %e, ?message, "cannot tell the source");
+        }
     }
 
     async fn run(mut self) -> anyhow::Result<()> {
@@ -145,20 +232,23 @@ impl Session {
         let mut incoming: Option<Incoming> = None;
         while let Some(action) = machine.poll_action() {
             match action {
-                DestinationAction::ReceiveControl => {
-                    let received = self.control.next().await;
-                    machine.handle_control(Instant::now(), received.into());
+                DestinationAction::ReceiveControl | DestinationAction::ReceiveControlOrWatch(_) => {
+                    let watch = match action {
+                        DestinationAction::ReceiveControlOrWatch(w) => Some(w),
+                        _ => None,
+                    };
+                    match self.receive(watch).await {
+                        Received::Control(event) => machine.handle_control(Instant::now(), event),
+                        Received::Watch => machine.handle_watch_due(),
+                        Received::Stopping => machine.handle_shutdown(),
+                    }
                 }
-                DestinationAction::ReceiveControlOrWatch(watch) => match tokio::time::timeout(watch, self.control.next()).await {
-                    Ok(received) => machine.handle_control(Instant::now(), received.into()),
-                    Err(_) => machine.handle_watch_due(),
-                },
-                DestinationAction::SendPong { seq } => self.control.send(&ToSource::Pong { seq, unix_ns: unix_now_ns() }).await?,
-                DestinationAction::Send(message) => self.control.send(&message).await?,
+                DestinationAction::SendPong { seq } => self.send(&ToSource::Pong { seq, unix_ns: unix_now_ns() }).await,
+                DestinationAction::Send(message) => self.send(&message).await,
                 DestinationAction::Prepare { vm, source_qemu_version, settings, ips } => {
                     let result = match self.prepare(&vm, &settings, ips).await {
                         Ok((vm_state, listen, version)) => {
-                            tracing::info!(%vm, %listen, source_qemu = %source_qemu_version, "incoming VM prepared");
+                            tracing::info!(%vm, %listen, source_qemu = %source_qemu_version, "incoming VM prepared (paused until the commit)");
                             incoming = Some(vm_state);
                             Ok((listen, version))
                         }
@@ -175,6 +265,7 @@ impl Session {
                     machine.handle_run_state(Instant::now(), result);
                 }
                 DestinationAction::Resume => {
+                    tracing::info!("committed: starting the VM");
                     let result = incoming_vm(&incoming)?.qmp.cont().await;
                     machine.handle_resumed(Instant::now(), result);
                 }
@@ -187,16 +278,38 @@ impl Session {
                         Some(hb) => hb.wait_first(HEARTBEAT_WAIT).await,
                         None => None,
                     };
-                    self.control
-                        .send(&ToSource::Running { running_unix_ns, resumed_unix_ns, first_heartbeat_unix_ns, status: status.as_str().to_owned() })
-                        .await?;
                     tracing::info!("VM running at the destination");
+                    self.send(&ToSource::Running { running_unix_ns, resumed_unix_ns, first_heartbeat_unix_ns, status: status.as_str().to_owned() }).await;
                 }
                 DestinationAction::Announce => {
                     let announced = self.announce(incoming_vm(&incoming)?).await;
-                    self.control.send(&announced).await?;
+                    self.send(&announced).await;
                 }
-                DestinationAction::GiveUpIncoming => incoming = None,
+                DestinationAction::Discard { vm } => {
+                    let result = if check_vm_name(&vm).is_err() {
+                        Err(format!("VM name `{vm}` is not usable in a socket path"))
+                    } else if incoming.is_none() && self.claims.is_claimed(&vm) {
+                        Err(format!("a migration session for `{vm}` is under way here"))
+                    } else {
+                        incoming::discard(incoming.as_ref().map(|i| &i.qmp), &expand(&self.config.incoming.qmp, &vm)).await
+                    };
+                    match &result {
+                        Ok(done) => tracing::info!(%vm, done, "incoming VM discarded"),
+                        Err(why) => tracing::error!(%vm, why, "cannot make sure the incoming VM is gone"),
+                    }
+                    incoming = None;
+                    machine.handle_discarded(result);
+                }
+                DestinationAction::Inquire { vm } => {
+                    let state = if check_vm_name(&vm).is_err() {
+                        IncomingState::Absent
+                    } else if self.claims.is_claimed(&vm) {
+                        IncomingState::Busy
+                    } else {
+                        incoming::inquire(&expand(&self.config.incoming.qmp, &vm)).await
+                    };
+                    machine.handle_inquiry(vm, state);
+                }
                 DestinationAction::Finish(Ok(())) => return Ok(()),
                 DestinationAction::Finish(Err(reason)) => bail!("{reason}"),
             }
@@ -206,6 +319,7 @@ impl Session {
 
     async fn prepare(&self, vm: &str, shared: &SharedSettings, ips: Vec<IpAddr>) -> anyhow::Result<(Incoming, SocketAddr, String)> {
         check_vm_name(vm)?;
+        let claim = self.claims.claim(vm).ok_or_else(|| anyhow!("`{vm}` is already being migrated here; refusing a second migration"))?;
         let path = expand(&self.config.incoming.qmp, vm);
         let qmp = Qmp::connect(&path, QmpConfig { connect_timeout: QMP_WAIT, ..QmpConfig::default() })
             .await
@@ -214,6 +328,9 @@ impl Session {
         if status.status != RunState::InMigrate {
             bail!("the QEMU at {} is not waiting for a migration (status {}; start it with -incoming defer)", path.display(), status.status.as_str());
         }
+        // Autostart off: `stop` while `inmigrate` makes QEMU stay paused once the state is loaded
+        // (as `-S` would), so the VM runs only when the source commits.
+        qmp.stop().await.context("stop (turning the incoming VM's autostart off)")?;
         let version = qmp.query_version().await.context("query-version")?.qemu.to_string();
         settings::apply_shared(&qmp, shared, &[], "destination").await?;
         let heartbeat = match &self.config.incoming.heartbeat {
@@ -231,7 +348,7 @@ impl Session {
         qmp.migrate_incoming(&uri).await.context("migrate-incoming")?;
         let ports = qmp.query_migrate().await.context("query-migrate")?.listen_ports();
         let port = *ports.first().ok_or_else(|| anyhow!("the incoming QEMU reports no listening port"))?;
-        Ok((Incoming { qmp, heartbeat, ips }, SocketAddr::new(address, port), version))
+        Ok((Incoming { qmp, heartbeat, ips, _claim: claim }, SocketAddr::new(address, port), version))
     }
 
     /// Re-announces every NIC's MAC on the configured interface; the VM's IPs go with the first.
@@ -287,6 +404,7 @@ mod tests {
 listen = "127.0.0.1:7800"
 migration_address = "127.0.0.1"
 announce_interface = "br0"
+shutdown_grace = "10s"
 [incoming]
 qmp = "/run/ferry/{vm}.qmp"
 heartbeat = "/run/ferry/{vm}.hb"
@@ -296,6 +414,9 @@ heartbeat = "/run/ferry/{vm}.hb"
     fn config_parses_and_errors_name_the_key() {
         let c = ServeConfig::parse(SAMPLE).unwrap();
         assert_eq!(expand(&c.incoming.qmp, "vm1"), PathBuf::from("/run/ferry/vm1.qmp"));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        let err = format!("{:#}", ServeConfig::parse(&SAMPLE.replace("\"10s\"", "\"10 parsecs\"")).unwrap_err());
+        assert!(err.contains("shutdown_grace"), "{err}");
         let err = ServeConfig::parse(&SAMPLE.replace("migration_address", "migration_adress")).unwrap_err().to_string();
         assert!(err.contains("migration_adress"), "{err}");
         let err = ServeConfig::parse(&SAMPLE.replace("{vm}.qmp", "x.qmp")).unwrap_err().to_string();
@@ -305,10 +426,15 @@ heartbeat = "/run/ferry/{vm}.hb"
     }
 
     #[test]
-    fn vm_names_cannot_escape_the_template() {
-        assert!(check_vm_name("vm-1.prod_a").is_ok());
-        for bad in ["", "../etc", "a/b", ".hidden", "a b", &"x".repeat(65)] {
-            assert!(check_vm_name(bad).is_err(), "{bad}");
-        }
+    fn one_session_per_vm() {
+        let claims = Claims::default();
+        let first = claims.claim("vm1").unwrap();
+        assert!(claims.claim("vm1").is_none());
+        assert!(claims.is_claimed("vm1"));
+        let _other = claims.claim("vm2").unwrap();
+        drop(first);
+        assert!(!claims.is_claimed("vm1"));
+        assert!(claims.claim("vm1").is_some());
     }
+
 }

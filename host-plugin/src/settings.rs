@@ -119,9 +119,56 @@ pub async fn apply_shared(
     Ok(())
 }
 
+/// The parameters the convergence controller adjusts during a migration (values are markers).
+pub fn steered_parameters() -> MigrationParameters {
+    MigrationParameters { max_bandwidth: Some(0), downtime_limit: Some(0), cpu_throttle_increment: Some(0), ..MigrationParameters::default() }
+}
+
+/// What undoes `changed`: for every parameter any of them sets, the value `original` had
+/// (from `query-migrate-parameters` before the migration). Parameters `original` lacks stay
+/// unset.
+pub fn undo_parameters(original: &MigrationParameters, changed: &[&MigrationParameters]) -> MigrationParameters {
+    let as_map = |p: &MigrationParameters| match serde_json::to_value(p) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let original = as_map(original);
+    let mut undo = serde_json::Map::new();
+    for key in changed.iter().flat_map(|c| as_map(c).into_iter().map(|(k, _)| k)) {
+        if let Some(value) = original.get(&key) {
+            undo.insert(key, value.clone());
+        }
+    }
+    serde_json::from_value(serde_json::Value::Object(undo)).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn undo_restores_exactly_what_was_changed() {
+        let original = MigrationParameters {
+            max_bandwidth: Some(134_217_728),
+            downtime_limit: Some(300),
+            cpu_throttle_increment: Some(10),
+            multifd_channels: Some(2),
+            announce_rounds: Some(5),
+            ..MigrationParameters::default()
+        };
+        let chosen = MigrationParameters { multifd_channels: Some(4), ..MigrationParameters::default() };
+        let undo = undo_parameters(&original, &[&chosen, &steered_parameters()]);
+        assert_eq!(
+            undo,
+            MigrationParameters {
+                max_bandwidth: Some(134_217_728),
+                downtime_limit: Some(300),
+                cpu_throttle_increment: Some(10),
+                multifd_channels: Some(2),
+                ..MigrationParameters::default()
+            }
+        );
+    }
 
     fn all() -> Vec<MigrationCapability> {
         use MigrationCapability::*;

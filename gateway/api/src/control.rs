@@ -5,17 +5,29 @@
 //! WAN. Messages are JSON lines ([`crate::framing`]). One session migrates one VM:
 //!
 //! ```text
-//! source                                   destination (ferry-host serve)
-//!   Ping ×N ───────────────────────────────▶  Pong (clock offset for the downtime figure)
-//!   Prepare{vm, settings, ips} ────────────▶  connects the incoming QEMU's QMP, sets the same
-//!                                             capabilities/parameters, migrate-incoming
-//!                             ◀────────────  Prepared{listen}
-//!   (migration stream through the gateways to `listen`)
-//!   SourceCompleted ───────────────────────▶  waits for the VM to run, its first heartbeat
-//!                             ◀────────────  Running{...}, then announces the MACs
-//!                             ◀────────────  Announced{...}
-//!   Abort{reason} (any time before Running) ▶ gives the incoming QEMU up
-//!                             ◀────────────  Failed{reason} (any time)
+//! source                                    destination (ferry-host serve)
+//!   Ping ×N ────────────────────────────────▶  Pong (clock offset for the downtime figure)
+//!   Prepare{vm, settings, ips} ─────────────▶  claims `vm` (one session per VM), connects the
+//!                                              incoming QEMU's QMP, `stop` (autostart off: the
+//!                                              VM never starts by itself), capabilities,
+//!                                              migrate-incoming
+//!                              ◀────────────  Prepared{listen}
+//!   (migration stream through the gateways to `listen`; the destination loads it and stays paused)
+//!   ── source QEMU `completed` (return path on: the destination loaded the state) ──
+//!   ══ commit point: the source never resumes again unless told Failed{vm_discarded: true} ══
+//!   Commit ─────────────────────────────────▶  checks the state is loaded, `cont`
+//!                              ◀────────────  Running{...}, then announces the MACs
+//!                              ◀────────────  Announced{...}
+//!   Abort{reason} (before Commit) ──────────▶  discards the incoming QEMU (so does a lost channel)
+//!                              ◀────────────  Failed{reason, vm_discarded} (any time)
+//! ```
+//!
+//! After a migration that ended without knowing (the source saw no answer to `Commit`),
+//! `ferry-host resolve` opens a session of its own:
+//!
+//! ```text
+//!   Inquire{vm} ────────────────────────────▶  VmState{state: running | paused | absent | busy}
+//!   Discard{vm} ────────────────────────────▶  Discarded{vm_discarded} (quit, else SIGKILL)
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -55,13 +67,38 @@ pub enum ToDestination {
         /// IP addresses of the VM to announce after cutover.
         ips: Vec<IpAddr>,
     },
-    /// The source QEMU reports the migration completed.
-    SourceCompleted,
-    /// The migration is given up; the source VM keeps running.
+    /// The commit: the source QEMU completed and the source will never resume its VM (unless
+    /// told `Failed { vm_discarded: true }`); start the VM here.
+    Commit,
+    /// The migration is given up before `Commit`; the source VM keeps running.
     Abort {
         /// Why.
         reason: String,
     },
+    /// (`ferry-host resolve`) What is the incoming VM `vm` here?
+    Inquire {
+        /// The VM's name.
+        vm: String,
+    },
+    /// (`ferry-host resolve`) Make sure the incoming VM `vm` does not and will not run here.
+    Discard {
+        /// The VM's name.
+        vm: String,
+    },
+}
+
+/// An incoming VM's state at the destination, as `Inquire` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncomingState {
+    /// It runs here.
+    Running,
+    /// Its QEMU is there and not running.
+    Paused,
+    /// No QEMU answers at its QMP socket.
+    Absent,
+    /// A migration session for it is under way here; ask again.
+    Busy,
 }
 
 /// Destination → source.
@@ -109,7 +146,40 @@ pub enum ToSource {
     Failed {
         /// Why.
         reason: String,
+        /// The incoming VM is certainly not running and never will (its QEMU quit or was
+        /// killed). After `Commit` only this lets the source resume.
+        vm_discarded: bool,
     },
+    /// Answer to `Inquire`.
+    VmState {
+        /// The VM's name.
+        vm: String,
+        /// What it is here.
+        state: IncomingState,
+    },
+    /// Answer to `Discard`.
+    Discarded {
+        /// The VM's name.
+        vm: String,
+        /// Its QEMU is certainly gone (quit or killed), or there was none.
+        vm_discarded: bool,
+        /// What was done, or why it could not be made sure.
+        detail: String,
+    },
+}
+
+/// Checks a VM name as both sides use it: in file names (the destination's `{vm}` socket paths,
+/// the source's lock files). Letters, digits, `.`, `_`, `-`, not starting with `.`, up to 64.
+pub fn check_vm_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("VM name `{name}` is not usable in a socket path (letters, digits, `.`, `_`, `-`; up to 64)"))
+    }
 }
 
 /// The destination's clock minus the source's, estimated from ping round trips as NTP does:
@@ -134,6 +204,14 @@ mod tests {
         let (offset, err) = clock_offset(&probes).unwrap();
         assert_eq!((offset, err), (1_002_000_000, 5_000_000));
         assert!(clock_offset(&[]).is_none());
+    }
+
+    #[test]
+    fn vm_names_cannot_escape_a_path() {
+        assert!(check_vm_name("vm-1.prod_a").is_ok());
+        for bad in ["", "../etc", "a/b", ".hidden", "a b", &"x".repeat(65)] {
+            assert!(check_vm_name(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub struct Handshake {
     framer: LineFramer,
     greeting: Greeting,
     config: QmpConfig,
+    peer_pid: Option<i32>,
 }
 
 impl std::fmt::Debug for Handshake {
@@ -108,8 +109,12 @@ impl Handshake {
                 }
             }
         };
-        tracing::debug!(socket = %path.display(), "QMP connected");
-        Self::from_stream(stream, config).await
+        // The process at the other end (SO_PEERCRED): QEMU, for whoever must make sure it is gone.
+        let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
+        tracing::debug!(socket = %path.display(), ?peer_pid, "QMP connected");
+        let mut handshake = Self::from_stream(stream, config).await?;
+        handshake.peer_pid = peer_pid;
+        Ok(handshake)
     }
 
     /// Uses an already connected stream (a unix socket, a `tokio::io::duplex` end in tests)
@@ -153,6 +158,7 @@ impl Handshake {
             framer,
             greeting,
             config,
+            peer_pid: None,
         })
     }
 
@@ -170,6 +176,7 @@ impl Handshake {
             mut framer,
             greeting,
             config,
+            peer_pid,
         } = self;
         let events = EventQueue::new(config.event_capacity);
         let timeout = config.command_timeout;
@@ -231,6 +238,7 @@ impl Handshake {
             next_id: AtomicU64::new(1),
             greeting,
             config,
+            peer_pid,
             reader_task: task,
         })
     }
@@ -383,6 +391,7 @@ pub struct Qmp {
     next_id: AtomicU64,
     greeting: Greeting,
     config: QmpConfig,
+    peer_pid: Option<i32>,
     reader_task: JoinHandle<()>,
 }
 
@@ -413,6 +422,12 @@ impl Qmp {
     /// The greeting QEMU sent.
     pub fn greeting(&self) -> &Greeting {
         &self.greeting
+    }
+
+    /// The pid of the process serving the socket (QEMU), when connected over a unix socket
+    /// that reports its peer's credentials.
+    pub fn peer_pid(&self) -> Option<i32> {
+        self.peer_pid
     }
 
     /// The session's limits.

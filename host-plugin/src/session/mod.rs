@@ -9,9 +9,11 @@
 //! The async shells ([`crate::migrate`], [`crate::serve`]) do the I/O, feed what they observe
 //! into a machine (`handle_*`) and carry out the actions it queues (`poll_action`).
 //!
-//! The rule both sides exist for: the VM never runs twice. Until QEMU completed on the source,
-//! any failure cancels and the source VM keeps running. After that the source resumes only when
-//! the destination said it failed; when the destination goes silent the source stays paused.
+//! The rule both sides exist for: the VM never runs twice. The destination runs the VM only on
+//! the source's `Commit`, which the source sends once QEMU completed; before that any failure
+//! cancels and the source VM keeps running, and the destination discards its paused copy. After
+//! it the source resumes only when the destination said it discarded its VM; when the
+//! destination goes silent both may stay paused, and `ferry-host resolve` starts exactly one.
 
 pub mod destination;
 pub mod source;
@@ -89,7 +91,7 @@ impl fmt::Display for SourceVm {
             SourceVm::Paused => f.write_str("paused"),
             SourceVm::Quit => f.write_str("quit"),
             SourceVm::PausedDestinationUnknown => {
-                f.write_str("paused (destination state unknown: check it before resuming the source with `cont`)")
+                f.write_str("paused (destination state unknown: run `ferry-host resolve` with the same options to start exactly one)")
             }
             SourceVm::ResumeFailed { state, error } => write!(f, "{state} (cont failed: {error})"),
             SourceVm::Unknown { error } => write!(f, "unknown ({error})"),
@@ -156,7 +158,7 @@ mod tests {
             (SourceVm::Quit, "quit"),
             (
                 SourceVm::PausedDestinationUnknown,
-                "paused (destination state unknown: check it before resuming the source with `cont`)",
+                "paused (destination state unknown: run `ferry-host resolve` with the same options to start exactly one)",
             ),
             (SourceVm::ResumeFailed { state: "paused".into(), error: "boom".into() }, "paused (cont failed: boom)"),
             (SourceVm::Unknown { error: "gone".into() }, "unknown (gone)"),

@@ -1,12 +1,20 @@
 //! The source side of one migration (`ferry-host migrate`) as a sans-IO state machine.
 //!
 //! ```text
-//! Setup ──migrate issued──▶ Migrating ──QEMU completed──▶ SourceCompleted ──Running──▶ DestinationRunning
-//!   │                          │                              │                          │
-//!   failure: source untouched  failure: cancel, resume        failure: resume only if    failures are
-//!   (Abort sent)               (Abort sent)                   the destination said it    warnings
-//!                                                             failed, else stay paused
+//! Setup ──migrate issued──▶ Migrating ──QEMU completed: Commit──▶ Committed ──Running──▶ DestinationRunning
+//!   │                          │                                      │                     │
+//!   failure: source untouched  failure: cancel, restore parameters,   failure: resume only  failures are
+//!   (Abort sent)               resume (Abort sent)                    if the destination    warnings
+//!                                                                     discarded its VM,
+//!                                                                     else stay paused
 //! ```
+//!
+//! The commit point is QEMU's `completed`: with the return path on, the destination has loaded
+//! the state by then, paused (`ferry-host serve` turned its autostart off), and it runs the VM
+//! only on `Commit`. So before `Commit` is sent, resuming the source is always safe, whatever
+//! QEMU reported last (a signal that races QEMU's completion cancels and resumes; the
+//! destination, never told to commit, discards). From the moment `Commit` is sent the source
+//! never resumes, unless the destination answers `Failed { vm_discarded: true }`.
 //!
 //! The shell ([`crate::migrate`]) does the setup I/O (QMP, gateway API, `Prepare`), then feeds
 //! what it observes: [`SourceSession::handle_signal`], [`SourceSession::handle_control`],
@@ -35,8 +43,9 @@ pub enum Stage {
     Setup,
     /// QEMU's `migrate` was issued.
     Migrating,
-    /// QEMU reported `completed`: the source is paused, the destination loaded the state.
-    SourceCompleted,
+    /// QEMU reported `completed` and `Commit` went out: the source is paused, the destination
+    /// loaded the state and is told to run it.
+    Committed,
     /// The destination reported the VM running.
     DestinationRunning,
 }
@@ -110,6 +119,9 @@ pub enum SourceAction {
     ShowProgress(Snapshot),
     /// `migrate_cancel` and wait for QEMU to settle.
     CancelMigration,
+    /// Set back the migration parameters the source QEMU had before (bandwidth cap, downtime
+    /// limit, throttle step), so a cancelled migration leaves no cap behind.
+    RestoreParameters,
     /// Resume the source VM if it is paused, then report its state with
     /// [`SourceSession::handle_source_state`].
     ResumeSource,
@@ -145,8 +157,8 @@ pub struct SourceSession {
     command_started: Instant,
     stage: Stage,
     control_open: bool,
-    /// The destination said it failed (so it does not run the VM).
-    destination_failed: bool,
+    /// The destination said it failed and its VM is certainly not running (discarded).
+    destination_discarded: bool,
     /// The controller and when `migrate` was issued, from [`Stage::Migrating`] on.
     steering: Option<(ConvergenceController, Instant)>,
     figures: PrecopyFigures,
@@ -162,7 +174,7 @@ impl SourceSession {
             command_started: now,
             stage: Stage::Setup,
             control_open: false,
-            destination_failed: false,
+            destination_discarded: false,
             steering: None,
             figures: PrecopyFigures::default(),
             source_vm: SourceVm::Running,
@@ -215,7 +227,7 @@ impl SourceSession {
                 Signal::Terminate => "interrupted (SIGTERM)",
             })),
             // The source is paused or gone; only the destination's answer decides now.
-            Stage::SourceCompleted | Stage::DestinationRunning => Ok(()),
+            Stage::Committed | Stage::DestinationRunning => Ok(()),
         }
     }
 
@@ -223,8 +235,8 @@ impl SourceSession {
     pub fn handle_control(&mut self, event: ControlEvent<ToSource>) -> Result<(), SourceFailure> {
         match self.stage {
             Stage::Setup | Stage::Migrating => match event {
-                ControlEvent::Message(ToSource::Failed { reason }) => {
-                    self.destination_failed = true;
+                ControlEvent::Message(ToSource::Failed { reason, vm_discarded }) => {
+                    self.destination_discarded = vm_discarded;
                     Err(SourceFailure::new(format!("the destination failed: {reason}")))
                 }
                 ControlEvent::Message(other) => {
@@ -232,7 +244,7 @@ impl SourceSession {
                 }
                 ControlEvent::Lost(e) => Err(SourceFailure::new(error_chain(&e))),
             },
-            Stage::SourceCompleted => match event {
+            Stage::Committed => match event {
                 ControlEvent::Message(ToSource::Running { first_heartbeat_unix_ns, resumed_unix_ns, status, .. }) => {
                     tracing::info!(%status, "destination VM running");
                     self.stage = Stage::DestinationRunning;
@@ -248,9 +260,10 @@ impl SourceSession {
                     }
                     Ok(())
                 }
-                ControlEvent::Message(ToSource::Failed { reason }) => {
-                    self.destination_failed = true;
-                    Err(SourceFailure::new(format!("the destination failed after the source completed: {reason}")))
+                ControlEvent::Message(ToSource::Failed { reason, vm_discarded }) => {
+                    self.destination_discarded = vm_discarded;
+                    let discarded = if vm_discarded { "discarded its VM" } else { "could not make sure its VM is gone" };
+                    Err(SourceFailure::new(format!("the destination failed after the commit and {discarded}: {reason}")))
                 }
                 ControlEvent::Message(other) => {
                     tracing::debug!(?other, "ignoring");
@@ -277,8 +290,7 @@ impl SourceSession {
     }
 
     /// One poll while migrating, at `now`: QEMU's `query-migrate` and the gateway's counters.
-    /// Steers QEMU and shows progress; QEMU's `completed` moves to the cutover and sends
-    /// `SourceCompleted`.
+    /// Steers QEMU and shows progress; QEMU's `completed` is the commit point: it sends `Commit`.
     pub fn handle_progress(&mut self, now: Instant, info: &MigrationInfo, gateway: &GatewayReading) -> Result<(), SourceFailure> {
         let Some((controller, started)) = self.steering.as_mut() else {
             return Err(SourceFailure::new("internal: progress before the migration started"));
@@ -290,8 +302,8 @@ impl SourceSession {
         let status = info.status();
         match status {
             MigrationStatus::Completed => {
-                self.stage = Stage::SourceCompleted;
-                self.actions.push_back(SourceAction::Send(ToDestination::SourceCompleted));
+                self.stage = Stage::Committed;
+                self.actions.push_back(SourceAction::Send(ToDestination::Commit));
                 return Ok(());
             }
             MigrationStatus::Failed | MigrationStatus::Cancelled => {
@@ -350,22 +362,27 @@ impl SourceSession {
     }
 
     /// The migration failed for `reason`: queues what undoes it for the stage reached. Until the
-    /// destination runs the VM it is told (`Abort`). Before QEMU completed the migration is
-    /// cancelled and the source resumed; after, the source resumes only if the destination said
-    /// it failed; if it went silent it might be running the VM, and two running copies would be
-    /// worse than a paused one.
+    /// destination runs the VM it is told (`Abort`). Before the commit the migration is
+    /// cancelled, the parameters restored and the source resumed; after, the source resumes
+    /// only if the destination said it discarded its VM; if it went silent it might be running
+    /// the VM, and two running copies would be worse than a paused one.
     pub fn handle_failure(&mut self, reason: &str) {
-        if self.control_open && self.stage < Stage::DestinationRunning {
+        if self.control_open && self.stage < Stage::Committed {
             self.actions.push_back(SourceAction::Abort { reason: reason.to_owned() });
         }
         match self.stage {
-            Stage::Setup => {}
+            // Capabilities and parameters may have been set already.
+            Stage::Setup => self.actions.push_back(SourceAction::RestoreParameters),
             Stage::Migrating => {
                 self.actions.push_back(SourceAction::CancelMigration);
+                self.actions.push_back(SourceAction::RestoreParameters);
                 self.actions.push_back(SourceAction::ResumeSource);
             }
-            Stage::SourceCompleted if self.destination_failed => self.actions.push_back(SourceAction::ResumeSource),
-            Stage::SourceCompleted => {
+            Stage::Committed if self.destination_discarded => {
+                self.actions.push_back(SourceAction::RestoreParameters);
+                self.actions.push_back(SourceAction::ResumeSource);
+            }
+            Stage::Committed => {
                 self.source_vm = SourceVm::PausedDestinationUnknown;
                 self.actions.push_back(SourceAction::KeepSourcePaused);
             }
@@ -441,8 +458,8 @@ mod tests {
         let (mut s, t0) = session(keep_source);
         s.handle_migration_started(controller(), t0);
         s.handle_progress(t0 + Duration::from_secs(1), &info(MigrationStatus::Completed), &GatewayReading::default()).unwrap();
-        assert_eq!(drain(&mut s), vec![SourceAction::Send(ToDestination::SourceCompleted)]);
-        assert_eq!(s.stage(), Stage::SourceCompleted);
+        assert_eq!(drain(&mut s), vec![SourceAction::Send(ToDestination::Commit)]);
+        assert_eq!(s.stage(), Stage::Committed);
         s
     }
 
@@ -459,12 +476,12 @@ mod tests {
     }
 
     #[test]
-    fn failure_during_setup_leaves_the_source_alone_and_aborts() {
+    fn failure_during_setup_restores_parameters_leaves_the_source_running_and_aborts() {
         let (mut s, _) = session(false);
         s.handle_failure("the destination could not prepare: no QEMU");
         assert_eq!(
             drain(&mut s),
-            vec![abort("the destination could not prepare: no QEMU"), SourceAction::Finish(Outcome::Failed)]
+            vec![abort("the destination could not prepare: no QEMU"), SourceAction::RestoreParameters, SourceAction::Finish(Outcome::Failed)]
         );
         assert_eq!(s.source_vm(), &SourceVm::Running);
     }
@@ -473,7 +490,7 @@ mod tests {
     fn failure_before_the_control_channel_sends_no_abort() {
         let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: true }, Instant::now());
         s.handle_failure("cannot open the source VM's QMP socket");
-        assert_eq!(drain(&mut s), vec![SourceAction::Finish(Outcome::Failed)]);
+        assert_eq!(drain(&mut s), vec![SourceAction::RestoreParameters, SourceAction::Finish(Outcome::Failed)]);
         assert_eq!(s.source_vm().to_string(), "running");
     }
 
@@ -490,7 +507,7 @@ mod tests {
         s.handle_failure(&failure.reason);
         assert_eq!(
             drain(&mut s),
-            vec![abort(&failure.reason), SourceAction::CancelMigration, SourceAction::ResumeSource, SourceAction::Finish(Outcome::Failed)]
+            vec![abort(&failure.reason), SourceAction::CancelMigration, SourceAction::RestoreParameters, SourceAction::ResumeSource, SourceAction::Finish(Outcome::Failed)]
         );
         // Whatever the shell found resuming it is reported.
         s.handle_source_state(SourceVm::Running);
@@ -500,12 +517,12 @@ mod tests {
     #[test]
     fn destination_failure_during_pre_copy_cancels_and_resumes() {
         let (mut s, _) = migrating();
-        let failure = s.handle_control(ControlEvent::Message(ToSource::Failed { reason: "incoming QEMU exited".into() })).unwrap_err();
+        let failure = s.handle_control(ControlEvent::Message(ToSource::Failed { reason: "incoming QEMU exited".into(), vm_discarded: true })).unwrap_err();
         assert_eq!(failure.reason, "the destination failed: incoming QEMU exited");
         s.handle_failure(&failure.reason);
         assert_eq!(
             drain(&mut s),
-            vec![abort(&failure.reason), SourceAction::CancelMigration, SourceAction::ResumeSource, SourceAction::Finish(Outcome::Failed)]
+            vec![abort(&failure.reason), SourceAction::CancelMigration, SourceAction::RestoreParameters, SourceAction::ResumeSource, SourceAction::Finish(Outcome::Failed)]
         );
         let unexpected = s.handle_control(ControlEvent::Message(ToSource::Pong { seq: 1, unix_ns: 0 })).unwrap_err();
         assert!(unexpected.reason.starts_with("unexpected message from the destination: Pong"), "{unexpected}");
@@ -521,34 +538,47 @@ mod tests {
             assert_eq!(failure.reason, reason);
             s.handle_failure(&failure.reason);
             let actions = drain(&mut s);
-            assert_eq!(actions[1..], [SourceAction::CancelMigration, SourceAction::ResumeSource, SourceAction::Finish(Outcome::Failed)]);
+            assert_eq!(actions[1..], [SourceAction::CancelMigration, SourceAction::RestoreParameters, SourceAction::ResumeSource, SourceAction::Finish(Outcome::Failed)]);
             s.handle_source_state(SourceVm::Running);
             assert_eq!(s.source_vm().to_string(), "running");
         }
     }
 
     #[test]
-    fn after_source_completed_a_failed_destination_resumes_the_source() {
+    fn after_the_commit_only_a_destination_that_discarded_its_vm_resumes_the_source() {
         let mut s = completed(false);
-        let failure = s.handle_control(ControlEvent::Message(ToSource::Failed { reason: "cont failed".into() })).unwrap_err();
-        assert_eq!(failure.reason, "the destination failed after the source completed: cont failed");
+        let failed = ToSource::Failed { reason: "cont failed".into(), vm_discarded: true };
+        let failure = s.handle_control(ControlEvent::Message(failed)).unwrap_err();
+        assert_eq!(failure.reason, "the destination failed after the commit and discarded its VM: cont failed");
         s.handle_failure(&failure.reason);
-        assert_eq!(drain(&mut s), vec![abort(&failure.reason), SourceAction::ResumeSource, SourceAction::Finish(Outcome::Failed)]);
+        assert_eq!(
+            drain(&mut s),
+            vec![SourceAction::RestoreParameters, SourceAction::ResumeSource, SourceAction::Finish(Outcome::Failed)]
+        );
+
+        // Failed, but the destination could not make sure its VM is gone: stay paused.
+        let mut s = completed(false);
+        let failed = ToSource::Failed { reason: "cont timed out".into(), vm_discarded: false };
+        let failure = s.handle_control(ControlEvent::Message(failed)).unwrap_err();
+        s.handle_failure(&failure.reason);
+        assert_eq!(drain(&mut s), vec![SourceAction::KeepSourcePaused, SourceAction::Finish(Outcome::Failed)]);
+        assert_eq!(s.source_vm(), &SourceVm::PausedDestinationUnknown);
     }
 
     #[test]
-    fn after_source_completed_a_silent_destination_keeps_the_source_paused() {
+    fn after_the_commit_a_silent_destination_keeps_the_source_paused() {
         for lost in [ChannelError::Closed, ChannelError::Timeout(Duration::from_secs(60))] {
             let mut s = completed(false);
             let failure = s.handle_control(ControlEvent::Lost(lost)).unwrap_err();
             s.handle_failure(&failure.reason);
             let actions = drain(&mut s);
             assert!(!actions.contains(&SourceAction::ResumeSource), "{actions:?}");
-            assert_eq!(actions, vec![abort(&failure.reason), SourceAction::KeepSourcePaused, SourceAction::Finish(Outcome::Failed)]);
+            // No Abort either: the destination was told to commit.
+            assert_eq!(actions, vec![SourceAction::KeepSourcePaused, SourceAction::Finish(Outcome::Failed)]);
             assert_eq!(s.source_vm(), &SourceVm::PausedDestinationUnknown);
-            assert!(s.source_vm().to_string().contains("check it before resuming the source with `cont`"));
+            assert!(s.source_vm().to_string().contains("ferry-host resolve"));
         }
-        // Any other failure in the cutover wait (sending SourceCompleted, say) is the same.
+        // Any other failure in the cutover wait (sending Commit, say) is the same.
         let mut s = completed(false);
         s.handle_failure("control channel: broken pipe");
         assert!(!drain(&mut s).contains(&SourceAction::ResumeSource));
@@ -556,15 +586,30 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_racing_qemus_completion_resumes_before_the_commit() {
+        // QEMU completed, but the shell failed (a signal, a gateway error) before it fed that
+        // poll in: the stage is still Migrating, Commit was never sent, so resuming is safe.
+        let (mut s, _) = migrating();
+        let failure = s.handle_signal(Signal::Terminate).unwrap_err();
+        s.handle_failure(&failure.reason);
+        let actions = drain(&mut s);
+        assert_eq!(
+            actions[1..],
+            [SourceAction::CancelMigration, SourceAction::RestoreParameters, SourceAction::ResumeSource, SourceAction::Finish(Outcome::Failed)]
+        );
+        assert!(!actions.contains(&SourceAction::Send(ToDestination::Commit)));
+    }
+
+    #[test]
     fn signals_during_the_cutover_wait_are_ignored() {
         let mut s = completed(false);
         assert_eq!(s.handle_signal(Signal::Interrupt), Ok(()));
         assert_eq!(s.handle_signal(Signal::Terminate), Ok(()));
-        assert_eq!(s.stage(), Stage::SourceCompleted);
+        assert_eq!(s.stage(), Stage::Committed);
         assert_eq!(drain(&mut s), vec![]);
         // Other messages are ignored there too.
         assert_eq!(s.handle_control(ControlEvent::Message(ToSource::Pong { seq: 0, unix_ns: 0 })), Ok(()));
-        assert_eq!(s.stage(), Stage::SourceCompleted);
+        assert_eq!(s.stage(), Stage::Committed);
     }
 
     #[test]
