@@ -36,6 +36,9 @@ use crate::settings;
 
 /// How long the incoming QEMU's QMP socket may take to appear.
 const QMP_WAIT: Duration = Duration::from_secs(30);
+/// Time limit of one QMP command to the incoming QEMU: short, so that a hung QEMU is noticed
+/// (and discarded) well within the cutover's deadline.
+const INCOMING_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the first heartbeat once the VM runs.
 const HEARTBEAT_WAIT: Duration = Duration::from_secs(10);
 
@@ -321,7 +324,7 @@ impl Session {
         check_vm_name(vm)?;
         let claim = self.claims.claim(vm).ok_or_else(|| anyhow!("`{vm}` is already being migrated here; refusing a second migration"))?;
         let path = expand(&self.config.incoming.qmp, vm);
-        let qmp = Qmp::connect(&path, QmpConfig { connect_timeout: QMP_WAIT, ..QmpConfig::default() })
+        let qmp = Qmp::connect(&path, QmpConfig { connect_timeout: QMP_WAIT, command_timeout: INCOMING_COMMAND_TIMEOUT, ..QmpConfig::default() })
             .await
             .with_context(|| format!("no incoming QEMU for `{vm}` at {}", path.display()))?;
         let status = qmp.query_status().await.context("query-status")?;

@@ -7,16 +7,14 @@
 
 mod host_support;
 
-use std::process::Output;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ferry_host::announce::{frames, Announcement};
 use ferry_netem::qemu::{GuestConfig, VerifyReport};
-use ferry_qmp::MigrationStatus;
 use ferry_testkit::sync::lock;
 use ferry_testkit::sys::interrupt;
-use host_support::{check_flows, migrate_command, report_of, setup, start_vms, L2Capture, BOOT, VM_IP, VM_MAC};
+use host_support::{assert_source_runs_on, check_flows, migrate_command, report_of, setup, start_vms, wait_until_migrating, L2Capture, RunningMigrate, BOOT, VM_IP, VM_MAC};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -56,7 +54,7 @@ fn one_command_migrates_a_running_vm_across_150ms() {
     }
 
     // Bytes: every carried flow (control channel, migration stream) byte-identical end to end.
-    assert!(check_flows(&s.pair, 2) >= 2, "expected the control and the migration flow");
+    assert!(check_flows(s.pair(), 2) >= 2, "expected the control and the migration flow");
     let from_qemu = report["bytes_from_qemu"].as_u64().expect("bytes_from_qemu");
     let on_wan = report["bytes_on_wan"].as_u64().expect("bytes_on_wan");
     assert!(from_qemu > 0 && on_wan > 0 && on_wan < from_qemu, "from QEMU {from_qemu}, on WAN {on_wan}");
@@ -125,7 +123,7 @@ fn busy_guest_outrunning_the_link_still_completes() {
         VerifyReport::Ok { .. } => {}
         other => panic!("guest memory corrupted after migration: {other:?}"),
     }
-    assert!(check_flows(&s.pair, 2) >= 2);
+    assert!(check_flows(s.pair(), 2) >= 2);
 }
 
 #[test]
@@ -168,54 +166,4 @@ fn failures_leave_the_source_running() {
     assert!(report["error"].as_str().unwrap_or_default().contains("interrupted"), "{report}");
     assert_eq!(report["source_vm"], "running", "{report}");
     assert_source_runs_on(&mut src);
-}
-
-/// `ferry-host migrate` running in the background; its output is collected by a thread so a
-/// chatty log can never fill a pipe and stall it.
-struct RunningMigrate {
-    pid: u32,
-    done: std::sync::mpsc::Receiver<std::io::Result<Output>>,
-}
-
-impl RunningMigrate {
-    fn start(s: &host_support::Setup, qmp: &std::path::Path, hb: &std::path::Path) -> Self {
-        // Bounded, so that it ends on its own even if this test fails before it does.
-        let child = migrate_command(s, qmp, hb, &["--max-time", "2m"]).spawn().expect("start ferry-host migrate");
-        let pid = child.id();
-        let (tx, done) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        Self { pid, done }
-    }
-
-    /// Waits (at most a minute) for it to exit: (success, report).
-    fn finish(self) -> (bool, serde_json::Value) {
-        let out = self.done.recv_timeout(Duration::from_secs(60)).expect("ferry-host migrate did not give up").expect("wait");
-        (out.status.success(), report_of(&out))
-    }
-}
-
-/// Waits until the source's migration is active and has sent a few MiB.
-fn wait_until_migrating(src: &mut ferry_netem::qemu::Qemu) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let info = src.qmp().query_migrate().expect("query-migrate");
-        let sent = info.ram.as_ref().map_or(0, |r| r.transferred);
-        if info.status() == MigrationStatus::Active && sent > 4 << 20 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the migration did not get going: {info:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The source VM runs on after a failed migration: QEMU says so, the guest keeps ticking, and
-/// QEMU's migration ended failed or cancelled.
-fn assert_source_runs_on(src: &mut ferry_netem::qemu::Qemu) {
-    assert!(src.qmp().query_status().expect("status").running);
-    let last = src.serial().last_tick().expect("ticks");
-    src.serial().wait_for_tick(last + 3, BOOT).expect("source guest keeps running");
-    let info = src.qmp().query_migrate().expect("query-migrate");
-    assert!(matches!(info.status(), MigrationStatus::Failed | MigrationStatus::Cancelled), "{info:?}");
 }

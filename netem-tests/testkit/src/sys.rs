@@ -77,9 +77,14 @@ pub fn ip_in(netns: &str, args: &[&str]) {
 
 /// Sends SIGINT (what Ctrl-C sends) to process `pid`.
 pub fn interrupt(pid: u32) -> io::Result<()> {
+    send_signal(pid, libc::SIGINT)
+}
+
+/// Sends `signal` (`libc::SIGTERM`, `SIGKILL`, `SIGSTOP`, ...) to process `pid`.
+pub fn send_signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid).map_err(io::Error::other)?;
-    // SAFETY: kill(2) takes a pid and a valid signal number; no pointers, no memory effects here.
-    let rc = unsafe { libc::kill(pid, libc::SIGINT) };
+    // SAFETY: kill(2) takes a pid and a signal number; no pointers, no memory effects here.
+    let rc = unsafe { libc::kill(pid, signal) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -1,8 +1,13 @@
 //! Two emulated sites 150 ms apart with real gateways (host-plugin API on), `ferry-host serve`
 //! in site B, a bridge standing for site B's L2, and helpers to start VM pairs and run
-//! `ferry-host migrate` in site A. Shared by the migration tests and the downtime benchmark.
+//! `ferry-host migrate` in site A. Shared by the migration tests, the fault tests and the
+//! downtime benchmark. The gateways run in the test process ([`setup`]: their flow logs can be
+//! checked) or as `ferry-gateway` processes ([`setup_with_gateway_processes`]: they can be
+//! killed and restarted).
 
 #![allow(dead_code)]
+
+pub mod faults;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -13,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use ferry_netem::gateway_pair::{GatewayPair, PairLink};
 use ferry_netem::qemu::{self, GuestConfig, GuestImage, Qemu, QemuConfig};
+use ferry_qmp::MigrationStatus;
 use ferry_netem::Wan;
 use serde_json::Value;
 
@@ -45,12 +51,21 @@ impl Drop for Process {
     }
 }
 
+/// The two sites' gateways.
+pub enum Gateways {
+    /// In this process (flow logs readable).
+    InProcess(GatewayPair),
+    /// `ferry-gateway` processes.
+    Processes(faults::GatewayProcesses),
+}
+
 /// Everything a test needs; fields drop in order: the serve process, the gateways, the WAN
 /// (which deletes the namespaces and with them the bridge), the files.
 pub struct Setup {
-    _serve: Process,
+    serve: Option<Process>,
+    serve_config: PathBuf,
     /// The gateways.
-    pub pair: GatewayPair,
+    pub gateways: Gateways,
     /// The two sites.
     pub wan: Wan,
     /// The test guest.
@@ -59,8 +74,82 @@ pub struct Setup {
     pub dir: tempfile::TempDir,
 }
 
+impl Setup {
+    /// The in-process gateways (panics for gateway processes).
+    pub fn pair(&self) -> &GatewayPair {
+        match &self.gateways {
+            Gateways::InProcess(pair) => pair,
+            Gateways::Processes(_) => panic!("this setup runs gateway processes: no flow logs"),
+        }
+    }
+
+    /// Site A's gateway API, where `ferry-host migrate` goes.
+    pub fn api_a(&self) -> std::net::SocketAddr {
+        match &self.gateways {
+            Gateways::InProcess(pair) => pair.api_a,
+            Gateways::Processes(p) => p.api,
+        }
+    }
+
+    /// The gateway processes (panics for in-process gateways).
+    pub fn processes(&mut self) -> &mut faults::GatewayProcesses {
+        match &mut self.gateways {
+            Gateways::Processes(p) => p,
+            Gateways::InProcess(_) => panic!("this setup runs the gateways in process"),
+        }
+    }
+
+    /// `ferry-host serve`'s pid.
+    pub fn serve_pid(&self) -> Option<u32> {
+        self.serve.as_ref().map(|p| p.0.id())
+    }
+
+    /// Kills `ferry-host serve` (SIGKILL) and reaps it.
+    pub fn kill_serve(&mut self) {
+        self.serve = None;
+    }
+
+    /// Starts `ferry-host serve` in site B (again) and waits until it listens.
+    pub fn start_serve(&mut self) {
+        let serve = self
+            .wan
+            .site_b()
+            .command(ferry_host_bin())
+            .args(["serve", "--config"])
+            .arg(&self.serve_config)
+            .env("RUST_LOG", "ferry_host=debug")
+            .spawn()
+            .expect("start ferry-host serve");
+        self.serve = Some(Process(serve));
+        let listening = self
+            .wan
+            .site_b()
+            .run(|| {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < deadline {
+                    if std::net::TcpStream::connect(("127.0.0.1", SERVE_PORT)).is_ok() {
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                false
+            })
+            .expect("probe serve");
+        assert!(listening, "ferry-host serve did not listen within 20 s");
+    }
+}
+
 /// `None` (skipped, with a message) when not root or without QEMU.
 pub fn setup(test: &str, rate_bps: u64, bandwidth: &str) -> Option<Setup> {
+    setup_sites(test, rate_bps, bandwidth, false)
+}
+
+/// [`setup`] with the gateways as `ferry-gateway` processes.
+pub fn setup_with_gateway_processes(test: &str, rate_bps: u64, bandwidth: &str) -> Option<Setup> {
+    setup_sites(test, rate_bps, bandwidth, true)
+}
+
+fn setup_sites(test: &str, rate_bps: u64, bandwidth: &str, processes: bool) -> Option<Setup> {
     init_tracing();
     if let Some(why) = qemu::unavailable_reason() {
         eprintln!("SKIP {test}: {why}");
@@ -69,10 +158,14 @@ pub fn setup(test: &str, rate_bps: u64, bandwidth: &str) -> Option<Setup> {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = GuestImage::build().expect("building the test guest");
     let wan = Wan::builder().rtt(Duration::from_millis(150)).rate_bps(rate_bps).loss(0.001).up().expect("WAN up");
-    // The pair's static forward is unused here: host-plugins open their own through the API.
-    let unused = std::net::SocketAddr::from((wan.site_b().addr(), 9));
-    let pair = GatewayPair::start(&wan, PairLink { bandwidth: bandwidth.into(), rtt: "150ms".into(), codec: true }, unused)
-        .expect("gateways");
+    let link = PairLink { bandwidth: bandwidth.into(), rtt: "150ms".into(), codec: true };
+    let gateways = if processes {
+        Gateways::Processes(faults::GatewayProcesses::start(&wan, &link, dir.path()))
+    } else {
+        // The pair's static forward is unused here: host-plugins open their own through the API.
+        let unused = std::net::SocketAddr::from((wan.site_b().addr(), 9));
+        Gateways::InProcess(GatewayPair::start(&wan, link, unused).expect("gateways"))
+    };
 
     let ns = wan.site_b().netns().to_owned();
     let ip = |args: &[&str]| ip_in(&ns, args);
@@ -95,54 +188,50 @@ pub fn setup(test: &str, rate_bps: u64, bandwidth: &str) -> Option<Setup> {
         ),
     )
     .expect("serve config");
-    let serve = wan
-        .site_b()
-        .command(ferry_host_bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "ferry_host=debug")
-        .spawn()
-        .expect("start ferry-host serve");
-    let serve = Process(serve);
-    let listening = wan
-        .site_b()
-        .run(|| {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if std::net::TcpStream::connect(("127.0.0.1", SERVE_PORT)).is_ok() {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            false
-        })
-        .expect("probe serve");
-    assert!(listening, "ferry-host serve did not listen within 20 s");
-    Some(Setup { _serve: serve, pair, wan, image, dir })
+    let mut setup = Setup { serve: None, serve_config: config, gateways, wan, image, dir };
+    setup.start_serve();
+    Some(setup)
 }
 
 pub fn nic_args() -> Vec<String> {
     vec!["-netdev".into(), "user,id=n0".into(), "-device".into(), format!("e1000,netdev=n0,mac={VM_MAC},id=nic0")]
 }
 
-/// The source VM `name` in site A (with a second QMP socket and a heartbeat socket for the
-/// host-plugin) and its incoming twin in site B at the paths the serve config names.
+/// The QEMU config of VM `name` in the source (`incoming` false) or destination role: a second
+/// QMP socket for the host-plugin, a heartbeat socket, and a third QMP socket (`watch_path`)
+/// for a [`faults::RunWatch`].
+fn vm_config(s: &Setup, name: &str, memory_mib: u32, guest: &GuestConfig, incoming: bool) -> QemuConfig {
+    let d = s.dir.path();
+    let mut extra = nic_args();
+    let watch = watch_path(d, name, incoming);
+    extra.extend(["-chardev".into(), format!("socket,id=watchmon,path={},server=on,wait=off", watch.display())]);
+    extra.extend(["-mon".into(), "chardev=watchmon,mode=control".into()]);
+    let c = QemuConfig { memory_mib, guest: guest.clone(), extra_args: extra, ..QemuConfig::default() }.named(name);
+    if incoming {
+        c.incoming_defer().with_extra_qmp_socket(in_path(d, name, "qmp")).with_heartbeat_socket(in_path(d, name, "hb"))
+    } else {
+        c.with_extra_qmp_socket(d.join(format!("{name}.qmp"))).with_heartbeat_socket(d.join(format!("{name}.hb")))
+    }
+}
+
+/// The watch monitor socket of VM `name` at the source or (`incoming`) the destination.
+pub fn watch_path(dir: &Path, name: &str, incoming: bool) -> PathBuf {
+    dir.join(format!("{name}{}.watch", if incoming { ".in" } else { "" }))
+}
+
+/// The source VM `name` in site A and its incoming twin in site B at the paths the serve config
+/// names; returns them with the source's host-plugin QMP and heartbeat sockets.
 pub fn start_vms(s: &Setup, name: &str, memory_mib: u32, guest: &GuestConfig) -> (Qemu, Qemu, PathBuf, PathBuf) {
     let d = s.dir.path();
-    let (src_qmp, src_hb) = (d.join(format!("{name}.qmp")), d.join(format!("{name}.hb")));
-    let config = |incoming: bool| {
-        let mut c = QemuConfig { memory_mib, guest: guest.clone(), extra_args: nic_args(), ..QemuConfig::default() }.named(name);
-        if incoming {
-            c = c.incoming_defer().with_extra_qmp_socket(in_path(d, name, "qmp")).with_heartbeat_socket(in_path(d, name, "hb"));
-        } else {
-            c = c.with_extra_qmp_socket(&src_qmp).with_heartbeat_socket(&src_hb);
-        }
-        c
-    };
-    let src = Qemu::spawn(&s.image, &config(false), Some(s.wan.site_a().netns())).expect("start source in site A");
-    let dst = Qemu::spawn(&s.image, &config(true), Some(s.wan.site_b().netns())).expect("start destination in site B");
+    let src = Qemu::spawn(&s.image, &vm_config(s, name, memory_mib, guest, false), Some(s.wan.site_a().netns())).expect("start source in site A");
+    let dst = start_incoming(s, name, memory_mib, guest);
     src.serial().wait_for_tick(3, BOOT).expect("source ticks");
-    (src, dst, src_qmp, src_hb)
+    (src, dst, d.join(format!("{name}.qmp")), d.join(format!("{name}.hb")))
+}
+
+/// (Another) incoming QEMU for `name` in site B, `-incoming defer`.
+pub fn start_incoming(s: &Setup, name: &str, memory_mib: u32, guest: &GuestConfig) -> Qemu {
+    Qemu::spawn(&s.image, &vm_config(s, name, memory_mib, guest, true), Some(s.wan.site_b().netns())).expect("start destination in site B")
 }
 
 pub fn in_path(dir: &Path, name: &str, kind: &str) -> PathBuf {
@@ -156,10 +245,12 @@ pub fn migrate_command(s: &Setup, qmp: &Path, heartbeat: &Path, extra: &[&str]) 
         .arg("--qmp")
         .arg(qmp)
         .args(["--to", "site-b", "--dest-host", &format!("127.0.0.1:{SERVE_PORT}")])
-        .args(["--gateway", &s.pair.api_a.to_string(), "--ip", &VM_IP.to_string()])
+        .args(["--gateway", &s.api_a().to_string(), "--ip", &VM_IP.to_string()])
         .arg("--heartbeat")
         .arg(heartbeat)
         .args(["--progress", "lines", "--json"])
+        .arg("--state-dir")
+        .arg(s.dir.path().join("state"))
         .args(extra)
         .env("RUST_LOG", "ferry_host=debug")
         .stdout(Stdio::piped())
@@ -235,3 +326,62 @@ impl L2Capture {
     }
 }
 
+/// `ferry-host migrate` running in the background; its output is collected by a thread so a
+/// chatty log can never fill a pipe and stall it.
+pub struct RunningMigrate {
+    pub pid: u32,
+    done: std::sync::mpsc::Receiver<std::io::Result<Output>>,
+}
+
+impl RunningMigrate {
+    pub fn start(s: &Setup, qmp: &Path, hb: &Path) -> Self {
+        // Bounded, so that it ends on its own even if this test fails before it does.
+        Self::start_with(s, qmp, hb, &["--max-time", "2m"])
+    }
+
+    /// With these extra arguments.
+    pub fn start_with(s: &Setup, qmp: &Path, hb: &Path, extra: &[&str]) -> Self {
+        let child = migrate_command(s, qmp, hb, extra).spawn().expect("start ferry-host migrate");
+        let pid = child.id();
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        Self { pid, done }
+    }
+
+    /// Waits (at most a minute) for it to exit: (success, report).
+    pub fn finish(self) -> (bool, serde_json::Value) {
+        self.finish_within(Duration::from_secs(60))
+    }
+
+    /// Waits at most `limit`.
+    pub fn finish_within(self, limit: Duration) -> (bool, serde_json::Value) {
+        let out = self.done.recv_timeout(limit).expect("ferry-host migrate did not give up").expect("wait");
+        (out.status.success(), report_of(&out))
+    }
+}
+
+/// Waits until the source's migration is active and has sent a few MiB.
+pub fn wait_until_migrating(src: &mut Qemu) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = src.qmp().query_migrate().expect("query-migrate");
+        let sent = info.ram.as_ref().map_or(0, |r| r.transferred);
+        if info.status() == MigrationStatus::Active && sent > 4 << 20 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the migration did not get going: {info:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The source VM runs on after a failed migration: QEMU says so, the guest keeps ticking, and
+/// QEMU's migration ended failed or cancelled.
+pub fn assert_source_runs_on(src: &mut Qemu) {
+    assert!(src.qmp().query_status().expect("status").running);
+    let last = src.serial().last_tick().expect("ticks");
+    src.serial().wait_for_tick(last + 3, BOOT).expect("source guest keeps running");
+    let info = src.qmp().query_migrate().expect("query-migrate");
+    assert!(matches!(info.status(), MigrationStatus::Failed | MigrationStatus::Cancelled), "{info:?}");
+}

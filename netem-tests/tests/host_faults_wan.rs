@@ -1,0 +1,263 @@
+//! The migration is a transaction: the fault matrix. Real QEMU guests (TCG) in two emulated
+//! sites 150 ms apart, real `ferry-gateway` processes (so they can be killed), the real
+//! `ferry-host migrate`/`serve`/`resolve` binaries. Each case watches both QEMUs' run states
+//! every 50 ms for the whole test ([`RunWatch`]: it fails the test if both ever run at once) and
+//! ends with exactly one VM running, after `ferry-host resolve` where the migration could not
+//! know (both paused).
+//!
+//! Skips (passes with a message) unless root with `qemu-system-x86_64` installed.
+
+mod host_support;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ferry_netem::qemu::{GuestConfig, Qemu};
+use ferry_qmp::MigrationStatus;
+use ferry_testkit::sync::lock;
+use ferry_testkit::sys::{interrupt, send_signal};
+use host_support::faults::{RunWatch, Site};
+use host_support::{
+    assert_source_runs_on, ferry_host_bin, migrate_command, report_of, setup_with_gateway_processes, start_incoming, start_vms,
+    wait_until_migrating, watch_path, RunningMigrate, Setup, BOOT, SERVE_PORT,
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A guest that keeps dirtying memory (so there are passes), 64 MiB.
+fn guest() -> GuestConfig {
+    GuestConfig { dirty_pages_per_tick: 8, verify_every_ticks: 0, retouch: true, ..GuestConfig::default() }
+}
+
+/// A guest whose first pass takes a while on a slow link: 32 MiB of random pages.
+fn slow_guest() -> GuestConfig {
+    GuestConfig { dirty_pages_per_tick: 16, verify_every_ticks: 0, retouch: true, rand_mib: 32, ..GuestConfig::default() }
+}
+
+/// Where the VM runs at the end.
+#[derive(Debug, PartialEq, Eq)]
+enum RunsAt {
+    Source,
+    Destination,
+}
+
+/// Whether `vm`'s QEMU process is alive and running its guest.
+fn running(vm: &mut Qemu) -> bool {
+    vm.try_wait().ok().flatten().is_none() && vm.qmp().query_status().map(|s| s.running).unwrap_or(false)
+}
+
+/// Exactly one of the two runs, and its guest ticks on.
+fn exactly_one_runs(src: &mut Qemu, dst: &mut Qemu) -> RunsAt {
+    let (s, d) = (running(src), running(dst));
+    assert!(s != d, "expected exactly one VM running: source {s}, destination {d}");
+    let vm = if s { src } else { dst };
+    let last = vm.serial().last_tick().unwrap_or(0);
+    vm.serial().wait_for_tick(last + 2, BOOT).expect("the running guest ticks on");
+    if s {
+        RunsAt::Source
+    } else {
+        RunsAt::Destination
+    }
+}
+
+/// `ferry-host resolve` in site A for VM `name`; its JSON report.
+fn resolve(s: &Setup, qmp: &std::path::Path, name: &str) -> serde_json::Value {
+    let out = s
+        .wan
+        .site_a()
+        .command(ferry_host_bin())
+        .arg("resolve")
+        .arg("--qmp")
+        .arg(qmp)
+        .args(["--to", "site-b", "--dest-host", &format!("127.0.0.1:{SERVE_PORT}"), "--name", name])
+        .args(["--gateway", &s.api_a().to_string()])
+        .env("RUST_LOG", "ferry_host=debug")
+        .output()
+        .expect("run ferry-host resolve");
+    eprintln!("--- resolve stderr ---\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "ferry-host resolve failed: {}", String::from_utf8_lossy(&out.stdout));
+    serde_json::from_slice(&out.stdout).expect("resolve report is JSON")
+}
+
+/// After a migration that ended with `report`: if it could not know (source left paused),
+/// resolve; then exactly one VM runs. Returns where.
+fn settle(s: &Setup, report: &serde_json::Value, qmp: &std::path::Path, name: &str, src: &mut Qemu, dst: &mut Qemu) -> RunsAt {
+    let source_vm = report["source_vm"].as_str().unwrap_or_default();
+    if source_vm.contains("destination state unknown") {
+        assert!(source_vm.contains("ferry-host resolve"), "{source_vm}");
+        // Undecided: both paused.
+        assert!(!running(src), "undecided but the source runs");
+        assert!(!running(dst), "undecided but the destination runs");
+        let resolved = resolve(s, qmp, name);
+        eprintln!("resolved: {resolved}");
+    }
+    exactly_one_runs(src, dst)
+}
+
+/// Polls `vm`'s migration until `done` says so (10 ms apart; at most `limit`).
+fn wait_migration(vm: &Qemu, limit: Duration, done: impl Fn(&MigrationStatus) -> bool) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let status = vm.qmp().query_migrate().map(|i| i.status()).unwrap_or(MigrationStatus::None);
+        if done(&status) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "migration never reached the expected state (last {status:?})");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn watch(s: &Setup, name: &str) -> RunWatch {
+    RunWatch::start(watch_path(s.dir.path(), name, false), watch_path(s.dir.path(), name, true))
+}
+
+#[test]
+fn egress_gateway_killed_right_after_the_destination_loaded() {
+    let _lock = lock(&SERIAL);
+    let Some(mut s) = setup_with_gateway_processes("egress_gateway_killed", 200_000_000, "200mbit") else { return };
+    let (mut src, mut dst, qmp, hb) = start_vms(&s, "fault1", 64, &guest());
+    let watch = watch(&s, "fault1");
+    let running = RunningMigrate::start(&s, &qmp, &hb);
+    // The incoming QEMU's own view: the whole stream is loaded.
+    wait_migration(&dst, Duration::from_secs(90), |m| *m == MigrationStatus::Completed);
+    s.processes().kill(Site::B);
+    let (_, report) = running.finish_within(Duration::from_secs(120));
+    eprintln!("report: {report}");
+    s.processes().start_site(Site::B);
+    let at = settle(&s, &report, &qmp, "fault1", &mut src, &mut dst);
+    let seen = watch.finish();
+    eprintln!("egress killed: ends at {at:?}, outcome {}, watch {seen:?}", report["outcome"]);
+}
+
+#[test]
+fn sigint_right_after_qemu_completed() {
+    let _lock = lock(&SERIAL);
+    let Some(s) = setup_with_gateway_processes("sigint_after_completed", 200_000_000, "200mbit") else { return };
+    let (mut src, mut dst, qmp, hb) = start_vms(&s, "fault3", 64, &guest());
+    let watch = watch(&s, "fault3");
+    let running = RunningMigrate::start(&s, &qmp, &hb);
+    wait_migration(&src, Duration::from_secs(90), |m| *m == MigrationStatus::Completed);
+    let completed = Instant::now();
+    interrupt(running.pid).expect("SIGINT to ferry-host migrate");
+    let late = completed.elapsed();
+    let (_, report) = running.finish();
+    assert!(late < Duration::from_millis(100), "SIGINT {late:?} after completion");
+    let at = settle(&s, &report, &qmp, "fault3", &mut src, &mut dst);
+    // Either it had committed (the signal is ignored: completed) or not (cancelled, resumed).
+    match at {
+        RunsAt::Destination => assert_eq!(report["outcome"], "completed", "{report}"),
+        RunsAt::Source => assert_eq!(report["source_vm"], "running", "{report}"),
+    }
+    watch.finish();
+    eprintln!("SIGINT {late:?} after completion: ends at {at:?}");
+}
+
+#[test]
+fn destination_qmp_unresponsive_after_completion() {
+    let _lock = lock(&SERIAL);
+    let Some(s) = setup_with_gateway_processes("destination_qmp_unresponsive", 200_000_000, "200mbit") else { return };
+    let (mut src, mut dst, qmp, hb) = start_vms(&s, "fault4", 64, &guest());
+    let watch = watch(&s, "fault4");
+    let running = RunningMigrate::start(&s, &qmp, &hb);
+    wait_migration(&src, Duration::from_secs(90), |m| *m == MigrationStatus::Completed);
+    // The destination QEMU stops answering anything (its process is stopped).
+    send_signal(dst.pid(), libc::SIGSTOP).expect("SIGSTOP the destination QEMU");
+    let (_, report) = running.finish_within(Duration::from_secs(120));
+    eprintln!("report: {report}");
+    // Whatever serve concluded, a stopped QEMU it did not kill would run again now.
+    let _ = send_signal(dst.pid(), libc::SIGCONT);
+    let at = settle(&s, &report, &qmp, "fault4", &mut src, &mut dst);
+    watch.finish();
+    eprintln!("destination QMP unresponsive: ends at {at:?}, outcome {}", report["outcome"]);
+}
+
+#[test]
+fn migrate_killed_mid_precopy_is_cancelled_and_undone() {
+    let _lock = lock(&SERIAL);
+    let Some(s) = setup_with_gateway_processes("migrate_killed_mid_precopy", 20_000_000, "20mbit") else { return };
+    let (mut src, mut dst, qmp, hb) = start_vms(&s, "fault5", 64, &slow_guest());
+    let before = src.qmp().query_migrate_parameters().expect("parameters before");
+    let watch = watch(&s, "fault5");
+    let running = RunningMigrate::start(&s, &qmp, &hb);
+    wait_until_migrating(&mut src);
+    let during = src.qmp().query_migrate_parameters().expect("parameters during");
+    assert_ne!(during, before, "the migration did not change the parameters");
+    send_signal(running.pid, libc::SIGKILL).expect("SIGKILL ferry-host migrate");
+    let killed = Instant::now();
+    // Within 10 s: QEMU's migration is over, no throttle, the parameters are back.
+    loop {
+        let info = src.qmp().query_migrate().expect("query-migrate");
+        let params = src.qmp().query_migrate_parameters().expect("parameters");
+        let over = matches!(info.status(), MigrationStatus::Cancelled | MigrationStatus::Failed);
+        if over && info.cpu_throttle_percentage.unwrap_or(0) == 0 && params.downtime_limit == before.downtime_limit && params.max_bandwidth == before.max_bandwidth {
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(10), "not undone 10 s after migrate died: {info:?} {params:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("undone {:?} after SIGKILL", killed.elapsed());
+    assert_source_runs_on(&mut src);
+    // The destination discarded its copy when the control channel closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dst.try_wait().expect("destination status").is_none() {
+        assert!(Instant::now() < deadline, "the destination QEMU was not discarded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // (Killed: it printed no report.)
+    drop(running);
+    assert_eq!(exactly_one_runs(&mut src, &mut dst), RunsAt::Source);
+    watch.finish();
+}
+
+#[test]
+fn serve_killed_mid_migration_then_a_retry_succeeds() {
+    let _lock = lock(&SERIAL);
+    let Some(mut s) = setup_with_gateway_processes("serve_killed_mid_migration", 20_000_000, "20mbit") else { return };
+    let (mut src, mut dst, qmp, hb) = start_vms(&s, "fault6", 64, &slow_guest());
+    let watch = watch(&s, "fault6");
+    let running = RunningMigrate::start(&s, &qmp, &hb);
+    wait_until_migrating(&mut src);
+    s.kill_serve();
+    let (ok, report) = running.finish();
+    assert!(!ok);
+    assert_eq!(report["source_vm"], "running", "{report}");
+    assert_source_runs_on(&mut src);
+    // The incoming QEMU lost its stream; an operator (or their tooling) starts a new one and
+    // serve again, and retries.
+    dst.kill();
+    s.start_serve();
+    let mut dst = start_incoming(&s, "fault6", 64, &slow_guest());
+    let out = migrate_command(&s, &qmp, &hb, &["--max-time", "3m"]).output().expect("retry ferry-host migrate");
+    let report = report_of(&out);
+    assert!(out.status.success(), "the retry failed: {report}");
+    assert_eq!(report["outcome"], "completed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while src.try_wait().expect("source status").is_none() {
+        assert!(Instant::now() < deadline, "the source QEMU did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(exactly_one_runs(&mut src, &mut dst), RunsAt::Destination);
+    watch.finish();
+}
+
+#[test]
+fn two_migrations_of_one_vm_exactly_one_proceeds() {
+    let _lock = lock(&SERIAL);
+    let Some(s) = setup_with_gateway_processes("two_migrations_of_one_vm", 200_000_000, "200mbit") else { return };
+    let (mut src, mut dst, qmp, hb) = start_vms(&s, "fault8", 64, &guest());
+    let watch = watch(&s, "fault8");
+    let first = RunningMigrate::start(&s, &qmp, &hb);
+    wait_until_migrating(&mut src);
+    let started = Instant::now();
+    let out = migrate_command(&s, &qmp, &hb, &[]).output().expect("second ferry-host migrate");
+    let second = report_of(&out);
+    assert!(!out.status.success());
+    let error = second["error"].as_str().unwrap_or_default();
+    assert!(error.contains("another ferry-host migrate") && error.contains(&format!("pid {}", first.pid)), "{error}");
+    assert_eq!(second["source_vm"], "running");
+    assert!(started.elapsed() < Duration::from_secs(5), "the refusal took {:?}", started.elapsed());
+    let (ok, report) = first.finish_within(Duration::from_secs(120));
+    assert!(ok, "the first migration failed: {report}");
+    assert_eq!(exactly_one_runs(&mut src, &mut dst), RunsAt::Destination);
+    watch.finish();
+}
