@@ -241,6 +241,36 @@ fn serve_killed_mid_migration_then_a_retry_succeeds() {
 }
 
 #[test]
+fn serve_stopping_gives_an_uncommitted_migration_up_at_once() {
+    let _lock = lock(&SERIAL);
+    let Some(mut s) = setup_with_gateway_processes("serve_sigterm_mid_migration", 20_000_000, "20mbit") else { return };
+    let (mut src, mut dst, qmp, hb) = start_vms(&s, "fault9", 64, &slow_guest());
+    let watch = watch(&s, "fault9");
+    let running = RunningMigrate::start(&s, &qmp, &hb);
+    wait_until_migrating(&mut src);
+    let stopped = Instant::now();
+    send_signal(s.serve_pid().expect("serve runs"), libc::SIGTERM).expect("SIGTERM to serve");
+    let (ok, report) = running.finish();
+    let given_up = stopped.elapsed();
+    assert!(!ok);
+    assert!(report["error"].as_str().unwrap_or_default().contains("shutting down"), "{report}");
+    assert_eq!(report["source_vm"], "running", "{report}");
+    // Not a timeout: the source heard at once (one round trip, plus the discard).
+    assert!(given_up < Duration::from_secs(10), "the source heard after {given_up:?}");
+    let status = s.wait_serve_exit(Duration::from_secs(10)).expect("serve did not exit after SIGTERM");
+    assert!(status.success(), "serve exited with {status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dst.try_wait().expect("destination status").is_none() {
+        assert!(Instant::now() < deadline, "the destination QEMU was not discarded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_source_runs_on(&mut src);
+    assert_eq!(exactly_one_runs(&mut src, &mut dst), RunsAt::Source);
+    watch.finish();
+    eprintln!("serve SIGTERM: the source resumed {given_up:?} later");
+}
+
+#[test]
 fn two_migrations_of_one_vm_exactly_one_proceeds() {
     let _lock = lock(&SERIAL);
     let Some(s) = setup_with_gateway_processes("two_migrations_of_one_vm", 200_000_000, "200mbit") else { return };

@@ -104,6 +104,19 @@ impl Setup {
         self.serve.as_ref().map(|p| p.0.id())
     }
 
+    /// Waits at most `limit` for `ferry-host serve` to exit by itself; its status.
+    pub fn wait_serve_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.serve.as_mut().map(|p| p.0.try_wait()) {
+                self.serve = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Kills `ferry-host serve` (SIGKILL) and reaps it.
     pub fn kill_serve(&mut self) {
         self.serve = None;
