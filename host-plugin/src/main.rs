@@ -27,27 +27,34 @@ struct Cli {
     command: Command,
 }
 
+/// Which VM, and the way to its destination: what `migrate` and `resolve` both need.
+#[derive(clap::Args)]
+struct Target {
+    /// The VM's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
+    #[arg(long)]
+    qmp: PathBuf,
+    /// Destination site (a peer of the local gateway).
+    #[arg(long)]
+    to: String,
+    /// The destination host's `ferry-host serve`: IP or IP:PORT as the destination gateway
+    /// reaches it (default port 7800).
+    #[arg(long = "dest-host")]
+    dest_host: String,
+    /// The local gateway's API (`[api] listen` in its config).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    gateway: SocketAddr,
+    /// VM name (default: QEMU's -name); selects the destination's sockets.
+    #[arg(long)]
+    name: Option<String>,
+}
+
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant, reason = "parsed once per run")]
 enum Command {
     /// Migrate a running VM to another site (run on the source host).
     Migrate {
-        /// The VM's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
-        #[arg(long)]
-        qmp: PathBuf,
-        /// Destination site (a peer of the local gateway).
-        #[arg(long)]
-        to: String,
-        /// The destination host's `ferry-host serve`: IP or IP:PORT as the destination gateway
-        /// reaches it (default port 7800).
-        #[arg(long = "dest-host")]
-        dest_host: String,
-        /// The local gateway's API (`[api] listen` in its config).
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        gateway: SocketAddr,
-        /// VM name (default: QEMU's -name); selects the destination's sockets.
-        #[arg(long)]
-        name: Option<String>,
+        #[command(flatten)]
+        target: Target,
         /// An IP address of the VM to announce at the destination (repeat for more).
         #[arg(long = "ip")]
         ips: Vec<IpAddr>,
@@ -86,21 +93,8 @@ enum Command {
     /// After a migration that ended undecided (the source paused, the destination silent):
     /// ask both sides and start the VM in exactly one place.
     Resolve {
-        /// The source VM's QMP socket.
-        #[arg(long)]
-        qmp: PathBuf,
-        /// Destination site.
-        #[arg(long)]
-        to: String,
-        /// The destination host's `ferry-host serve` (IP or IP:PORT, as for migrate).
-        #[arg(long = "dest-host")]
-        dest_host: String,
-        /// The local gateway's API.
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        gateway: SocketAddr,
-        /// VM name (default: QEMU's -name).
-        #[arg(long)]
-        name: Option<String>,
+        #[command(flatten)]
+        target: Target,
         /// When the VM runs at the destination, leave the source paused instead of quitting it.
         #[arg(long = "keep-source")]
         keep_source: bool,
@@ -144,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
-        Command::Migrate { qmp, to, dest_host, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json, no_steer, state_dir } => {
+        Command::Migrate { target: Target { qmp, to, dest_host, gateway, name }, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json, no_steer, state_dir } => {
             let dest = parse_dest(&dest_host)?;
             let options = MigrateOptions { qmp, to, dest, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, steer: !no_steer, state_dir };
             let result = runtime.block_on(migrate(options));
@@ -162,7 +156,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Resolve { qmp, to, dest_host, gateway, name, keep_source } => {
+        Command::Resolve { target: Target { qmp, to, dest_host, gateway, name }, keep_source } => {
             let dest = parse_dest(&dest_host)?;
             let report = runtime.block_on(resolve(ResolveOptions { qmp, to, dest, gateway, name, keep_source }))?;
             println!("{}", serde_json::to_string_pretty(&report).context("cannot encode the report")?);

@@ -107,6 +107,15 @@ fn wait_migration(vm: &Qemu, limit: Duration, done: impl Fn(&MigrationStatus) ->
     }
 }
 
+/// Waits (at most 10 s) for `vm`'s QEMU to exit; panics with `what` if it does not.
+fn wait_exit(vm: &mut Qemu, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.try_wait().expect("QEMU status").is_none() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn watch(s: &Setup, name: &str) -> RunWatch {
     RunWatch::start(watch_path(s.dir.path(), name, false), watch_path(s.dir.path(), name, true))
 }
@@ -198,11 +207,7 @@ fn migrate_killed_mid_precopy_is_cancelled_and_undone() {
     eprintln!("undone {:?} after SIGKILL", killed.elapsed());
     assert_source_runs_on(&mut src);
     // The destination discarded its copy when the control channel closed.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dst.try_wait().expect("destination status").is_none() {
-        assert!(Instant::now() < deadline, "the destination QEMU was not discarded");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_exit(&mut dst, "the destination QEMU was not discarded");
     // (Killed: it printed no report.)
     drop(running);
     assert_eq!(exactly_one_runs(&mut src, &mut dst), RunsAt::Source);
@@ -231,11 +236,7 @@ fn serve_killed_mid_migration_then_a_retry_succeeds() {
     let report = report_of(&out);
     assert!(out.status.success(), "the retry failed: {report}");
     assert_eq!(report["outcome"], "completed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while src.try_wait().expect("source status").is_none() {
-        assert!(Instant::now() < deadline, "the source QEMU did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_exit(&mut src, "the source QEMU did not quit");
     assert_eq!(exactly_one_runs(&mut src, &mut dst), RunsAt::Destination);
     watch.finish();
 }
@@ -259,11 +260,7 @@ fn serve_stopping_gives_an_uncommitted_migration_up_at_once() {
     assert!(given_up < Duration::from_secs(10), "the source heard after {given_up:?}");
     let status = s.wait_serve_exit(Duration::from_secs(10)).expect("serve did not exit after SIGTERM");
     assert!(status.success(), "serve exited with {status}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dst.try_wait().expect("destination status").is_none() {
-        assert!(Instant::now() < deadline, "the destination QEMU was not discarded");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_exit(&mut dst, "the destination QEMU was not discarded");
     assert_source_runs_on(&mut src);
     assert_eq!(exactly_one_runs(&mut src, &mut dst), RunsAt::Source);
     watch.finish();
