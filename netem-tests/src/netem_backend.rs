@@ -239,7 +239,8 @@ impl Drop for OutageScheduler {
     }
 }
 
-fn switch(sides: &[NetemSide], down: bool) {
+/// Turns the sides' netem to 100 % loss (`down`) or back to their configured loss.
+pub fn switch(sides: &[NetemSide], down: bool) {
     tracing::info!(down, "netem outage switch");
     for side in sides {
         let loss = down.then_some(1.0);

@@ -271,6 +271,8 @@ impl Shaper {
 #[derive(Debug)]
 pub struct UserspaceLink {
     stop: Arc<AtomicBool>,
+    /// Set: the link drops everything in both directions (an outage started at run time).
+    down: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
     threads: Vec<JoinHandle<()>>,
     counters: [Arc<AtomicCounters>; 2],
@@ -288,6 +290,12 @@ fn eventfd() -> Result<OwnedFd> {
 }
 
 impl UserspaceLink {
+    /// Starts (`true`) or ends an outage now: while down, every packet of both directions is
+    /// dropped, also those already queued.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
+    }
+
     /// Starts forwarding `a → b` with `a_to_b` and `b → a` with `b_to_a`.
     /// Outage windows are measured from `epoch`.
     pub fn start(
@@ -307,6 +315,7 @@ impl UserspaceLink {
         ];
         let mut link = UserspaceLink {
             stop,
+            down: Arc::new(AtomicBool::new(false)),
             wake,
             threads: Vec::new(),
             counters,
@@ -315,6 +324,7 @@ impl UserspaceLink {
         let dirs = [(a.clone(), b.clone(), a_to_b, "a>b"), (b, a, b_to_a, "b>a")];
         for (i, (inp, out, params, label)) in dirs.into_iter().enumerate() {
             let stop = link.stop.clone();
+            let down = link.down.clone();
             let wake = link.wake.clone();
             let counters = link.counters[i].clone();
             let name = format!("netem-{label}");
@@ -333,6 +343,7 @@ impl UserspaceLink {
                         out: &out,
                         wake: wake.as_raw_fd(),
                         stop: &stop,
+                        down: &down,
                         counters: &counters,
                         epoch,
                         ring: Ring::new(slots),
@@ -397,6 +408,7 @@ struct Direction<'a> {
     out: &'a Tun,
     wake: RawFd,
     stop: &'a AtomicBool,
+    down: &'a AtomicBool,
     counters: &'a AtomicCounters,
     epoch: Instant,
     ring: Ring,
@@ -425,7 +437,7 @@ impl Direction<'_> {
                 if t > now || released == BATCH {
                     break;
                 }
-                if self.shaper.in_outage(t) {
+                if self.shaper.in_outage(t) || self.down.load(Ordering::Relaxed) {
                     local.outage_drops += 1;
                 } else {
                     match self.out.send(self.ring.front()) {
@@ -475,7 +487,8 @@ impl Direction<'_> {
                     continue;
                 }
                 now = self.now_ns();
-                match self.shaper.admit(now, len) {
+                let verdict = if self.down.load(Ordering::Relaxed) { Verdict::Outage } else { self.shaper.admit(now, len) };
+                match verdict {
                     Verdict::Release(t) => self.ring.push(len, t),
                     Verdict::Lost => local.lost += 1,
                     Verdict::QueueFull => local.queue_drops += 1,

@@ -471,6 +471,19 @@ impl Wan {
         Ok(())
     }
 
+    /// Starts (`true`) or ends an outage of the link now, both directions (the scheduled
+    /// `outage` window is independent of this).
+    pub fn set_link_down(&self, down: bool) {
+        tracing::info!(down, "WAN outage switch");
+        match &self.link {
+            Some(link) => link.set_down(down),
+            None => {
+                let (a, b) = self.netem_sides();
+                netem_backend::switch(&[a, b], down);
+            }
+        }
+    }
+
     /// The WAN's name (namespaces are `<name>-a` and `<name>-b`).
     pub fn name(&self) -> &str {
         &self.name

@@ -60,8 +60,8 @@ fn exactly_one_runs(src: &mut Qemu, dst: &mut Qemu) -> RunsAt {
     }
 }
 
-/// `ferry-host resolve` in site A for VM `name`; its JSON report.
-fn resolve(s: &Setup, qmp: &std::path::Path, name: &str) -> serde_json::Value {
+/// `ferry-host resolve` in site A for VM `name`; its JSON report, or its error output.
+fn resolve(s: &Setup, qmp: &std::path::Path, name: &str) -> Result<serde_json::Value, String> {
     let out = s
         .wan
         .site_a()
@@ -74,9 +74,10 @@ fn resolve(s: &Setup, qmp: &std::path::Path, name: &str) -> serde_json::Value {
         .env("RUST_LOG", "ferry_host=debug")
         .output()
         .expect("run ferry-host resolve");
-    eprintln!("--- resolve stderr ---\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "ferry-host resolve failed: {}", String::from_utf8_lossy(&out.stdout));
-    serde_json::from_slice(&out.stdout).expect("resolve report is JSON")
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).expect("resolve report is JSON"))
 }
 
 /// After a migration that ended with `report`: if it could not know (source left paused),
@@ -88,7 +89,18 @@ fn settle(s: &Setup, report: &serde_json::Value, qmp: &std::path::Path, name: &s
         // Undecided: both paused.
         assert!(!running(src), "undecided but the source runs");
         assert!(!running(dst), "undecided but the destination runs");
-        let resolved = resolve(s, qmp, name);
+        // Resolve needs the tunnel back: retry while the gateways reconnect.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let resolved = loop {
+            match resolve(s, qmp, name) {
+                Ok(r) => break r,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("resolve not yet: {e}");
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(e) => panic!("ferry-host resolve failed: {e}"),
+            }
+        };
         eprintln!("resolved: {resolved}");
     }
     exactly_one_runs(src, dst)
@@ -136,6 +148,31 @@ fn egress_gateway_killed_right_after_the_destination_loaded() {
     let at = settle(&s, &report, &qmp, "fault1", &mut src, &mut dst);
     let seen = watch.finish();
     eprintln!("egress killed: ends at {at:?}, outcome {}, watch {seen:?}", report["outcome"]);
+}
+
+#[test]
+fn link_outage_of_60s_from_the_stop_and_copy() {
+    let _lock = lock(&SERIAL);
+    let Some(s) = setup_with_gateway_processes("outage_at_stop_and_copy", 200_000_000, "200mbit") else { return };
+    let (mut src, mut dst, qmp, hb) = start_vms(&s, "fault2", 64, &guest());
+    let watch = watch(&s, "fault2");
+    let running = RunningMigrate::start_with(&s, &qmp, &hb, &["--max-time", "4m"]);
+    wait_until_migrating(&mut src);
+    // The stop-and-copy begins when the source stops running.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while src.qmp().query_status().map(|st| st.running).unwrap_or(false) {
+        assert!(Instant::now() < deadline, "the source never stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.wan.set_link_down(true);
+    let down = Instant::now();
+    let (_, report) = running.finish_within(Duration::from_secs(150));
+    eprintln!("report after {:?} of outage: {report}", down.elapsed());
+    std::thread::sleep(Duration::from_secs(60).saturating_sub(down.elapsed()));
+    s.wan.set_link_down(false);
+    let at = settle(&s, &report, &qmp, "fault2", &mut src, &mut dst);
+    watch.finish();
+    eprintln!("60 s outage from the stop: ends at {at:?}, outcome {}", report["outcome"]);
 }
 
 #[test]

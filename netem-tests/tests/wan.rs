@@ -267,6 +267,27 @@ fn outage_drops_everything_in_its_window() {
     }
 }
 
+#[test]
+fn an_outage_switched_at_run_time_drops_until_switched_back() {
+    if !root_or_skip() {
+        return;
+    }
+    let _serial = serial();
+    for backend in backends() {
+        let wan = up(Wan::builder().rtt(Duration::from_millis(10)).backend(backend));
+        let (stop, server) = echo_server(wan.site_b(), 7002);
+        let target = SocketAddr::from((wan.site_b().addr(), 7002));
+        let ping = |n| ping_udp(wan.site_a(), target, n, Duration::from_millis(10)).len();
+        assert_eq!(ping(10), 10, "{backend}: pings lost before the outage");
+        wan.set_link_down(true);
+        assert_eq!(ping(10), 0, "{backend}: pings crossed during the outage");
+        wan.set_link_down(false);
+        assert_eq!(ping(10), 10, "{backend}: pings lost after the outage");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        server.join().expect("echo server");
+    }
+}
+
 fn namespaces() -> Vec<String> {
     ferry_netem::netns::list().expect("list namespaces")
 }
