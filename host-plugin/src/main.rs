@@ -89,6 +89,13 @@ enum Command {
         /// Where the per-VM locks live (one migration per VM per host).
         #[arg(long = "state-dir", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// A shell command to run when QEMU completed, before the commit, with both VMs paused
+        /// (FERRY_VM, FERRY_TO set); a non-zero exit cancels: the source resumes.
+        #[arg(long = "pre-commit-check")]
+        pre_commit_check: Option<String>,
+        /// How long the pre-commit check may take.
+        #[arg(long = "pre-commit-timeout", default_value = "60s", value_parser = ferry_units::parse_duration)]
+        pre_commit_timeout: Duration,
     },
     /// After a migration that ended undecided (the source paused, the destination silent):
     /// ask both sides and start the VM in exactly one place.
@@ -138,9 +145,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
-        Command::Migrate { target: Target { qmp, to, dest_host, gateway, name }, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json, no_steer, state_dir } => {
+        Command::Migrate { target: Target { qmp, to, dest_host, gateway, name }, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json, no_steer, state_dir, pre_commit_check, pre_commit_timeout } => {
             let dest = parse_dest(&dest_host)?;
-            let options = MigrateOptions { qmp, to, dest, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, steer: !no_steer, state_dir };
+            let options = MigrateOptions { qmp, to, dest, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, steer: !no_steer, state_dir, pre_commit_check, pre_commit_timeout };
             let result = runtime.block_on(migrate(options));
             let text = serde_json::to_string_pretty(&result).context("cannot encode the report")?;
             if let Some(path) = report {

@@ -77,6 +77,12 @@ pub struct MigrateOptions {
     pub steer: bool,
     /// Where the per-VM locks live.
     pub state_dir: PathBuf,
+    /// A shell command run once QEMU completed and before the commit, with both VMs paused
+    /// (`FERRY_VM`, `FERRY_TO` in its environment); a non-zero exit (or no exit within
+    /// `pre_commit_timeout`) fails the migration on the safe side: the source resumes.
+    pub pre_commit_check: Option<String>,
+    /// How long the pre-commit check may take.
+    pub pre_commit_timeout: Duration,
 }
 
 /// Runs one migration; never panics, always returns a report (check `outcome`).
@@ -90,7 +96,7 @@ pub async fn migrate(options: MigrateOptions) -> MigrationReport {
             ..MigrationReport::default()
         },
         progress: Progress::new(options.progress),
-        session: SourceSession::new(SourceConfig { keep_source: options.keep_source, steer: options.steer }, started),
+        session: SourceSession::new(SourceConfig { keep_source: options.keep_source, steer: options.steer, pre_commit_check: options.pre_commit_check.is_some() }, started),
         options,
         started,
         qmp: None,
@@ -297,7 +303,7 @@ impl Run {
             let info = qmp.query_migrate().await.context("query-migrate")?;
             let stats = api.forward_stats(migration_forward.id).await?;
             self.session.handle_progress(Instant::now(), &info, &gateway_reading(&stats))?;
-            if self.session.stage() == Stage::Committed {
+            if self.session.stage() >= Stage::Checking {
                 break (info, stats);
             }
             self.perform_actions().await?;
@@ -374,6 +380,10 @@ impl Run {
                         cancel_migration(&qmp).await;
                     }
                 }
+                SourceAction::RunPreCommitCheck => {
+                    let result = self.pre_commit_check().await;
+                    self.session.handle_pre_commit_check(result)?;
+                }
                 SourceAction::RestoreParameters => {
                     if let (Some(qmp), Some(restore)) = (self.qmp.clone(), self.restore.as_ref()) {
                         match qmp.migrate_set_parameters(restore).await {
@@ -434,6 +444,26 @@ impl Run {
             },
         }
         Ok(())
+    }
+
+    /// Runs `--pre-commit-check`: `Ok` when it exited 0 in time.
+    async fn pre_commit_check(&mut self) -> Result<(), String> {
+        let Some(command) = self.options.pre_commit_check.clone() else { return Ok(()) };
+        self.progress.note("source QEMU completed; running the pre-commit check (both VMs paused)");
+        let child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .env("FERRY_VM", &self.report.vm)
+            .env("FERRY_TO", &self.options.to)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(self.options.pre_commit_timeout, child).await {
+            Err(_) => Err(format!("`{command}` did not finish within {:?}", self.options.pre_commit_timeout)),
+            Ok(Err(e)) => Err(format!("cannot run `{command}`: {e}")),
+            Ok(Ok(out)) if out.status.success() => Ok(()),
+            Ok(Ok(out)) => Err(format!("`{command}` exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())),
+        }
     }
 
     fn warn(&mut self, message: String) {

@@ -305,6 +305,26 @@ fn serve_stopping_gives_an_uncommitted_migration_up_at_once() {
 }
 
 #[test]
+fn a_failed_pre_commit_check_resumes_the_completed_source() {
+    let _lock = lock(&SERIAL);
+    let Some(s) = setup_with_gateway_processes("failed_pre_commit_check", 200_000_000, "200mbit") else { return };
+    let (mut src, mut dst, qmp, hb) = start_vms(&s, "fault10", 64, &guest());
+    let watch = watch(&s, "fault10");
+    let check = r#"test "$FERRY_VM" = fault10 && echo "RAM differs" >&2; exit 3"#;
+    let out = migrate_command(&s, &qmp, &hb, &["--pre-commit-check", check]).output().expect("run ferry-host migrate");
+    let report = report_of(&out);
+    assert!(!out.status.success());
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(error.contains("the pre-commit check failed") && error.contains("RAM differs"), "{error}");
+    // QEMU had completed; not committed, so the source resumed from postmigrate.
+    assert_eq!(report["source_vm"], "running", "{report}");
+    assert_eq!(src.qmp().query_migrate().expect("query-migrate").status(), MigrationStatus::Completed);
+    wait_exit(&mut dst, "the destination QEMU was not discarded");
+    assert_eq!(exactly_one_runs(&mut src, &mut dst), RunsAt::Source);
+    watch.finish();
+}
+
+#[test]
 fn two_migrations_of_one_vm_exactly_one_proceeds() {
     let _lock = lock(&SERIAL);
     let Some(s) = setup_with_gateway_processes("two_migrations_of_one_vm", 200_000_000, "200mbit") else { return };

@@ -1,13 +1,15 @@
 //! The source side of one migration (`ferry-host migrate`) as a sans-IO state machine.
 //!
 //! ```text
-//! Setup ──migrate issued──▶ Migrating ──QEMU completed: Commit──▶ Committed ──Running──▶ DestinationRunning
-//!   │                          │                                      │                     │
-//!   failure: source untouched  failure: cancel, restore parameters,   failure: resume only  failures are
-//!   (Abort sent)               resume (Abort sent)                    if the destination    warnings
-//!                                                                     discarded its VM,
-//!                                                                     else stay paused
+//! Setup ──migrate issued──▶ Migrating ──QEMU completed──▶ (Checking) ──Commit──▶ Committed ──Running──▶ DestinationRunning
+//!   │                          │                              │                       │                     │
+//!   failure: restore,          failure: cancel, restore parameters,                   failure: resume only  failures are
+//!   source untouched           resume (Abort sent)                                    if the destination    warnings
+//!   (Abort sent)                                                                      discarded its VM,
+//!                                                                                     else stay paused
 //! ```
+//!
+//! `Checking` is the operator's `--pre-commit-check` (both VMs paused, before the commit).
 //!
 //! The commit point is QEMU's `completed`: with the return path on, the destination has loaded
 //! the state by then, paused (`ferry-host serve` turned its autostart off), and it runs the VM
@@ -43,6 +45,9 @@ pub enum Stage {
     Setup,
     /// QEMU's `migrate` was issued.
     Migrating,
+    /// QEMU completed (the source is paused, the destination loaded the state and waits
+    /// paused); the operator's pre-commit check runs. Still before the commit point.
+    Checking,
     /// QEMU reported `completed` and `Commit` went out: the source is paused, the destination
     /// loaded the state and is told to run it.
     Committed,
@@ -57,6 +62,8 @@ pub struct SourceConfig {
     pub keep_source: bool,
     /// Apply the convergence controller's parameters to QEMU.
     pub steer: bool,
+    /// Run the operator's pre-commit check between QEMU's completion and the commit.
+    pub pre_commit_check: bool,
 }
 
 /// The gateway's counters for the migration forward, as the controller reads them.
@@ -117,6 +124,8 @@ pub enum SourceAction {
     SetParameters(MigrationParameters),
     /// Show this progress.
     ShowProgress(Snapshot),
+    /// Run the pre-commit check (both VMs paused), then [`SourceSession::handle_pre_commit_check`].
+    RunPreCommitCheck,
     /// `migrate_cancel` and wait for QEMU to settle.
     CancelMigration,
     /// Set back the migration parameters the source QEMU had before (bandwidth cap, downtime
@@ -222,7 +231,7 @@ impl SourceSession {
     /// Ctrl-C or SIGTERM: cancels before QEMU completed, ignored after.
     pub fn handle_signal(&mut self, signal: Signal) -> Result<(), SourceFailure> {
         match self.stage {
-            Stage::Setup | Stage::Migrating => Err(SourceFailure::new(match signal {
+            Stage::Setup | Stage::Migrating | Stage::Checking => Err(SourceFailure::new(match signal {
                 Signal::Interrupt => "interrupted (Ctrl-C)",
                 Signal::Terminate => "interrupted (SIGTERM)",
             })),
@@ -234,7 +243,7 @@ impl SourceSession {
     /// A message from the destination, or the channel's failure.
     pub fn handle_control(&mut self, event: ControlEvent<ToSource>) -> Result<(), SourceFailure> {
         match self.stage {
-            Stage::Setup | Stage::Migrating => match event {
+            Stage::Setup | Stage::Migrating | Stage::Checking => match event {
                 ControlEvent::Message(ToSource::Failed { reason, vm_discarded }) => {
                     self.destination_discarded = vm_discarded;
                     Err(SourceFailure::new(format!("the destination failed: {reason}")))
@@ -301,9 +310,13 @@ impl SourceSession {
         self.figures.iterations = ram.dirty_sync_count;
         let status = info.status();
         match status {
+            MigrationStatus::Completed if self.config.pre_commit_check => {
+                self.stage = Stage::Checking;
+                self.actions.push_back(SourceAction::RunPreCommitCheck);
+                return Ok(());
+            }
             MigrationStatus::Completed => {
-                self.stage = Stage::Committed;
-                self.actions.push_back(SourceAction::Send(ToDestination::Commit));
+                self.commit();
                 return Ok(());
             }
             MigrationStatus::Failed | MigrationStatus::Cancelled => {
@@ -361,6 +374,24 @@ impl SourceSession {
         Ok(())
     }
 
+    /// The result of [`SourceAction::RunPreCommitCheck`]: passed, the commit goes out; else the
+    /// migration fails on the safe side of the commit point.
+    pub fn handle_pre_commit_check(&mut self, result: Result<(), String>) -> Result<(), SourceFailure> {
+        match result {
+            Ok(()) => {
+                self.commit();
+                Ok(())
+            }
+            Err(why) => Err(SourceFailure::new(format!("the pre-commit check failed: {why}"))),
+        }
+    }
+
+    /// The commit point: from here the source never resumes unless the destination discarded.
+    fn commit(&mut self) {
+        self.stage = Stage::Committed;
+        self.actions.push_back(SourceAction::Send(ToDestination::Commit));
+    }
+
     /// The migration failed for `reason`: queues what undoes it for the stage reached. Until the
     /// destination runs the VM it is told (`Abort`). Before the commit the migration is
     /// cancelled, the parameters restored and the source resumed; after, the source resumes
@@ -373,7 +404,8 @@ impl SourceSession {
         match self.stage {
             // Capabilities and parameters may have been set already.
             Stage::Setup => self.actions.push_back(SourceAction::RestoreParameters),
-            Stage::Migrating => {
+            // A completed QEMU ignores the cancel; the source resumes from `postmigrate`.
+            Stage::Migrating | Stage::Checking => {
                 self.actions.push_back(SourceAction::CancelMigration);
                 self.actions.push_back(SourceAction::RestoreParameters);
                 self.actions.push_back(SourceAction::ResumeSource);
@@ -434,7 +466,7 @@ mod tests {
 
     fn session(keep_source: bool) -> (SourceSession, Instant) {
         let t0 = Instant::now();
-        let mut s = SourceSession::new(SourceConfig { keep_source, steer: true }, t0);
+        let mut s = SourceSession::new(SourceConfig { keep_source, steer: true, pre_commit_check: false }, t0);
         s.handle_control_opened();
         (s, t0)
     }
@@ -488,7 +520,7 @@ mod tests {
 
     #[test]
     fn failure_before_the_control_channel_sends_no_abort() {
-        let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: true }, Instant::now());
+        let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: true, pre_commit_check: false }, Instant::now());
         s.handle_failure("cannot open the source VM's QMP socket");
         assert_eq!(drain(&mut s), vec![SourceAction::RestoreParameters, SourceAction::Finish(Outcome::Failed)]);
         assert_eq!(s.source_vm().to_string(), "running");
@@ -583,6 +615,38 @@ mod tests {
         s.handle_failure("control channel: broken pipe");
         assert!(!drain(&mut s).contains(&SourceAction::ResumeSource));
         assert_eq!(s.source_vm(), &SourceVm::PausedDestinationUnknown);
+    }
+
+    #[test]
+    fn the_pre_commit_check_decides_before_the_commit() {
+        let t0 = Instant::now();
+        let checked = || {
+            let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: true, pre_commit_check: true }, t0);
+            s.handle_control_opened();
+            s.handle_migration_started(controller(), t0);
+            s.handle_progress(t0, &info(MigrationStatus::Completed), &GatewayReading::default()).unwrap();
+            assert_eq!(drain(&mut s), vec![SourceAction::RunPreCommitCheck]);
+            assert_eq!(s.stage(), Stage::Checking);
+            s
+        };
+        let mut s = checked();
+        s.handle_pre_commit_check(Ok(())).unwrap();
+        assert_eq!(drain(&mut s), vec![SourceAction::Send(ToDestination::Commit)]);
+        assert_eq!(s.stage(), Stage::Committed);
+
+        // A failed check, or a signal meanwhile: not committed, so the source resumes.
+        let mut s = checked();
+        let failure = s.handle_pre_commit_check(Err("RAM differs in 3 pages".into())).unwrap_err();
+        assert_eq!(failure.reason, "the pre-commit check failed: RAM differs in 3 pages");
+        s.handle_failure(&failure.reason);
+        let undo = [SourceAction::CancelMigration, SourceAction::RestoreParameters, SourceAction::ResumeSource, SourceAction::Finish(Outcome::Failed)];
+        let actions = drain(&mut s);
+        assert_eq!(actions[0], abort(&failure.reason));
+        assert_eq!(actions[1..], undo);
+        let mut s = checked();
+        let failure = s.handle_signal(Signal::Interrupt).unwrap_err();
+        s.handle_failure(&failure.reason);
+        assert_eq!(drain(&mut s)[1..], undo);
     }
 
     #[test]
@@ -688,7 +752,7 @@ mod tests {
     #[test]
     fn not_steering_sets_no_parameters() {
         let t0 = Instant::now();
-        let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: false }, t0);
+        let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: false, pre_commit_check: false }, t0);
         s.handle_migration_started(controller(), t0);
         for i in 1..20 {
             s.handle_progress(t0 + Duration::from_millis(100 * i), &info(MigrationStatus::Active), &GatewayReading::default()).unwrap();
