@@ -83,6 +83,8 @@ pub struct MigrateOptions {
     pub pre_commit_check: Option<String>,
     /// How long the pre-commit check may take.
     pub pre_commit_timeout: Duration,
+    /// Longest the stop-and-copy may keep the source paused; past it, cancel (source resumes).
+    pub cutover_deadline: Duration,
 }
 
 /// Runs one migration; never panics, always returns a report (check `outcome`).
@@ -96,7 +98,7 @@ pub async fn migrate(options: MigrateOptions) -> MigrationReport {
             ..MigrationReport::default()
         },
         progress: Progress::new(options.progress),
-        session: SourceSession::new(SourceConfig { keep_source: options.keep_source, steer: options.steer, pre_commit_check: options.pre_commit_check.is_some() }, started),
+        session: SourceSession::new(SourceConfig { keep_source: options.keep_source, steer: options.steer, pre_commit_check: options.pre_commit_check.is_some(), cutover_deadline: options.cutover_deadline }, started),
         options,
         started,
         qmp: None,
@@ -299,6 +301,7 @@ impl Run {
             let qmp = self.qmp()?;
             if let Some(stop) = qmp.drain_events().iter().rev().find(|e| e.event == QmpEvent::Stop) {
                 self.stop_unix_ns = event_time_ns(stop);
+                self.session.handle_source_stopped(Instant::now());
             }
             let info = qmp.query_migrate().await.context("query-migrate")?;
             let stats = api.forward_stats(migration_forward.id).await?;

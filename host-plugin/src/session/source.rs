@@ -64,6 +64,9 @@ pub struct SourceConfig {
     pub steer: bool,
     /// Run the operator's pre-commit check between QEMU's completion and the commit.
     pub pre_commit_check: bool,
+    /// Longest the stop-and-copy may keep the source paused before QEMU completes; past it the
+    /// migration is cancelled (before the commit, so the source resumes).
+    pub cutover_deadline: Duration,
 }
 
 /// The gateway's counters for the migration forward, as the controller reads them.
@@ -172,6 +175,8 @@ pub struct SourceSession {
     steering: Option<(ConvergenceController, Instant)>,
     figures: PrecopyFigures,
     source_vm: SourceVm,
+    /// When QEMU stopped the source for the stop-and-copy.
+    stopped_at: Option<Instant>,
     actions: VecDeque<SourceAction>,
 }
 
@@ -187,6 +192,7 @@ impl SourceSession {
             steering: None,
             figures: PrecopyFigures::default(),
             source_vm: SourceVm::Running,
+            stopped_at: None,
             actions: VecDeque::new(),
         }
     }
@@ -226,6 +232,13 @@ impl SourceSession {
     pub fn handle_migration_started(&mut self, controller: ConvergenceController, started: Instant) {
         self.steering = Some((controller, started));
         self.stage = Stage::Migrating;
+    }
+
+    /// QEMU stopped the source VM at `at` (its `STOP` event while migrating: the stop-and-copy).
+    pub fn handle_source_stopped(&mut self, at: Instant) {
+        if self.stage == Stage::Migrating {
+            self.stopped_at.get_or_insert(at);
+        }
     }
 
     /// Ctrl-C or SIGTERM: cancels before QEMU completed, ignored after.
@@ -349,6 +362,15 @@ impl SourceSession {
         if let Some(reason) = decision.cancel {
             return Err(SourceFailure::new(reason));
         }
+        if let Some(stopped) = self.stopped_at {
+            let paused = now.saturating_duration_since(stopped);
+            if paused >= self.config.cutover_deadline {
+                return Err(SourceFailure::new(format!(
+                    "the stop-and-copy did not complete within the cutover deadline ({:?}; the VM was paused {paused:?})",
+                    self.config.cutover_deadline
+                )));
+            }
+        }
         let params = MigrationParameters {
             max_bandwidth: decision.max_bandwidth,
             downtime_limit: decision.downtime_limit_ms,
@@ -466,7 +488,7 @@ mod tests {
 
     fn session(keep_source: bool) -> (SourceSession, Instant) {
         let t0 = Instant::now();
-        let mut s = SourceSession::new(SourceConfig { keep_source, steer: true, pre_commit_check: false }, t0);
+        let mut s = SourceSession::new(SourceConfig { keep_source, steer: true, pre_commit_check: false, cutover_deadline: Duration::from_secs(10) }, t0);
         s.handle_control_opened();
         (s, t0)
     }
@@ -520,7 +542,7 @@ mod tests {
 
     #[test]
     fn failure_before_the_control_channel_sends_no_abort() {
-        let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: true, pre_commit_check: false }, Instant::now());
+        let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: true, pre_commit_check: false, cutover_deadline: Duration::from_secs(10) }, Instant::now());
         s.handle_failure("cannot open the source VM's QMP socket");
         assert_eq!(drain(&mut s), vec![SourceAction::RestoreParameters, SourceAction::Finish(Outcome::Failed)]);
         assert_eq!(s.source_vm().to_string(), "running");
@@ -621,7 +643,7 @@ mod tests {
     fn the_pre_commit_check_decides_before_the_commit() {
         let t0 = Instant::now();
         let checked = || {
-            let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: true, pre_commit_check: true }, t0);
+            let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: true, pre_commit_check: true, cutover_deadline: Duration::from_secs(10) }, t0);
             s.handle_control_opened();
             s.handle_migration_started(controller(), t0);
             s.handle_progress(t0, &info(MigrationStatus::Completed), &GatewayReading::default()).unwrap();
@@ -647,6 +669,29 @@ mod tests {
         let failure = s.handle_signal(Signal::Interrupt).unwrap_err();
         s.handle_failure(&failure.reason);
         assert_eq!(drain(&mut s)[1..], undo);
+    }
+
+    #[test]
+    fn a_stop_and_copy_past_the_cutover_deadline_cancels_before_the_commit() {
+        let (mut s, t0) = migrating();
+        let stopped = t0 + Duration::from_secs(5);
+        s.handle_source_stopped(stopped);
+        // A later STOP (a second event) does not move the start.
+        s.handle_source_stopped(stopped + Duration::from_secs(2));
+        s.handle_progress(stopped + Duration::from_millis(9_900), &info(MigrationStatus::Active), &GatewayReading::default()).unwrap();
+        drain(&mut s);
+        let failure = s.handle_progress(stopped + Duration::from_secs(10), &info(MigrationStatus::Active), &GatewayReading::default()).unwrap_err();
+        assert!(failure.reason.contains("cutover deadline (10s"), "{}", failure.reason);
+        s.handle_failure(&failure.reason);
+        assert_eq!(
+            drain(&mut s)[1..],
+            [SourceAction::CancelMigration, SourceAction::RestoreParameters, SourceAction::ResumeSource, SourceAction::Finish(Outcome::Failed)]
+        );
+        // Completion inside the deadline commits as usual.
+        let (mut s, t0) = migrating();
+        s.handle_source_stopped(t0);
+        s.handle_progress(t0 + Duration::from_secs(9), &info(MigrationStatus::Completed), &GatewayReading::default()).unwrap();
+        assert_eq!(drain(&mut s), vec![SourceAction::Send(ToDestination::Commit)]);
     }
 
     #[test]
@@ -752,7 +797,7 @@ mod tests {
     #[test]
     fn not_steering_sets_no_parameters() {
         let t0 = Instant::now();
-        let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: false, pre_commit_check: false }, t0);
+        let mut s = SourceSession::new(SourceConfig { keep_source: false, steer: false, pre_commit_check: false, cutover_deadline: Duration::from_secs(10) }, t0);
         s.handle_migration_started(controller(), t0);
         for i in 1..20 {
             s.handle_progress(t0 + Duration::from_millis(100 * i), &info(MigrationStatus::Active), &GatewayReading::default()).unwrap();
