@@ -10,7 +10,8 @@
 //! - `flow`: pumping one flow's bytes both ways.
 //!
 //! Interface for the layers above (forwards, the API): [`Tunnel`] (connection permits, path
-//! stats, the flow log), [`PeerTable`] and [`PeerLink`] (carrying a connection), and what the tunnel
+//! stats, the flow log; draining and closing for a graceful stop), [`PeerTable`] and
+//! [`PeerLink`] (carrying a connection), and what the tunnel
 //! reports about a flow: its [`FlowCounters`], to whichever [`FlowObserver`]
 //! the carrier passed. The tunnel knows nothing of forwards or the API. On codec flows it runs
 //! the `ferry_codec` encoder or decoder with the stores of [`crate::store`].
