@@ -148,12 +148,12 @@ struct End {
 impl End {
     /// Asserts this end was reset (ECONNRESET: not a clean end of stream, nor an error after
     /// one) within `within` of `since`; `logs` (the gateways') go with a failure.
-    fn assert_reset(&self, what: &str, since: Instant, within: Duration, logs: &str) {
+    fn assert_reset(&self, what: &str, since: Instant, within: Duration, logs: &dyn Fn() -> String) {
         let after = self.at.saturating_duration_since(since);
         let kind = self.error.as_ref().map(|e| e.kind());
         println!("{what}: {kind:?} {after:?} after the trigger");
-        assert_eq!(kind, Some(std::io::ErrorKind::ConnectionReset), "{what}: ended after {} bytes, {after:?} in; expected a reset\n{logs}", self.bytes);
-        assert!(after < within, "{what}: reset only {after:?} after the trigger\n{logs}");
+        assert_eq!(kind, Some(std::io::ErrorKind::ConnectionReset), "{what}: ended after {} bytes, {after:?} in; expected a reset\n{}", self.bytes, logs());
+        assert!(after < within, "{what}: reset only {after:?} after the trigger\n{}", logs());
     }
 }
 
@@ -222,10 +222,10 @@ async fn endless_flow(forward: SocketAddr, target: &TcpListener) -> Endless {
 
 impl Endless {
     /// Asserts both TCP ends were reset within `within` of `since`.
-    async fn assert_reset(self, since: Instant, within: Duration, logs: &str) {
+    async fn assert_reset(self, since: Instant, within: Duration, logs: &dyn Fn() -> String) {
         let timeout = within + Duration::from_secs(20);
         for (what, end) in [("client", self.client), ("target", self.server)] {
-            let end = tokio::time::timeout(timeout, end).await.unwrap_or_else(|_| panic!("{what} still running after {timeout:?}:\n{logs}"));
+            let end = tokio::time::timeout(timeout, end).await.unwrap_or_else(|_| panic!("{what} still running after {timeout:?}:\n{}", logs()));
             end.unwrap().assert_reset(what, since, within, logs);
         }
     }
@@ -265,7 +265,7 @@ async fn sigterm_mid_transfer(side: Side) {
     let signalled = Instant::now();
     terminate(stopping.pid()).unwrap();
     let grace = Duration::from_secs(1);
-    flow.assert_reset(signalled, grace + PROMPT, &format!("{}\n{}", stopping.log(), peer.log())).await;
+    flow.assert_reset(signalled, grace + PROMPT, &|| format!("{}\n{}", stopping.log(), peer.log())).await;
     stopping.assert_exits_cleanly(grace + PROMPT);
     assert!(stopping.log().contains("shutdown_grace_s=1"), "the grace period is logged at start-up:\n{}", stopping.log());
     let peer_log = peer.log();
@@ -294,14 +294,15 @@ async fn a_second_signal_skips_the_rest_of_the_grace_period() {
     flow.assert_running();
     let again = Instant::now();
     interrupt(pair.a.pid()).unwrap();
-    flow.assert_reset(again, PROMPT, &format!("{}\n{}", pair.a.log(), pair.b.log())).await;
+    flow.assert_reset(again, PROMPT, &|| format!("{}\n{}", pair.a.log(), pair.b.log())).await;
     pair.a.assert_exits_cleanly(PROMPT);
 }
 
 /// SIGTERM to one gateway while a transfer of known bytes is half done: the transfer goes on and
 /// arrives byte-identical; meanwhile new connections are not carried (the ingress's forward
 /// refuses them; a stopping egress refuses the flow, so the client is reset and the target never
-/// dialed); the gateway exits 0 once the transfer is done, long before its grace period ends.
+/// dialed), its API takes no new sessions and an open session no new forwards; the gateway
+/// exits 0 once the transfer is done, long before its grace period ends.
 async fn transfer_finishing_within_the_grace_period(side: Side) {
     const HALF: usize = 8 << 20;
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -325,6 +326,7 @@ async fn transfer_finishing_within_the_grace_period(side: Side) {
         Side::Ingress => &mut pair.a,
         Side::Egress => &mut pair.b,
     };
+    let mut session = Api::connect(stopping.api).await.unwrap();
     let signalled = Instant::now();
     terminate(stopping.pid()).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -334,13 +336,19 @@ async fn transfer_finishing_within_the_grace_period(side: Side) {
             // The ingress still accepts; the egress refuses the flow.
             let (mut r, _w) = TcpStream::connect(forward).await.unwrap().into_split();
             let end = tokio::time::timeout(PROMPT, read_to_end(&mut r)).await.expect("the refused flow's client is reset");
-            end.assert_reset("client of a flow opened after the egress's SIGTERM", signalled, PROMPT, &stopping.log());
+            end.assert_reset("client of a flow opened after the egress's SIGTERM", signalled, PROMPT, &|| stopping.log());
             let dialed = tokio::time::timeout(Duration::from_millis(300), target.accept()).await;
             assert!(dialed.is_err(), "the stopping egress dialed a new flow's target");
         }
     }
     assert!(stopping.is_running(), "the gateway must wait for the running transfer:\n{}", stopping.log());
     assert_refused(stopping.api, "the stopping gateway's API").await;
+    let peer = match side {
+        Side::Ingress => "site-b",
+        Side::Egress => "site-a",
+    };
+    let answer = session.call(Request::OpenForward { peer: peer.into(), connect: forward, codec: CodecMode::Off }).await;
+    assert!(matches!(&answer, Response::Error(e) if e.contains("stopping")), "a new forward while stopping: {answer:?}");
 
     client_w.write_all(&payload[HALF..]).await.unwrap();
     client_w.shutdown().await.unwrap();
@@ -375,7 +383,7 @@ async fn flows_of_an_api_forward_are_reset_when_its_session_ends() {
     // The host-plugin dies: its API connection closes.
     let ended = Instant::now();
     drop(api);
-    flow.assert_reset(ended, SESSION_RESET, &format!("{}\n{}", pair.a.log(), pair.b.log())).await;
+    flow.assert_reset(ended, SESSION_RESET, &|| format!("{}\n{}", pair.a.log(), pair.b.log())).await;
     assert_refused(listen, "the forward of an ended API session").await;
     let log = pair.a.log();
     assert!(log.contains("api session ended: forward closed, resetting its connections"), "{log}");
@@ -405,7 +413,7 @@ async fn configured_forwards_are_unaffected_by_an_api_session_ending() {
     let api_flow = endless_flow(listen, &target).await;
     let ended = Instant::now();
     drop(api);
-    api_flow.assert_reset(ended, SESSION_RESET, &pair.a.log()).await;
+    api_flow.assert_reset(ended, SESSION_RESET, &|| pair.a.log()).await;
 
     client_w.write_all(&payload[HALF..]).await.unwrap();
     client_w.shutdown().await.unwrap();
