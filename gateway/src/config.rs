@@ -65,6 +65,29 @@ pub struct Config {
     pub cache: CacheConfig,
     /// The local API for host-plugins; `None`: no API.
     pub api: Option<ApiConfig>,
+    /// How the gateway stops.
+    pub shutdown: ShutdownConfig,
+}
+
+/// How the gateway stops on SIGTERM or SIGINT (see [`Gateway::stop`](crate::Gateway::stop)).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long flows that are running may take to finish once the gateway stops accepting;
+    /// then the tunnel connections close and what still runs is reset. At most
+    /// [`MAX_SHUTDOWN_GRACE`].
+    #[serde(with = "duration_text")]
+    pub grace: Duration,
+}
+
+/// Longest `[shutdown] grace` accepted: a stop that takes longer is one an init system (systemd's
+/// `TimeoutStopSec`) would cut with SIGKILL, which resets nothing cleanly.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace: Duration::from_secs(10) }
+    }
 }
 
 /// The local API host-plugins use (see `gateway::api`).
@@ -222,6 +245,8 @@ struct RawConfig {
     #[serde(default)]
     cache: CacheConfig,
     api: Option<ApiConfig>,
+    #[serde(default)]
+    shutdown: ShutdownConfig,
 }
 
 impl Config {
@@ -302,6 +327,12 @@ impl Config {
                 format!("must be at least {MIN_DECODER_OUTPUT} bytes (one page), e.g. \"4MiB\""),
             ));
         }
+        if raw.shutdown.grace > MAX_SHUTDOWN_GRACE {
+            return Err(invalid(
+                "shutdown.grace".into(),
+                format!("must be at most {}s (an init system would kill a stop that long)", MAX_SHUTDOWN_GRACE.as_secs()),
+            ));
+        }
 
         Ok(Self {
             site: raw.site,
@@ -313,6 +344,7 @@ impl Config {
             limits: raw.limits,
             cache: CacheConfig { dir: raw.cache.dir.as_ref().map(|d| base.join(d)), ..raw.cache },
             api: raw.api,
+            shutdown: raw.shutdown,
         })
     }
 }
@@ -460,5 +492,20 @@ connect = "127.0.0.2:4444"
         assert!(err.contains("decoder_output"), "{err}");
         let err = parse(&sample("[limits]\nmax_conections = 8\n"), dir.path()).unwrap_err().to_string();
         assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn shutdown_section() {
+        let dir = dir_with_certs();
+        assert_eq!(parse(&sample(""), dir.path()).unwrap().shutdown.grace, Duration::from_secs(10), "default");
+        let cfg = parse(&sample("[shutdown]\ngrace = \"1.5s\"\n"), dir.path()).unwrap();
+        assert_eq!(cfg.shutdown.grace, Duration::from_millis(1500));
+        assert_eq!(parse(&sample("[shutdown]\ngrace = \"0s\"\n"), dir.path()).unwrap().shutdown.grace, Duration::ZERO);
+        let err = parse(&sample("[shutdown]\ngrace = \"2h\"\n"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("shutdown.grace") && err.contains("at most 3600s"), "{err}");
+        let err = parse(&sample("[shutdown]\ngrace = \"10 parsecs\"\n"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("grace") && err.contains("invalid duration"), "{err}");
+        let err = parse(&sample("[shutdown]\ngrase = \"1s\"\n"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("grase"), "{err}");
     }
 }

@@ -6,18 +6,23 @@
 //! A forward uses the tunnel's public interface only: it takes a connection permit, waits for
 //! the peer's link, hands the connection over, and learns how its flows go through the
 //! [`FlowObserver`] it passes along ([`ForwardTally`], summed into [`ForwardTotals`]).
+//!
+//! A forward stops accepting when the tunnel drains (the gateway stops; its flows go on), and
+//! resets every connection it carries when its owner's token is cancelled (an API session's
+//! forwards do not outlive the session).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use ferry_api::protocol::CodecMode;
 
 use crate::config::ForwardConfig;
-use crate::tunnel::{FlowCounters, FlowError, FlowObserver, Tunnel};
+use crate::tunnel::{ConnectionPermit, FlowCounters, FlowError, FlowObserver, Tunnel};
 
 /// How long an accepted connection waits for the tunnel to its peer before it is dropped.
 const PEER_WAIT: Duration = Duration::from_secs(15);
@@ -30,13 +35,15 @@ pub struct Forward {
     pub config: ForwardConfig,
     listener: TcpListener,
     tally: Arc<ForwardTally>,
+    owner: CancellationToken,
 }
 
 impl Forward {
-    /// Binds the forward's listener.
-    pub async fn bind(index: u32, config: ForwardConfig) -> std::io::Result<Self> {
+    /// Binds the forward's listener. Cancelling `owner` resets every connection the forward
+    /// carries, at both ends.
+    pub async fn bind(index: u32, config: ForwardConfig, owner: CancellationToken) -> std::io::Result<Self> {
         let listener = TcpListener::bind(config.listen).await?;
-        Ok(Self { index, config, listener, tally: Arc::default() })
+        Ok(Self { index, config, listener, tally: Arc::default(), owner })
     }
 
     /// Live counters of the connections this forward carries.
@@ -49,21 +56,21 @@ impl Forward {
         self.listener.local_addr()
     }
 
-    /// Accepts connections forever, handing each to the tunnel.
+    /// Accepts connections, handing each to the tunnel, until the tunnel drains; then the
+    /// listener closes (new connections are refused) and the connections carried go on.
     pub async fn run(self, tunnel: Arc<Tunnel>) {
         let peer = self.config.peer.clone();
         loop {
-            // Take a connection permit before accepting: at the limit, new connections wait in
-            // the kernel's backlog instead of piling up here.
-            let Some(permit) = tunnel.connection_permit().await else { return };
-            let (tcp, remote) = match self.listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(listen = %self.config.listen, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+            let accepted = tokio::select! {
+                biased;
+                () = tunnel.draining() => {
+                    let listen = self.listener.local_addr().unwrap_or(self.config.listen);
+                    tracing::info!(%listen, "forward stops accepting: the gateway is stopping");
+                    return;
                 }
+                accepted = self.accept(&tunnel) => accepted,
             };
+            let Some((tcp, remote, permit)) = accepted else { return };
             // Waiting here (not in a spawned task) keeps accept order = flow order.
             let Some(link) = tunnel.peers.wait(&peer, PEER_WAIT).await else {
                 tracing::warn!(%remote, %peer, "no tunnel to peer; dropping connection");
@@ -73,7 +80,24 @@ impl Forward {
             tracing::debug!(%remote, %peer, flow, seq, "carrying connection");
             let codec = self.config.codec == CodecMode::Auto;
             let observer: Arc<dyn FlowObserver> = self.tally.clone();
-            tokio::spawn(link.carry(tcp, flow, self.index, seq, self.config.connect, codec, permit, observer));
+            let carry = link.carry(tcp, flow, self.index, seq, self.config.connect, codec, permit, observer, self.owner.clone());
+            tokio::spawn(carry);
+        }
+    }
+
+    /// The next connection with its permit; `None` once the tunnel is shut down.
+    async fn accept(&self, tunnel: &Tunnel) -> Option<(TcpStream, SocketAddr, ConnectionPermit)> {
+        loop {
+            // Take a connection permit before accepting: at the limit, new connections wait in
+            // the kernel's backlog instead of piling up here.
+            let permit = tunnel.connection_permit().await?;
+            match self.listener.accept().await {
+                Ok((tcp, remote)) => return Some((tcp, remote, permit)),
+                Err(e) => {
+                    tracing::warn!(listen = %self.config.listen, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
     }
 }

@@ -1,9 +1,12 @@
 //! A running gateway: the tunnel endpoint plus its forward listeners, started from a [`Config`].
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::forward::Forward;
@@ -15,16 +18,21 @@ pub struct Gateway {
     forward_addrs: Vec<SocketAddr>,
     api_addr: Option<SocketAddr>,
     tasks: JoinSet<()>,
+    /// `[shutdown] grace`.
+    grace: Duration,
 }
 
 impl Gateway {
     /// Binds everything the config names and starts serving. Errors name the config key.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let tunnel = Tunnel::start(&config)?;
+        let grace = config.shutdown.grace;
+        tracing::info!(shutdown_grace_s = grace.as_secs_f64(), "limits: on SIGTERM/SIGINT, flows get this long to finish");
         let mut tasks = JoinSet::new();
         let mut forward_addrs = Vec::new();
         for (i, fwd) in config.forwards.iter().enumerate() {
-            let forward = Forward::bind(i as u32, fwd.clone())
+            // Nothing owns a configured forward's connections but the gateway.
+            let forward = Forward::bind(i as u32, fwd.clone(), CancellationToken::new())
                 .await
                 .map_err(|e| anyhow::anyhow!("key `forward[{i}].listen`: cannot listen on {}: {e}", fwd.listen))?;
             let addr = forward.local_addr()?;
@@ -42,7 +50,7 @@ impl Gateway {
             api_addr = Some(addr);
             tasks.spawn(crate::api::serve(listener, tunnel.clone(), Arc::new(config.clone())));
         }
-        Ok(Self { tunnel, forward_addrs, api_addr, tasks })
+        Ok(Self { tunnel, forward_addrs, api_addr, tasks, grace })
     }
 
     /// The local API's address, if `[api]` is configured.
@@ -80,7 +88,30 @@ impl Gateway {
         self.tunnel.flow_log()
     }
 
-    /// Stops listening and closes the tunnel.
+    /// Stops gracefully: stops accepting (forward listeners, API sessions, the peers' new flows:
+    /// they are refused), gives the flows that are running up to `[shutdown] grace` to finish,
+    /// or until `cut_short` resolves (a second signal), then closes every tunnel connection with
+    /// [`SHUTDOWN_CLOSE_CODE`](crate::tunnel::SHUTDOWN_CLOSE_CODE) and its reason: the peers
+    /// reset their side of what still runs at once, and so does this gateway.
+    pub async fn stop(mut self, cut_short: impl Future<Output = ()>) {
+        self.tunnel.drain();
+        let open = self.tunnel.open_flows();
+        tracing::info!(open_flows = open, grace_s = self.grace.as_secs_f64(), "stopping: accepting nothing new; running flows may finish");
+        tokio::select! {
+            () = self.tunnel.flows_finished() => tracing::info!("every flow finished"),
+            () = tokio::time::sleep(self.grace) => {
+                tracing::warn!(open_flows = self.tunnel.open_flows(), "grace period over: resetting the flows still open");
+            }
+            () = cut_short => {
+                tracing::warn!(open_flows = self.tunnel.open_flows(), "stop requested again: resetting the flows still open");
+            }
+        }
+        self.tunnel.close().await;
+        self.shutdown();
+        tracing::info!("stopped");
+    }
+
+    /// Stops listening and closes the tunnel at once.
     pub fn shutdown(&mut self) {
         self.tasks.abort_all();
         self.tunnel.shutdown();

@@ -1,9 +1,11 @@
 //! `ferry-gateway`: run a site gateway, or create the site PKI.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 use ferry_gateway::{certs, Config, Gateway};
@@ -41,6 +43,8 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: not in files or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         Command::Certs { out, sites } => {
@@ -57,11 +61,42 @@ fn main() -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             runtime.block_on(async {
-                let _gateway = Gateway::start(config).await?;
-                tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
-                tracing::info!("shutting down");
+                let mut signals = StopSignals::new()?;
+                let gateway = Gateway::start(config).await?;
+                let signal = signals.next().await;
+                tracing::info!(signal, "stop requested (send it again to skip the grace period)");
+                gateway
+                    .stop(async {
+                        let signal = signals.next().await;
+                        tracing::info!(signal, "stop requested again");
+                    })
+                    .await;
                 Ok(())
             })
+        }
+    }
+}
+
+/// SIGTERM (systemd's stop) and SIGINT (Ctrl-C), both of which stop the gateway gracefully.
+struct StopSignals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl StopSignals {
+    /// Takes both signals over (from then on they no longer kill the process).
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+        })
+    }
+
+    /// The next one's name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
         }
     }
 }

@@ -79,6 +79,8 @@ fn bad_values_and_references_are_named() {
         (GOOD.replace("listen = \"127.0.0.1:0\"\n[tls]", "listen = \"localhost\"\n[tls]"), "listen"),
         (format!("{GOOD}[limits]\ndecoder_output = \"0\"\n"), "limits.decoder_output"),
         (format!("{GOOD}[limits]\ndecoder_output = \"lots\"\n"), "decoder_output"),
+        (format!("{GOOD}[shutdown]\ngrace = \"2h\"\n"), "shutdown.grace"),
+        (format!("{GOOD}[shutdown]\ngrace = \"soon\"\n"), "grace"),
     ] {
         let (ok, err) = run_with(&text);
         assert!(!ok, "{key}: should fail");

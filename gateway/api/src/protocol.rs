@@ -2,8 +2,10 @@
 //!
 //! A host-plugin connects, asks for a forward to a host at a peer site, and polls that forward's
 //! statistics while a migration runs. Forwards belong to the API session that opened them: when
-//! the session's connection closes, its forwards stop accepting (connections already carried
-//! finish normally).
+//! the session's connection closes, its forwards stop accepting and every connection they carry
+//! is reset at both ends (the host-plugin that ran the migration is gone). A host-plugin that
+//! exits normally therefore waits until its forwards carry nothing (`ForwardStats::open` = 0)
+//! before it closes the session.
 
 use std::net::SocketAddr;
 
@@ -42,7 +44,8 @@ pub enum Request {
         /// The forward's id.
         forward: u32,
     },
-    /// Stop a forward's listener. Answered with [`Response::Closed`].
+    /// Stop a forward's listener; the connections it carries go on (and are reset if the session
+    /// ends first). Answered with [`Response::Closed`].
     CloseForward {
         /// The forward's id.
         forward: u32,

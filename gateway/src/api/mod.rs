@@ -3,7 +3,9 @@
 //! A host-plugin opens forwards on demand (one per migration: its control channel, its
 //! migration stream) instead of the operator configuring one per VM, and polls their counters
 //! to learn how fast the WAN really drains (QEMU only sees the local hop). Forwards live as long
-//! as the API connection that opened them.
+//! as the API connection that opened them: when it ends (the host-plugin exited, crashed or was
+//! killed), its forwards stop listening and every connection they carry is reset at both ends,
+//! so a migration whose host-plugin is gone fails at once instead of running unattended.
 //!
 //! The messages and their framing are in [`ferry_api`] ([`ferry_api::protocol`],
 //! [`ferry_api::framing`]), which host-plugins use without linking the gateway.
@@ -18,6 +20,7 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use ferry_api::framing::{FramingError, JsonLines};
 use ferry_api::protocol::{ForwardInfo, ForwardStats, GatewayInfo, PathInfo, PeerInfo, Request, Response};
@@ -33,11 +36,20 @@ const FIRST_API_FORWARD: u32 = 1 << 20;
 /// Most forwards one API session may hold open.
 const MAX_FORWARDS_PER_SESSION: usize = 64;
 
-/// Serves the local API on `listener` until the task is dropped.
+/// Serves the local API on `listener` until the tunnel drains (the gateway stops; sessions
+/// already open go on) or the task is dropped.
 pub async fn serve(listener: TcpListener, tunnel: Arc<Tunnel>, config: Arc<Config>) {
     let next_id = Arc::new(AtomicU32::new(FIRST_API_FORWARD));
     loop {
-        let (tcp, remote) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            () = tunnel.draining() => {
+                tracing::info!("api stops accepting sessions: the gateway is stopping");
+                return;
+            }
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, remote) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "api accept failed");
@@ -45,13 +57,20 @@ pub async fn serve(listener: TcpListener, tunnel: Arc<Tunnel>, config: Arc<Confi
                 continue;
             }
         };
-        let session = Session { tunnel: tunnel.clone(), config: config.clone(), next_id: next_id.clone(), forwards: HashMap::new() };
+        let session = Session {
+            remote,
+            tunnel: tunnel.clone(),
+            config: config.clone(),
+            next_id: next_id.clone(),
+            forwards: HashMap::new(),
+            flows: CancellationToken::new(),
+        };
         tokio::spawn(async move {
-            tracing::debug!(%remote, "api session opened");
+            tracing::debug!(session = %remote, "api session opened");
             let outcome = session.run(tcp).await;
             match outcome {
-                Ok(()) => tracing::debug!(%remote, "api session closed"),
-                Err(e) => tracing::info!(%remote, error = %e, "api session ended"),
+                Ok(()) => tracing::debug!(session = %remote, "api session closed"),
+                Err(e) => tracing::info!(session = %remote, error = %e, "api session ended"),
             }
         });
     }
@@ -59,23 +78,38 @@ pub async fn serve(listener: TcpListener, tunnel: Arc<Tunnel>, config: Arc<Confi
 
 /// One host-plugin connection and the forwards it opened.
 struct Session {
+    /// The host-plugin's address: names the session in logs.
+    remote: SocketAddr,
     tunnel: Arc<Tunnel>,
     config: Arc<Config>,
     next_id: Arc<AtomicU32>,
     forwards: HashMap<u32, SessionForward>,
+    /// Owner of every connection the session's forwards carry (also of forwards it closed):
+    /// cancelled when the session ends, which resets them.
+    flows: CancellationToken,
 }
 
 struct SessionForward {
     peer: String,
+    listen: SocketAddr,
     tally: Arc<ForwardTally>,
     task: JoinHandle<()>,
 }
 
 impl Drop for Session {
+    /// The session ended: its forwards stop listening and the connections they carry are reset.
     fn drop(&mut self) {
-        for forward in self.forwards.values() {
+        for (id, forward) in &self.forwards {
             forward.task.abort();
+            let open = forward.tally.snapshot().open;
+            let (session, listen) = (self.remote, forward.listen);
+            if open > 0 {
+                tracing::warn!(%session, forward = id, %listen, open, "api session ended: forward closed, resetting its connections");
+            } else {
+                tracing::info!(%session, forward = id, %listen, "api session ended: forward closed");
+            }
         }
+        self.flows.cancel();
     }
 }
 
@@ -104,6 +138,9 @@ impl Session {
         match request {
             Request::Hello => Response::Hello(self.info()),
             Request::OpenForward { peer, connect, codec } => {
+                if self.tunnel.is_draining() {
+                    return Response::Error("the gateway is stopping: no new forwards".into());
+                }
                 if !self.tunnel.peers.knows(&peer) {
                     let known: Vec<&str> = self.config.peers.iter().map(|p| p.site.as_str()).collect();
                     return Response::Error(format!("unknown peer site `{peer}` (configured peers: {known:?})"));
@@ -113,7 +150,7 @@ impl Session {
                 }
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let config = ForwardConfig { listen: SocketAddr::new(local.ip(), 0), peer: peer.clone(), connect, codec };
-                let forward = match Forward::bind(id, config).await {
+                let forward = match Forward::bind(id, config, self.flows.clone()).await {
                     Ok(f) => f,
                     Err(e) => return Response::Error(format!("cannot listen on {}: {e}", local.ip())),
                 };
@@ -121,10 +158,10 @@ impl Session {
                     Ok(a) => a,
                     Err(e) => return Response::Error(format!("cannot read the listener's address: {e}")),
                 };
-                tracing::info!(id, %listen, %peer, %connect, ?codec, "api: forwarding");
+                tracing::info!(session = %self.remote, id, %listen, %peer, %connect, ?codec, "api: forwarding");
                 let tally = forward.tally();
                 let task = tokio::spawn(forward.run(self.tunnel.clone()));
-                self.forwards.insert(id, SessionForward { peer, tally, task });
+                self.forwards.insert(id, SessionForward { peer, listen, tally, task });
                 Response::Forward(ForwardInfo { id, listen })
             }
             Request::ForwardStats { forward } => match self.forwards.get(&forward) {

@@ -190,13 +190,13 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    /// A receiver with the given reorder budget.
-    pub fn new(budget: u64, counters: Arc<FlowCounters>) -> Arc<Self> {
+    /// A receiver with the given reorder budget; cancelling `cancel` fails the flow.
+    pub fn new(budget: u64, counters: Arc<FlowCounters>, cancel: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             reorder: parking_lot::Mutex::new(Reassembler::new(budget)),
             ready: Notify::new(),
             space: Notify::new(),
-            cancel: CancellationToken::new(),
+            cancel,
             counters,
         })
     }
@@ -410,6 +410,9 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
         }
         result
     };
+    // A flow that failed because the connection closed says why (the peer's reason, e.g. its
+    // gateway stopping), not how its streams noticed ("connection lost", "cancelled").
+    let result = result.map_err(|e| conn.close_reason().map_or(e, FlowError::Connection));
     inbound.cancel.cancel();
     if let Err(e) = &result {
         // Linger 0 makes the close a reset, so the local peer sees the failure instead of a

@@ -12,12 +12,13 @@ use parking_lot::Mutex;
 use quinn::{RecvStream, SendStream};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::MIN_SESSION_WINDOW_PAGES;
 use crate::store::{AdvertisedIndex, RetainedPages};
 use crate::tunnel::flow::{self, FlowCounters, FlowParts, Inbound};
 use crate::tunnel::protocol::{self, FlowKey, LaneHeader, LaneKind, Message, CONTROL_MAGIC};
-use crate::tunnel::{ConnectionPermit, FlowError, FlowObserver, PathStats, TunnelShared};
+use crate::tunnel::{ConnectionPermit, FlowError, FlowObserver, PathStats, TunnelShared, SHUTDOWN_REASON};
 
 /// How long a flow waits for its predecessor in dial order before going ahead anyway.
 const ORDER_WAIT: Duration = Duration::from_secs(10);
@@ -113,7 +114,8 @@ impl PeerLink {
         (flow, mine)
     }
 
-    /// Carries an accepted local TCP connection to the peer, which dials `connect`.
+    /// Carries an accepted local TCP connection to the peer, which dials `connect`. Cancelling
+    /// `reset` resets the flow at both ends (its carrier is gone).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn carry(
         self: Arc<Self>,
@@ -125,7 +127,9 @@ impl PeerLink {
         codec: bool,
         _permit: ConnectionPermit,
         observer: Arc<dyn FlowObserver>,
+        reset: CancellationToken,
     ) {
+        let _open = self.shared.open_flows.token();
         let started = Instant::now();
         let key = FlowKey { opened_locally: true, id: flow };
         let encoder = codec.then(|| {
@@ -137,7 +141,7 @@ impl PeerLink {
             let retained = Arc::new(RetainedPages::new(self.shared.resupply_budget));
             (Encoder::new(cfg, self.advertised.clone(), retained.clone()), retained)
         });
-        let (counters, inbound) = self.begin_flow(key);
+        let (counters, inbound) = self.begin_flow(key, reset.child_token());
         observer.flow_started(&counters);
         let result = async {
             let (mut send, recv) = self.conn.open_bi().await?;
@@ -199,18 +203,26 @@ impl PeerLink {
             _ = path_log => {}
         }
         self.log_path("tunnel path at close");
-        let reason = self.conn.close_reason().map(|r| r.to_string()).unwrap_or_default();
-        tracing::info!(peer = %self.site, %reason, "tunnel connection closed");
-        // Fail every flow still on this connection.
+        // Fail every flow still on this connection: each resets its local connection.
         let slots = std::mem::take(&mut self.registry.lock().slots);
+        let mut reset = 0;
         for slot in slots.into_values() {
             if let Slot::Open(inbound) = slot {
                 inbound.cancel.cancel();
+                reset += 1;
             }
+        }
+        // E.g. "closed by peer: gateway shutting down (code 3)" when the peer stopped.
+        let reason = self.conn.close_reason().map(|r| r.to_string()).unwrap_or_default();
+        if reset > 0 {
+            tracing::warn!(peer = %self.site, %reason, flows_reset = reset, "tunnel connection closed; its flows are reset");
+        } else {
+            tracing::info!(peer = %self.site, %reason, "tunnel connection closed");
         }
     }
 
     async fn accept_flow(self: Arc<Self>, mut send: SendStream, mut recv: RecvStream) {
+        let _open = self.shared.open_flows.token();
         let started = Instant::now();
         let open = async {
             let mut preamble = [0u8; 5];
@@ -232,12 +244,13 @@ impl PeerLink {
         };
         let key = FlowKey { opened_locally: false, id: flow };
         // Register before dialing so the ingress's early data buffers (within the budget).
-        let (counters, inbound) = self.begin_flow(key);
+        let (counters, inbound) = self.begin_flow(key, CancellationToken::new());
 
         let permit = self.shared.connections.clone().try_acquire_owned();
         self.wait_turn(order, seq).await;
         let allowed = self.shared.peer_configs.iter().find(|p| p.site == self.site).is_some_and(|p| p.may_connect(&connect));
         let dialed = match permit {
+            _ if self.shared.draining.is_cancelled() => Err(SHUTDOWN_REASON.to_owned()),
             _ if !allowed => Err(format!("{connect} is not in peer `{}`'s allow_connect list", self.site)),
             Err(_) => Err(format!("too many forwarded connections (limits.max_connections = {})", self.shared.max_connections)),
             Ok(permit) => match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(connect)).await {
@@ -363,10 +376,10 @@ impl PeerLink {
         }
     }
 
-    /// Counters and the registered receiving half of a new flow.
-    fn begin_flow(&self, key: FlowKey) -> (Arc<FlowCounters>, Arc<Inbound>) {
+    /// Counters and the registered receiving half of a new flow, which `cancel` fails.
+    fn begin_flow(&self, key: FlowKey, cancel: CancellationToken) -> (Arc<FlowCounters>, Arc<Inbound>) {
         let counters = Arc::new(FlowCounters::default());
-        let inbound = Inbound::new(self.shared.sizing.reorder_budget, counters.clone());
+        let inbound = Inbound::new(self.shared.sizing.reorder_budget, counters.clone(), cancel);
         self.register(key, inbound.clone());
         (counters, inbound)
     }

@@ -10,7 +10,8 @@
 //! - `flow`: pumping one flow's bytes both ways.
 //!
 //! Interface for the layers above (forwards, the API): [`Tunnel`] (connection permits, path
-//! stats, the flow log), [`PeerTable`] and [`PeerLink`] (carrying a connection), and what the tunnel
+//! stats, the flow log; draining and closing for a graceful stop), [`PeerTable`] and
+//! [`PeerLink`] (carrying a connection), and what the tunnel
 //! reports about a flow: its [`FlowCounters`], to whichever [`FlowObserver`]
 //! the carrier passed. The tunnel knows nothing of forwards or the API. On codec flows it runs
 //! the `ferry_codec` encoder or decoder with the stores of [`crate::store`].
@@ -29,10 +30,12 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use flow::{FlowCounters, FlowRecord};
 pub use link::PeerLink;
-pub use peers::{PeerTable, Tunnel};
+pub use peers::{PeerTable, Tunnel, SHUTDOWN_CLOSE_CODE, SHUTDOWN_REASON};
 use transport::LinkSizing;
 
 /// Told when a flow a carrier (e.g. a forward) handed to the tunnel starts and ends, so the
@@ -108,7 +111,8 @@ pub enum FlowError {
     /// An out-of-place message.
     #[error("unexpected message: {0}")]
     Unexpected(String),
-    /// The flow was cancelled (its other half failed, or the tunnel went down).
+    /// The flow was cancelled: its carrier closed it (a forward whose API session ended), or
+    /// one of its streams failed.
     #[error("flow cancelled")]
     Cancelled,
 }
@@ -176,6 +180,10 @@ pub(crate) struct TunnelShared {
     resupply_budget: usize,
     /// Each peer's configuration, for the targets it may have us dial.
     peer_configs: Vec<crate::config::PeerConfig>,
+    /// Cancelled when the gateway stops taking new flows ([`Tunnel::drain`]).
+    draining: CancellationToken,
+    /// One token per open flow (both directions), so a stop can wait for them.
+    open_flows: TaskTracker,
 }
 
 impl TunnelShared {

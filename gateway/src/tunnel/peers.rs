@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, PeerConfig};
 use crate::store::PageCache;
@@ -25,8 +27,15 @@ use crate::tunnel::{ConnectionPermit, FlowLog, PathStats, TunnelShared, TunnelSt
 const CLOSE_DUPLICATE: u32 = 1;
 /// Close code: the peer is not allowed.
 const CLOSE_REFUSED: u32 = 2;
-/// Close code: the gateway shuts down.
-const CLOSE_SHUTDOWN: u32 = 3;
+/// Application close code of every tunnel connection a gateway closes because it stops; the
+/// peer resets the flows it carried at once (their local TCP connections see a reset).
+pub const SHUTDOWN_CLOSE_CODE: u32 = 3;
+/// The reason sent with [`SHUTDOWN_CLOSE_CODE`]; the peer logs it, and its flows fail with
+/// "tunnel connection lost: closed by peer: gateway shutting down (code 3)".
+pub const SHUTDOWN_REASON: &str = "gateway shutting down";
+/// How long a closing tunnel waits for its flows to reset their local sockets, and then for the
+/// close to reach the peers.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// First reconnect delay, doubled per failure up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest reconnect delay.
@@ -155,6 +164,8 @@ impl Tunnel {
             decoder_output: usize::try_from(config.limits.decoder_output.0).unwrap_or(usize::MAX),
             resupply_budget: usize::try_from(config.cache.resupply_budget.0).unwrap_or(usize::MAX),
             peer_configs: config.peers.clone(),
+            draining: CancellationToken::new(),
+            open_flows: TaskTracker::new(),
         });
         let tunnel = Arc::new(Self {
             local_site: config.site.clone(),
@@ -201,10 +212,54 @@ impl Tunnel {
         self.peers.current(site).map(|link| link.path_stats())
     }
 
-    /// Closes every connection and stops dialing.
+    /// Stops taking new flows: the peers' new flows are refused (the peer resets their local
+    /// connections) and [`draining`](Self::draining) resolves, so forwards stop accepting. Flows
+    /// already open go on, and the connections stay up.
+    pub fn drain(&self) {
+        self.shared.draining.cancel();
+        self.shared.open_flows.close();
+    }
+
+    /// Resolves once [`drain`](Self::drain) was called.
+    pub async fn draining(&self) {
+        self.shared.draining.cancelled().await
+    }
+
+    /// Whether [`drain`](Self::drain) was called.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.is_cancelled()
+    }
+
+    /// Flows open now, both directions.
+    pub fn open_flows(&self) -> usize {
+        self.shared.open_flows.len()
+    }
+
+    /// Resolves when no flow is open any more, once [`drain`](Self::drain) was called.
+    pub async fn flows_finished(&self) {
+        self.shared.open_flows.wait().await
+    }
+
+    /// Closes every connection with [`SHUTDOWN_CLOSE_CODE`] and [`SHUTDOWN_REASON`] (the peers
+    /// reset their side of every flow at once) and refuses new ones; waits, up to
+    /// [`CLOSE_WAIT`] each, for the flows still open here to reset their local connections and
+    /// for the close to reach the peers; then stops dialing.
+    pub async fn close(&self) {
+        self.drain();
+        self.endpoint.close(SHUTDOWN_CLOSE_CODE.into(), SHUTDOWN_REASON.as_bytes());
+        if tokio::time::timeout(CLOSE_WAIT, self.flows_finished()).await.is_err() {
+            tracing::warn!(open = self.open_flows(), "flows still open {CLOSE_WAIT:?} after the tunnel closed");
+        }
+        if tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await.is_err() {
+            tracing::warn!("peers did not confirm the close within {CLOSE_WAIT:?}");
+        }
+        self.tasks.lock().abort_all();
+    }
+
+    /// Closes every connection and stops dialing at once (the close may not reach the peers).
     pub fn shutdown(&self) {
         self.tasks.lock().abort_all();
-        self.endpoint.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
+        self.endpoint.close(SHUTDOWN_CLOSE_CODE.into(), SHUTDOWN_REASON.as_bytes());
     }
 
     /// Whether connections dialed by us are the ones both sides keep.
@@ -244,6 +299,10 @@ impl Tunnel {
         let mut backoff = MIN_BACKOFF;
         loop {
             if rx.wait_for(|l| !l.as_ref().is_some_and(|l| l.is_alive())).await.is_err() {
+                return;
+            }
+            if self.is_draining() {
+                // A stopping gateway takes no new flows: a new connection would carry nothing.
                 return;
             }
             if !self.we_are_preferred_dialer(&peer.site) {

@@ -12,6 +12,7 @@ use crate::KitError;
 /// One `[[forward]]` section.
 #[derive(Clone, Debug)]
 struct Forward {
+    listen: SocketAddr,
     peer: String,
     connect: SocketAddr,
     codec: Option<String>,
@@ -67,14 +68,21 @@ impl GatewayConfig {
     }
 
     /// A `[[forward]]` listening on `127.0.0.1:0` to `connect` behind `peer`, codec by default.
-    pub fn forward(mut self, peer: &str, connect: SocketAddr) -> Self {
-        self.forwards.push(Forward { peer: peer.to_string(), connect, codec: None });
+    pub fn forward(self, peer: &str, connect: SocketAddr) -> Self {
+        self.forward_at(SocketAddr::from(([127, 0, 0, 1], 0)), peer, connect)
+    }
+
+    /// [`forward`](Self::forward) listening on `listen` (for a gateway process, whose bound
+    /// port a test cannot ask for).
+    pub fn forward_at(mut self, listen: SocketAddr, peer: &str, connect: SocketAddr) -> Self {
+        self.forwards.push(Forward { listen, peer: peer.to_string(), connect, codec: None });
         self
     }
 
     /// [`forward`](Self::forward) with an explicit `codec` setting (`"auto"`, `"off"`).
     pub fn forward_with_codec(mut self, peer: &str, connect: SocketAddr, codec: &str) -> Self {
-        self.forwards.push(Forward { peer: peer.to_string(), connect, codec: Some(codec.to_string()) });
+        let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        self.forwards.push(Forward { listen, peer: peer.to_string(), connect, codec: Some(codec.to_string()) });
         self
     }
 
@@ -98,7 +106,7 @@ impl GatewayConfig {
             text += &format!("[api]\nlisten = \"{api}\"\n");
         }
         for f in &self.forwards {
-            text += &format!("[[forward]]\nlisten = \"127.0.0.1:0\"\npeer = \"{}\"\nconnect = \"{}\"\n", f.peer, f.connect);
+            text += &format!("[[forward]]\nlisten = \"{}\"\npeer = \"{}\"\nconnect = \"{}\"\n", f.listen, f.peer, f.connect);
             if let Some(codec) = &f.codec {
                 text += &format!("codec = \"{codec}\"\n");
             }

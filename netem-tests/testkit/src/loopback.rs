@@ -24,6 +24,13 @@ pub fn free_udp_addr() -> SocketAddr {
     s.local_addr().unwrap_or_else(|e| panic!("local address of a bound socket: {e}"))
 }
 
+/// A free TCP port on loopback (bound and released; fine for tests), for a listener a test must
+/// know before a gateway process binds it.
+pub fn free_tcp_addr() -> SocketAddr {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("binding a loopback TCP port: {e}"));
+    s.local_addr().unwrap_or_else(|e| panic!("local address of a bound socket: {e}"))
+}
+
 /// Writes a config for `site` (default link, `peers`, `forwards` from `127.0.0.1:0`) into
 /// `pki_dir` and loads it through the real parser.
 pub fn config(pki_dir: &Path, site: &str, listen: SocketAddr, peers: &[(&str, SocketAddr)], forwards: &[(&str, SocketAddr)]) -> Config {

@@ -1,12 +1,14 @@
 //! Small system helpers tests share: the root check, entering a network namespace, running a
-//! command, and thin libc wrappers (each `unsafe` block carries its `// SAFETY:` argument).
+//! command, child processes that die with the test, signals, and thin libc wrappers (each
+//! `unsafe` block carries its `// SAFETY:` argument).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
 
 /// Where `ip netns` keeps its bind-mounted namespace files.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -80,6 +82,11 @@ pub fn interrupt(pid: u32) -> io::Result<()> {
     send_signal(pid, libc::SIGINT)
 }
 
+/// Sends SIGTERM (what `kill` and systemd's stop send) to process `pid`.
+pub fn terminate(pid: u32) -> io::Result<()> {
+    send_signal(pid, libc::SIGTERM)
+}
+
 /// Sends `signal` (`libc::SIGTERM`, `SIGKILL`, `SIGSTOP`, ...) to process `pid`.
 pub fn send_signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid).map_err(io::Error::other)?;
@@ -89,6 +96,33 @@ pub fn send_signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, panics included.
+#[derive(Debug)]
+pub struct Process(pub Child);
+
+impl Process {
+    /// Waits up to `timeout` for the process to exit; its status, or `None` if it still runs.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of the CPU times in `/proc`.
@@ -185,6 +219,19 @@ mod tests {
         interrupt(child.id()).expect("SIGINT");
         let status = child.wait().expect("wait");
         assert!(!status.success());
+    }
+
+    #[test]
+    fn terminated_process_exits_and_a_dropped_one_is_killed() {
+        let mut sleeper = Process(Command::new("sleep").arg("30").spawn().expect("spawn sleep"));
+        assert!(sleeper.wait_timeout(Duration::from_millis(50)).expect("wait").is_none(), "still sleeping");
+        terminate(sleeper.0.id()).expect("SIGTERM");
+        let status = sleeper.wait_timeout(Duration::from_secs(5)).expect("wait").expect("exited");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGTERM));
+        let other = Process(Command::new("sleep").arg("30").spawn().expect("spawn sleep"));
+        let pid = other.0.id();
+        drop(other);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "killed and reaped");
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod faults;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use serde_json::Value;
 
 use ferry_testkit::capture::{src_mac, Capture};
 use ferry_testkit::sys::{enter_netns, ip_in};
+pub use ferry_testkit::sys::Process;
 use ferry_testkit::tracing::init_tracing;
 
 /// The `ferry-host` binary under test.
@@ -40,16 +41,6 @@ pub const SERVE_PORT: u16 = 7800;
 pub const BRIDGE: &str = "fbr0";
 pub const ANNOUNCE_DEV: &str = "fann0";
 pub const CAPTURE_DEV: &str = "fcap0";
-
-/// A child process killed (and reaped) when dropped, panics included.
-pub struct Process(pub Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The two sites' gateways.
 pub enum Gateways {
