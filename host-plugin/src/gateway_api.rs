@@ -109,6 +109,8 @@ pub struct ControlRoute {
     pub gateway: GatewayInfo,
     /// The tunnel path to the destination site.
     pub path: PathInfo,
+    /// The control forward.
+    pub forward: ForwardInfo,
     /// Connected to the control forward: the destination host-plugin is at its other end.
     pub tcp: TcpStream,
 }
@@ -126,5 +128,5 @@ pub async fn open_control(api: &mut GatewayApi, to: &str, dest: SocketAddr) -> a
     let tcp = TcpStream::connect(forward.listen)
         .await
         .with_context(|| format!("cannot connect to the control forward {}", forward.listen))?;
-    Ok(ControlRoute { gateway, path, tcp })
+    Ok(ControlRoute { gateway, path, forward, tcp })
 }

@@ -109,6 +109,8 @@ pub async fn migrate(options: MigrateOptions) -> MigrationReport {
         restore: None,
         watchdog: None,
         _locks: Vec::new(),
+        api: None,
+        control_forward: None,
     };
     let result = run.execute().await;
     run.progress.finish();
@@ -129,6 +131,7 @@ pub async fn migrate(options: MigrateOptions) -> MigrationReport {
     run.report.peak_dirty_rate_mb_s = figures.peak_dirty_rate_mb_s;
     run.report.drain_rate_mb_s = figures.drain_rate_mb_s;
     run.report.source_vm = run.session.source_vm().clone();
+    run.close_connections().await;
     // Whatever happened, this process cleaned up after itself: the watchdog may go.
     if let Some(watchdog) = run.watchdog.take() {
         watchdog.disarm();
@@ -161,6 +164,10 @@ struct Run {
     watchdog: Option<Watchdog>,
     /// One migration per VM (its QMP socket, its name) while this runs.
     _locks: Vec<MigrationLock>,
+    /// The local gateway's API session: the forwards live as long as it does.
+    api: Option<GatewayApi>,
+    /// The control channel's forward.
+    control_forward: Option<u32>,
 }
 
 /// What woke a wait: a control-channel event or a signal.
@@ -202,8 +209,9 @@ impl Run {
         self.qmp = Some(Arc::new(qmp));
 
         // The gateway and the destination host-plugin.
-        let mut api = GatewayApi::connect(o.gateway).await?;
-        let ControlRoute { gateway: info, path, tcp } = open_control(&mut api, &o.to, o.dest).await?;
+        let api = self.api.insert(GatewayApi::connect(o.gateway).await?);
+        let ControlRoute { gateway: info, path, forward, tcp } = open_control(api, &o.to, o.dest).await?;
+        self.control_forward = Some(forward.id);
         self.report.from_site = info.site.clone();
         self.control = Some(Control::new(tcp));
         self.session.handle_control_opened();
@@ -259,7 +267,7 @@ impl Run {
             ToSource::Failed { reason, .. } => bail!("the destination could not prepare: {reason}"),
             other => bail!("unexpected answer from the destination: {other:?}"),
         };
-        let migration_forward = api.open_forward(&o.to, listen, CodecMode::Auto).await?;
+        let migration_forward = self.api()?.open_forward(&o.to, listen, CodecMode::Auto).await?;
         self.heartbeat = match &o.heartbeat {
             Some(p) => Some(Heartbeat::watch(p, Duration::from_secs(5)).await.context("source heartbeat")?),
             None => None,
@@ -304,7 +312,7 @@ impl Run {
                 self.session.handle_source_stopped(Instant::now());
             }
             let info = qmp.query_migrate().await.context("query-migrate")?;
-            let stats = api.forward_stats(migration_forward.id).await?;
+            let stats = self.api()?.forward_stats(migration_forward.id).await?;
             self.session.handle_progress(Instant::now(), &info, &gateway_reading(&stats))?;
             if self.session.stage() >= Stage::Checking {
                 break (info, stats);
@@ -344,7 +352,7 @@ impl Run {
         let deadline = Instant::now() + Duration::from_secs(10);
         while stats.open > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            match api.forward_stats(migration_forward.id).await {
+            match self.api()?.forward_stats(migration_forward.id).await {
                 Ok(s) => stats = s,
                 Err(e) => {
                     self.session.handle_final_counts_failed(&e.to_string());
@@ -473,6 +481,27 @@ impl Run {
         tracing::warn!("{message}");
         self.progress.note(&format!("warning: {message}"));
         self.report.warnings.push(message);
+    }
+
+    fn api(&mut self) -> anyhow::Result<&mut GatewayApi> {
+        self.api.as_mut().ok_or_else(|| anyhow!("internal: no gateway API session"))
+    }
+
+    /// Ends the run's connections in the order the gateway needs: the control channel first,
+    /// then (once its flow has ended, at most a few seconds) the API session, whose end resets
+    /// whatever its forwards still carry.
+    async fn close_connections(&mut self) {
+        self.control = None;
+        if let (Some(api), Some(forward)) = (self.api.as_mut(), self.control_forward) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                match api.forward_stats(forward).await {
+                    Ok(stats) if stats.open > 0 => tokio::time::sleep(Duration::from_millis(20)).await,
+                    _ => break,
+                }
+            }
+        }
+        self.api = None;
     }
 
     fn qmp(&self) -> anyhow::Result<Arc<Qmp>> {

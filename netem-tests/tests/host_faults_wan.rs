@@ -16,7 +16,7 @@ use ferry_netem::qemu::{GuestConfig, Qemu};
 use ferry_qmp::MigrationStatus;
 use ferry_testkit::sync::lock;
 use ferry_testkit::sys::{interrupt, send_signal};
-use host_support::faults::{RunWatch, Site};
+use host_support::faults::{RunWatch, Site, SHUTDOWN_GRACE};
 use host_support::{
     assert_source_runs_on, ferry_host_bin, migrate_command, report_of, setup_with_gateway_processes, start_incoming, start_vms,
     wait_until_migrating, watch_path, RunningMigrate, Setup, BOOT, SERVE_PORT,
@@ -157,8 +157,8 @@ fn link_outage_of_60s_from_the_stop_and_copy() {
     let (mut src, mut dst, qmp, hb) = start_vms(&s, "fault2", 64, &guest());
     let watch = watch(&s, "fault2");
     let running = RunningMigrate::start_with(&s, &qmp, &hb, &["--max-time", "4m", "--cutover-deadline", "5s"]);
-    wait_until_migrating(&mut src);
-    // The stop-and-copy begins when the source stops running.
+    // The stop-and-copy begins when the source stops running (a quiet 64 MiB guest gets there
+    // within a few MiB, so this polls from the start).
     let deadline = Instant::now() + Duration::from_secs(90);
     while src.qmp().query_status().map(|st| st.running).unwrap_or(false) {
         assert!(Instant::now() < deadline, "the source never stopped");
@@ -327,6 +327,35 @@ fn a_failed_pre_commit_check_resumes_the_completed_source() {
     assert_eq!(report["source_vm"], "running", "{report}");
     assert_eq!(src.qmp().query_migrate().expect("query-migrate").status(), MigrationStatus::Completed);
     wait_exit(&mut dst, "the destination QEMU was not discarded");
+    assert_eq!(exactly_one_runs(&mut src, &mut dst), RunsAt::Source);
+    watch.finish();
+}
+
+#[test]
+fn sigterm_to_either_gateway_mid_migration() {
+    let _lock = lock(&SERIAL);
+    let Some(mut s) = setup_with_gateway_processes("gateway_sigterm_mid_migration", 20_000_000, "20mbit") else { return };
+    let (mut src, mut dst, qmp, hb) = start_vms(&s, "fault7", 64, &slow_guest());
+    let watch = watch(&s, "fault7");
+    for site in [Site::A, Site::B] {
+        let running = RunningMigrate::start(&s, &qmp, &hb);
+        wait_until_migrating(&mut src);
+        let stopped = Instant::now();
+        s.processes().signal(site, libc::SIGTERM);
+        let (ok, report) = running.finish();
+        let ended = stopped.elapsed();
+        assert!(!ok);
+        assert_eq!(report["source_vm"], "running", "{report}");
+        // The grace period, then the close reaches the other side at once: no idle timeout.
+        assert!(ended < SHUTDOWN_GRACE + Duration::from_secs(6), "{site:?}: the migration ended {ended:?} after SIGTERM");
+        let status = s.processes().wait_exit(site, Duration::from_secs(10)).expect("the gateway did not exit");
+        assert!(status.success(), "{site:?} exited with {status}");
+        assert_source_runs_on(&mut src);
+        wait_exit(&mut dst, "the destination QEMU was not discarded");
+        eprintln!("SIGTERM to gateway {site:?}: the source resumed {ended:?} later ({})", report["error"]);
+        s.processes().start_site(site);
+        dst = start_incoming(&s, "fault7", 64, &slow_guest());
+    }
     assert_eq!(exactly_one_runs(&mut src, &mut dst), RunsAt::Source);
     watch.finish();
 }

@@ -36,6 +36,9 @@ pub const SHUTDOWN_REASON: &str = "gateway shutting down";
 /// How long a closing tunnel waits for its flows to reset their local sockets, and then for the
 /// close to reach the peers.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long the endpoint stays up after closing its connections: one keep-alive interval and
+/// a round trip's margin (see [`Tunnel::close`]).
+const CLOSE_LINGER: Duration = Duration::from_millis(super::transport::KEEP_ALIVE.as_millis() as u64 + 1000);
 /// First reconnect delay, doubled per failure up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest reconnect delay.
@@ -246,6 +249,7 @@ impl Tunnel {
     /// for the close to reach the peers; then stops dialing.
     pub async fn close(&self) {
         self.drain();
+        let closed_at = tokio::time::Instant::now();
         self.endpoint.close(SHUTDOWN_CLOSE_CODE.into(), SHUTDOWN_REASON.as_bytes());
         if tokio::time::timeout(CLOSE_WAIT, self.flows_finished()).await.is_err() {
             tracing::warn!(open = self.open_flows(), "flows still open {CLOSE_WAIT:?} after the tunnel closed");
@@ -253,6 +257,12 @@ impl Tunnel {
         if tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await.is_err() {
             tracing::warn!("peers did not confirm the close within {CLOSE_WAIT:?}");
         }
+        // The close is one packet, sent behind whatever the link still queues: on a congested
+        // path it can be dropped, and quinn forgets a connection 3 PTO after closing it. Keep
+        // the socket up until the peer's next keep-alive has come in, so that it is answered
+        // (CONNECTION_CLOSE, or a stateless reset) instead of the peer waiting out its idle
+        // timeout.
+        tokio::time::sleep_until(closed_at + CLOSE_LINGER).await;
         self.tasks.lock().abort_all();
     }
 

@@ -18,6 +18,8 @@ use ferry_testkit::sys::{enter_netns, send_signal, workspace_bin};
 
 use super::Process;
 
+/// The gateways' `[shutdown] grace`.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// The gateways' API port, in each site's namespace.
 pub const API_PORT: u16 = 7070;
 const QUIC_PORT: u16 = 4433;
@@ -52,6 +54,7 @@ impl GatewayProcesses {
                 .link(&link.bandwidth, &link.rtt)
                 .peer(peer_name, SocketAddr::from((peer.addr(), QUIC_PORT)))
                 .api(SocketAddr::from(([127, 0, 0, 1], API_PORT)))
+                .extra(&format!("[shutdown]\ngrace = \"{}s\"\n", SHUTDOWN_GRACE.as_secs()))
                 .to_toml();
             let path = pki.path().join(format!("{name}.toml"));
             std::fs::write(&path, text).expect("gateway config");
@@ -151,6 +154,19 @@ impl GatewayProcesses {
         match site {
             Site::A => &mut self.a,
             Site::B => &mut self.b,
+        }
+    }
+}
+
+impl Drop for GatewayProcesses {
+    /// A failing test shows what the gateways logged.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for site in ["a", "b"] {
+                let log = std::fs::read_to_string(self.logs.join(format!("gateway-{site}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().collect();
+                eprintln!("--- gateway {site} log (last 40 lines) ---\n{}", tail[tail.len().saturating_sub(40)..].join("\n"));
+            }
         }
     }
 }
