@@ -42,7 +42,7 @@ pub enum ClientEvent {
 }
 
 /// The answer to one request.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     /// The request's cookie.
     pub cookie: Cookie,
@@ -51,7 +51,7 @@ pub struct Reply {
 }
 
 /// What a successful reply carries.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplyData {
     /// A write, write-zeroes, trim or flush completed.
     Done,
