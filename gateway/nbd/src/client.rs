@@ -277,7 +277,7 @@ impl Client {
         if self.in_flight.len() >= self.config.limits.max_in_flight {
             return Err(Error::TooManyInFlight(self.in_flight.len()));
         }
-        if !offset.checked_add(length.into()).is_some_and(|end| end <= info.size) {
+        if offset.checked_add(length.into()).is_none_or(|end| end > info.size) {
             return Err(Error::OutOfRange { offset, length: length.into(), size: info.size });
         }
         let cookie = self.next_cookie;
@@ -531,7 +531,7 @@ impl Client {
             }
             CHUNK_BLOCK_STATUS if pending.command == CMD_BLOCK_STATUS => {
                 let id = c.u32().ok_or(malformed.clone())?;
-                if c.remaining() % 8 != 0 || c.remaining() == 0 {
+                if !c.remaining().is_multiple_of(8) || c.remaining() == 0 {
                     return Err(malformed);
                 }
                 if Some(id) == context {

@@ -189,9 +189,7 @@ fn simple_read_replies_carry_the_requested_length() {
 
 #[test]
 fn requests_are_checked_before_they_leave() {
-    let mut limits = Limits::default();
-    limits.max_in_flight = 2;
-    limits.max_payload = 1 << 16;
+    let limits = Limits { max_in_flight: 2, max_payload: 1 << 16, ..Default::default() };
     let mut client = ready_client(limits, RW);
     assert_eq!(client.read(EXPORT_SIZE - 1, 2), Err(Error::OutOfRange { offset: EXPORT_SIZE - 1, length: 2, size: EXPORT_SIZE }));
     assert_eq!(client.read(u64::MAX, 2), Err(Error::OutOfRange { offset: u64::MAX, length: 2, size: EXPORT_SIZE }));
@@ -210,8 +208,7 @@ fn requests_are_checked_before_they_leave() {
 
 #[test]
 fn hostile_server_input_is_a_typed_error() {
-    let mut limits = Limits::default();
-    limits.max_payload = 1 << 16;
+    let limits = Limits { max_payload: 1 << 16, ..Default::default() };
     let handshake: Vec<(Vec<u8>, Error)> = vec![
         ([be64(0x1111), vec![0; 10]].concat(), Error::BadMagic { what: "greeting", found: 0x1111 }),
         ([be64(NBD_MAGIC), be64(0x2222), be16(1)].concat(), Error::BadMagic { what: "greeting (newstyle)", found: 0x2222 }),

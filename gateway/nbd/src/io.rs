@@ -1,7 +1,9 @@
 //! The tokio shell: runs either role over any `AsyncRead + AsyncWrite` (a UNIX socket, TCP).
 //!
 //! - [`serve`] runs a [`Server`] and answers its requests with a [`BlockBackend`], one request
-//!   at a time, in arrival order.
+//!   at a time, in arrival order (the client may pipeline; its requests wait in the socket).
+//!   The gateway's source side will answer writes from a bounded buffer instead, through the
+//!   core directly.
 //! - [`ClientConnection`] runs a [`Client`]: requests are queued on the core (pipelining is
 //!   the caller's choice), [`ClientConnection::next_reply`] sends what is queued and returns the
 //!   next complete reply; the `read`/`write`/... helpers do one request and wait for its reply.

@@ -29,7 +29,7 @@ pub fn queue_fuzz_requests(client: &mut Client) -> Result<Vec<Cookie>, Error> {
 /// data; block status with two extents; every fifth request with an error; the rest "ok".
 pub fn answer_for_fuzz(server: &mut Server, request: &Request) -> Result<(), Error> {
     let cookie = request.cookie;
-    if cookie % 5 == 0 {
+    if cookie.is_multiple_of(5) {
         return server.reply_error(cookie, errno::EIO, "fuzz error");
     }
     match request.kind {

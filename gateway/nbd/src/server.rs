@@ -217,7 +217,7 @@ impl Server {
                 break;
             }
             let frame = self.reader.take();
-            if let Err(error) = self.on_frame(&frame) {
+            if let Err(error) = self.on_frame(frame) {
                 self.state = State::Closed;
                 self.error = Some(error.clone());
                 return Err(error);
@@ -340,8 +340,8 @@ impl Server {
         self.in_flight.remove(&cookie).ok_or(Error::UnknownCookie(cookie))
     }
 
-    fn on_frame(&mut self, frame: &[u8]) -> Result<(), Error> {
-        let mut c = Cursor::new(frame);
+    fn on_frame(&mut self, frame: Vec<u8>) -> Result<(), Error> {
+        let mut c = Cursor::new(&frame);
         match self.state {
             State::ClientFlags => {
                 let flags = c.u32().ok_or(Error::Malformed { what: "client flags" })?;
@@ -368,7 +368,7 @@ impl Server {
             }
             State::OptionData { option } => {
                 self.expect(State::OptionHeader, OPTION_HEADER_LEN);
-                self.handle_option(option, frame)?;
+                self.handle_option(option, &frame)?;
             }
             State::RequestHeader => {
                 let header = parse_request_header(&mut c)?;
@@ -385,7 +385,7 @@ impl Server {
             }
             State::WritePayload { header } => {
                 self.expect(State::RequestHeader, REQUEST_HEADER_LEN);
-                self.handle_request(header, frame.to_vec())?;
+                self.handle_request(header, frame)?;
             }
             State::Closed => {}
         }
@@ -418,7 +418,8 @@ impl Server {
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    return Ok(self.option_error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data"));
+                    self.option_error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+                    return Ok(());
                 }
                 let name = self.config.export_name.clone().into_bytes();
                 let mut reply = Vec::with_capacity(4 + name.len());
@@ -463,14 +464,19 @@ impl Server {
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 if !self.structured {
-                    return Ok(self.option_error(option, REP_ERR_INVALID, "metadata contexts need structured replies"));
+                    self.option_error(option, REP_ERR_INVALID, "metadata contexts need structured replies");
+                    return Ok(());
                 }
                 let (name, queries) = match parse_meta_request(data, &self.config.limits) {
-                    Err(message) => return Ok(self.option_error(option, REP_ERR_INVALID, message)),
+                    Err(message) => {
+                        self.option_error(option, REP_ERR_INVALID, message);
+                        return Ok(());
+                    }
                     Ok(parsed) => parsed,
                 };
                 if name != self.config.export_name.as_bytes() {
-                    return Ok(self.option_error(option, REP_ERR_UNKNOWN, "no such export"));
+                    self.option_error(option, REP_ERR_UNKNOWN, "no such export");
+                    return Ok(());
                 }
                 let matches = if option == OPT_SET_META_CONTEXT {
                     queries.iter().any(|q| *q == BASE_ALLOCATION.as_bytes())

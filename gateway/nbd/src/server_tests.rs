@@ -299,8 +299,7 @@ fn invalid_requests_are_answered_here_and_never_surface() {
 
 #[test]
 fn hostile_transmission_input_is_a_typed_error() {
-    let mut limits = Limits::default();
-    limits.max_payload = 1 << 16;
+    let limits = Limits { max_payload: 1 << 16, ..Default::default() };
     let mut small = config();
     small.limits = limits;
     let cases: Vec<(Vec<u8>, Error)> = vec![
