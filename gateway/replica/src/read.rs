@@ -51,6 +51,9 @@ pub enum ReadError {
     /// The image changed while it was being read.
     #[error(transparent)]
     Changed(#[from] ReplicaChanged),
+    /// The blocking reader's thread failed.
+    #[error("the reader thread failed: {0}")]
+    Thread(String),
 }
 
 /// How to read an image.
@@ -230,7 +233,7 @@ pub async fn manifest_of_image(path: &Path, format: &str, block_size: BlockSize,
         let path = path.to_owned();
         return tokio::task::spawn_blocking(move || manifest_of_raw_file(&path, block_size))
             .await
-            .map_err(|e| ReadError::QemuNbd(std::io::Error::other(e)))?;
+            .map_err(|e| ReadError::Thread(e.to_string()))?;
     }
     let identity = ImageIdentity::of(path)?;
     let export = QemuNbd::start(&QemuNbdOptions { image: path, format, read_only: true, export_name: "replica" }).map_err(ReadError::QemuNbd)?;
