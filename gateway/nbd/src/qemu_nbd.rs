@@ -3,17 +3,19 @@
 //! server).
 
 use std::io;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long a stopped `qemu-nbd` may take to exit.
-const EXIT_WAIT: Duration = Duration::from_secs(5);
+/// How long `qemu-nbd` may take to listen, and to exit once told to.
+const WAIT: Duration = Duration::from_secs(10);
 
-/// A running `qemu-nbd`, stopped (SIGTERM) on drop.
+/// A running `qemu-nbd`, our child (not `--fork`ed, so we reap it), stopped with SIGTERM on
+/// drop (it then closes the image cleanly: a qcow2's metadata is written).
 #[derive(Debug)]
 pub struct QemuNbd {
-    pid: libc::pid_t,
+    child: Child,
     socket: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -32,34 +34,40 @@ pub struct QemuNbdOptions<'a> {
 }
 
 impl QemuNbd {
-    /// Starts `qemu-nbd --fork --persistent` (it returns once its socket listens) and reads its
-    /// pid from its pid file.
+    /// Starts `qemu-nbd --persistent` and returns once its socket accepts connections.
     pub fn start(options: &QemuNbdOptions<'_>) -> io::Result<Self> {
         let dir = tempfile::Builder::new().prefix("ferry-qemu-nbd").tempdir()?;
         let socket = dir.path().join("nbd.sock");
-        let pid_file = dir.path().join("qemu-nbd.pid");
+        let log_path = dir.path().join("qemu-nbd.log");
         let mut command = Command::new("qemu-nbd");
         command
-            .arg("--fork")
             .arg("--persistent")
             .arg("--shared=8")
             .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--pid-file={}", pid_file.display()))
             .arg(format!("--export-name={}", options.export_name))
             .arg("-f")
             .arg(options.format);
         if options.read_only {
             command.arg("--read-only");
         }
-        command.arg(options.image);
-        let output = command.output()?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(io::Error::other(format!("qemu-nbd on {} failed: {}", options.image.display(), stderr.trim())));
+        command.arg(options.image).stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log_path)?);
+        let child = command.spawn()?;
+        let mut export = Self { child, socket, _dir: dir };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = export.child.try_wait()? {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(io::Error::other(format!("qemu-nbd on {} exited ({status}): {}", options.image.display(), log.trim())));
+            }
+            // A probe connection: qemu-nbd (persistent) serves the next one regardless.
+            if UnixStream::connect(&export.socket).is_ok() {
+                return Ok(export);
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!("qemu-nbd on {} did not listen within {WAIT:?}", options.image.display())));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        let pid_text = std::fs::read_to_string(&pid_file)?;
-        let pid = pid_text.trim().parse().map_err(|_| io::Error::other(format!("qemu-nbd wrote pid file {pid_text:?}")))?;
-        Ok(Self { pid, socket, _dir: dir })
     }
 
     /// The UNIX socket to connect to.
@@ -67,7 +75,7 @@ impl QemuNbd {
         &self.socket
     }
 
-    /// Whether `qemu` tools are installed (tests skip without them).
+    /// Whether the QEMU tools are installed (tests skip without them).
     pub fn available() -> bool {
         ["qemu-nbd", "qemu-img"].iter().all(|tool| Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success()))
     }
@@ -75,30 +83,20 @@ impl QemuNbd {
 
 impl Drop for QemuNbd {
     fn drop(&mut self) {
-        let pid = self.pid;
-        // SAFETY: kill(2) takes plain integers and touches no memory of ours; the pid is the
-        // daemon this value started (read from its pid file).
-        let signal = |sig| unsafe { libc::kill(pid, sig) } == 0;
-        // Exited means gone or a zombie (whose reaping is init's job, not ours: it is not our
-        // child after --fork).
-        let running = || signal(0) && !is_zombie(pid);
-        if !running() || !signal(libc::SIGTERM) {
-            return;
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) takes plain integers and touches no memory of ours; the pid is our
+            // own child, not yet reaped (so not reused).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
         }
-        let deadline = Instant::now() + EXIT_WAIT;
-        while running() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                _ => return,
+            }
         }
-        if running() {
-            tracing::warn!(pid, "qemu-nbd ignored SIGTERM; killing it");
-            signal(libc::SIGKILL);
-        }
+        tracing::warn!(pid = self.child.id(), "qemu-nbd ignored SIGTERM; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-}
-
-/// Whether `pid` is a zombie (state `Z` in `/proc/PID/stat`).
-fn is_zombie(pid: libc::pid_t) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    // The state follows the command name, which is in parentheses and may contain spaces.
-    stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
 }
