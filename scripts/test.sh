@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use: QEMU (real guests under TCG), nasm (assembles the test guest),
+# System packages the tests use: QEMU (real guests under TCG), qemu-utils (qemu-nbd, qemu-img,
+# qemu-io: the NBD interop tests and the replica manifests), nasm (assembles the test guest),
 # iproute2 (network namespaces, veth, tc), iputils-ping (RTT checks of the emulated WAN).
-packages=(qemu-system-x86 nasm iproute2 iputils-ping)
+packages=(qemu-system-x86 qemu-utils nasm iproute2 iputils-ping)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

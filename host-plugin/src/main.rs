@@ -9,6 +9,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+mod disk_manifest;
+
 use ferry_api::control::DEFAULT_SERVE_PORT;
 use ferry_host::exclusive::DEFAULT_STATE_DIR;
 use ferry_host::migrate::{migrate, MigrateOptions};
@@ -127,6 +129,23 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print the replica manifest of a disk image: Merkle root, blocks, zero blocks, speed.
+    DiskManifest {
+        /// The image file.
+        image: PathBuf,
+        /// Image format: raw is read directly, others through a read-only qemu-nbd.
+        #[arg(long, default_value = "raw")]
+        format: String,
+        /// Block size (a power of two from 4KiB to 16MiB).
+        #[arg(long = "block-size", default_value = "64KiB")]
+        block_size: ferry_units::ByteSize,
+        /// Read a raw image through qemu-nbd too (to compare with the direct reader).
+        #[arg(long = "via-qemu-nbd")]
+        via_qemu_nbd: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_dest(text: &str) -> anyhow::Result<SocketAddr> {
@@ -176,6 +195,9 @@ fn main() -> anyhow::Result<()> {
         Command::Watchdog { qmp, restore, parent } => {
             let restore = serde_json::from_str(&restore).context("--restore: not migration parameters in JSON")?;
             watchdog::run(WatchdogOptions { qmp, restore, parent }, &runtime)
+        }
+        Command::DiskManifest { image, format, block_size, via_qemu_nbd, json } => {
+            runtime.block_on(disk_manifest::run(&image, &format, block_size, via_qemu_nbd, json))
         }
         Command::Serve { config } => {
             let config = ServeConfig::load(&config)?;
