@@ -33,7 +33,7 @@ use crate::heartbeat::{event_time_ns, guest_downtime_ns, unix_now_ns, Heartbeat}
 use crate::progress::{MigrationReport, Progress, ProgressMode};
 use ferry_qmp::{MigrationCapability, MigrationParameters, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
 use crate::session::source::{GatewayReading, SourceAction, SourceConfig, SourceSession, Stage};
-use crate::session::{ControlEvent, Signal, SourceVm};
+use crate::session::{ControlEvent, Outcome, Signal, SourceVm};
 use crate::settings::{self, MultifdChoice};
 
 /// How often QEMU and the gateway are polled.
@@ -488,10 +488,15 @@ impl Run {
     }
 
     /// Ends the run's connections in the order the gateway needs: the control channel first,
-    /// then (once its flow has ended, at most a few seconds) the API session, whose end resets
-    /// whatever its forwards still carry.
+    /// then the API session, whose end resets whatever its forwards still carry. After a
+    /// completed migration it waits (a few seconds at most) for the control flow to finish
+    /// cleanly in between; after a failure there is nothing left to deliver.
     async fn close_connections(&mut self) {
         self.control = None;
+        if self.report.outcome != Outcome::Completed {
+            self.api = None;
+            return;
+        }
         if let (Some(api), Some(forward)) = (self.api.as_mut(), self.control_forward) {
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
