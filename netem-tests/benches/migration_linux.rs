@@ -73,7 +73,7 @@ fn migrate_one(
     .map_err(|e| format!("source: {e}"))?;
     let mut dst = Qemu::spawn(
         guest.image(),
-        &guest.qemu_config(&format!("dst-{tag}")).incoming_defer(),
+        &guest.qemu_config(&format!("dst-{tag}")).held_at_cutover(),
         Some(wan.site_b().netns()),
     )
     .map_err(|e| format!("destination: {e}"))?;
