@@ -145,6 +145,16 @@ qemu_string_enum! {
     }
 }
 
+/// Reply of `query-kvm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvmInfo {
+    /// True if the VM runs under KVM (else TCG or another accelerator).
+    pub enabled: bool,
+    /// True if QEMU was built with KVM support.
+    pub present: bool,
+}
+
 /// Reply of `query-status`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
