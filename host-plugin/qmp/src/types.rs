@@ -269,6 +269,12 @@ qemu_string_enum! {
         ZeroCopySend = "zero-copy-send",
         /// `postcopy-preempt`
         PostcopyPreempt = "postcopy-preempt",
+        /// `switchover-ack` (QEMU 8.1+): the destination acknowledges before the switchover.
+        SwitchoverAck = "switchover-ack",
+        /// `dirty-limit` (QEMU 8.1+; KVM dirty ring only).
+        DirtyLimit = "dirty-limit",
+        /// `mapped-ram` (QEMU 9.0+): RAM at fixed offsets of a file (file migration only).
+        MappedRam = "mapped-ram",
     }
 }
 

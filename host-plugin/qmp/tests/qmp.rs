@@ -202,7 +202,8 @@ async fn qmp_client_drives_real_qemu_through_a_local_migration() {
     assert!(
         caps.iter()
             .all(|c| !matches!(c.capability, MigrationCapability::Unknown(_))),
-        "QEMU 7.2 capabilities all known: {caps:?}"
+        "QEMU {} capabilities all known: {caps:?}",
+        version.qemu
     );
     let before = src.query_migrate().await.expect("query-migrate");
     assert_eq!(before.status(), MigrationStatus::None);

@@ -132,7 +132,7 @@ pub fn hold_switchover(
             let status = info.status();
             if status.is_terminal() {
                 let syncs = last.as_ref().and_then(|i| i.ram.as_ref()).map_or(0, |r| r.dirty_sync_count);
-                return Err(format!("migration {status} before the watcher released it ({syncs} syncs; last {last:?})"));
+                return Err(format!("migration {status} before the watcher released it (after {syncs} dirty syncs)"));
             }
             if status == MigrationStatus::Active {
                 let by_condition = release(&info);
