@@ -41,7 +41,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! To look at real QEMU 7.2 wire bytes, use [`capture_migration_stream`].
+//! To look at real QEMU wire bytes, use [`capture_migration_stream`].
+//!
+//! # RAM equality at cutover
+//!
+//! Every VM keeps its RAM in a file under `/dev/shm` ([`QemuConfig::ram_in_file`]); migration
+//! destinations start held ([`QemuConfig::held_at_cutover`], `-S`). [`migrate_local`] and
+//! [`migrate_over_wan`] compare both guests' RAM page by page once QEMU completed, before the
+//! destination runs, and fail with [`QemuError::RamMismatch`] on any difference
+//! ([`ram_check`]).
 //!
 //! For migrations of a real Linux (Debian's kernel, a busybox initramfs with
 //! a realistic memory mix) use [`LinuxGuest`] instead of [`GuestImage::build`].
