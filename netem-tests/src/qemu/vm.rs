@@ -13,6 +13,29 @@ use super::{qemu_binary, GuestConfig, GuestImage, QemuError, Result, VerifyRepor
 
 /// Where [`QemuConfig::ram_in_file`] puts RAM files (tmpfs).
 const RAM_FILE_DIR: &str = "/dev/shm";
+/// Their directories are `ferry-ram-<pid of the test process>-XXXX`.
+const RAM_DIR_PREFIX: &str = "ferry-ram-";
+
+/// Removes the RAM directories of test processes that are gone (killed before their `Qemu`
+/// handles were dropped), so that guest RAM never piles up in tmpfs.
+fn sweep_stale_ram_dirs() {
+    let Ok(entries) = std::fs::read_dir(RAM_FILE_DIR) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(RAM_DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(dir = %e.path().display(), "removing the RAM files of a gone test process");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
 
 /// How the VM waits for an incoming migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,14 +295,16 @@ impl Qemu {
             .map_err(|e| QemuError::io("creating a temp dir for QEMU", e))?;
         let qmp_path = dir.path().join("qmp.sock");
         // The RAM file lives in tmpfs: reading it at cutover costs no disk I/O.
-        let ram_dir = match config.ram_in_file {
-            true => Some(
+        let ram_dir = if config.ram_in_file {
+            sweep_stale_ram_dirs();
+            Some(
                 tempfile::Builder::new()
-                    .prefix("ferry-ram-")
+                    .prefix(&format!("{RAM_DIR_PREFIX}{}-", std::process::id()))
                     .tempdir_in(RAM_FILE_DIR)
                     .map_err(|e| QemuError::io(format!("creating a directory in {RAM_FILE_DIR}"), e))?,
-            ),
-            false => None,
+            )
+        } else {
+            None
         };
         let ram_file = ram_dir.as_ref().map(|d| d.path().join("ram"));
         let args = config.args(image, &qmp_path, ram_file.as_deref());
@@ -555,6 +580,22 @@ mod tests {
         assert!(a.contains(&"socket,id=qmp1,path=/t/a,,b.qmp,server=on,wait=off".to_string()));
         let mon = a.iter().position(|s| s == "-mon").expect("-mon");
         assert_eq!(a[mon + 1], "chardev=qmp1,mode=control");
+    }
+
+    #[test]
+    fn ram_dirs_of_gone_processes_are_swept_ours_kept() {
+        let mut child = Command::new("true").spawn().expect("spawn true");
+        let gone = child.id();
+        child.wait().expect("wait");
+        let stale = Path::new(RAM_FILE_DIR).join(format!("{RAM_DIR_PREFIX}{gone}-test"));
+        let ours = Path::new(RAM_FILE_DIR).join(format!("{RAM_DIR_PREFIX}{}-test", std::process::id()));
+        for d in [&stale, &ours] {
+            std::fs::create_dir_all(d).expect("create");
+            std::fs::write(d.join("ram"), b"x").expect("write");
+        }
+        sweep_stale_ram_dirs();
+        assert!(!stale.exists() && ours.exists());
+        std::fs::remove_dir_all(&ours).expect("clean up");
     }
 
     #[test]
