@@ -188,6 +188,41 @@ fn held_switchover_ram_at_cutover_direct_vs_gateways() {
     assert_eq!(intact("direct"), intact("gateways"), "only one route lost pages: {rows:?}");
 }
 
+/// The miss path with real QEMU: site B's page cache (4 MiB) is smaller than the guest's
+/// distinct pages, so after the first guest it holds and advertises only the pages that came
+/// last. The second guest of the same image sends the early pages first (literal again, and
+/// cached, evicting advertised ones), then the rest, which A sends as references to B's
+/// advertisement: B has evicted some, asks A, and A resupplies them. The guest's RAM must still
+/// arrive page for page.
+#[test]
+fn second_guest_with_pages_the_destination_evicted_is_resupplied() {
+    let test = "second_guest_with_pages_the_destination_evicted_is_resupplied";
+    let _lock = lock(&SERIAL);
+    let t0 = Instant::now();
+    let Some(s) = qemu_support::setup_with(test, Duration::from_millis(150), 0.001, "[cache]\nsize = \"4MiB\"\n") else { return };
+    let mode = MigrationMode::multifd(2);
+    let guest = GuestConfig { dirty_pages_per_tick: 0, verify_every_ticks: 0, ..GuestConfig::default() };
+    for tag in ["1", "2"] {
+        let (mut src, mut dst) = start_vms(&s, tag, &guest);
+        let r = migrate(&s, &mut src, &mut dst, &mode);
+        check_migration(&mut src, &mut dst, &mode, &r);
+        let (advertised, resupplied): (u64, u64) = r
+            .flows_a
+            .iter()
+            .filter_map(|f| f.codec.as_ref())
+            .fold((0, 0), |(a, b), c| (a + c.advertised_refs, b + c.resupplied_pages));
+        let (needed, sent): (u64, u64) = r.flows_b.iter().fold((0, 0), |(n, s), f| (n + f.pages_needed, s + f.pages_resupplied));
+        eprintln!("{test}: guest {tag}: {advertised} advertised refs, {resupplied} resupplied (B needed {needed}, got {sent}); {}", r.summary());
+        if tag == "2" {
+            assert!(advertised > 0 && resupplied > 0, "the miss path was not taken: {advertised} advertised refs, {resupplied} resupplied");
+            assert_eq!(needed, sent, "B got every page it asked for");
+        }
+        // B advertises right after a codec flow ends; the next migration starts with it.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!("{test}: test {:.1} s", t0.elapsed().as_secs_f64());
+}
+
 /// After a migration the harness refused (RAM differed), the gateways' newest flow compared
 /// end to end: `Some(why)` if its bytes differ; `None` if identical or `route` is direct.
 fn last_flow_mismatch(s: &Setup, route: &str) -> Option<String> {

@@ -34,6 +34,11 @@ pub struct Setup {
 /// Sites `rtt` apart at 1 Gbit/s with random `loss`, gateways with the codec on. `None` (the
 /// test is skipped, with a message) when not root or without QEMU.
 pub fn setup(test: &str, rtt: Duration, loss: f64) -> Option<Setup> {
+    setup_with(test, rtt, loss, "")
+}
+
+/// [`setup`] with more TOML in site B's gateway config (`GatewayPair::start_with`).
+pub fn setup_with(test: &str, rtt: Duration, loss: f64, b_extra: &str) -> Option<Setup> {
     init_tracing();
     if let Some(why) = qemu::unavailable_reason() {
         eprintln!("SKIP {test}: {why}");
@@ -47,7 +52,7 @@ pub fn setup(test: &str, rtt: Duration, loss: f64) -> Option<Setup> {
     let wan = wan.up().expect("WAN up");
     let connect = SocketAddr::from((wan.site_b().addr(), MIGRATION_PORT));
     let link = PairLink { bandwidth: "1gbit".into(), rtt: format!("{}ms", rtt.as_millis()), codec: true };
-    let pair = GatewayPair::start(&wan, link, connect).expect("gateways");
+    let pair = GatewayPair::start_with(&wan, link, connect, b_extra).expect("gateways");
     Some(Setup { image, pair, connect, wan })
 }
 
