@@ -93,9 +93,11 @@ impl PageDifference {
     fn of(layout: &RamLayout, offset: u64, src: &[u8], dst: &[u8]) -> PageDifference {
         let first = src.iter().zip(dst).position(|(a, b)| a != b).unwrap_or(0);
         let at = first / EXCERPT_BYTES * EXCERPT_BYTES;
+        // A short last page (RAM not a multiple of the page size) gives a short excerpt.
+        let end = (at + EXCERPT_BYTES).min(src.len());
         let excerpt = |p: &[u8]| {
             let mut e = [0u8; EXCERPT_BYTES];
-            e.copy_from_slice(&p[at..at + EXCERPT_BYTES]);
+            e[..end - at].copy_from_slice(&p[at..end]);
             e
         };
         PageDifference {
@@ -187,7 +189,7 @@ pub fn compare_readers(
             cmp.pages += 1;
             if pa != pb {
                 cmp.differing += 1;
-                if cmp.first.len() < DETAILED_PAGES && pa.len() >= EXCERPT_BYTES {
+                if cmp.first.len() < DETAILED_PAGES {
                     let at = offset + (i * PAGE_SIZE) as u64;
                     cmp.first.push(PageDifference::of(layout, at, pa, pb));
                 }
@@ -324,6 +326,14 @@ mod tests {
 
         // Short input is an error, not a silent pass.
         assert!(compare_readers(&src[..100], &src[..], &layout).is_err());
+
+        // RAM that ends in a partial page: its difference is still reported.
+        let odd = RamLayout::x86("pc", (PAGE_SIZE + 20) as u64);
+        let (a, mut b) = (vec![1u8; PAGE_SIZE + 20], vec![1u8; PAGE_SIZE + 20]);
+        b[PAGE_SIZE + 18] = 2;
+        let cmp = compare_readers(&a[..], &b[..], &odd).unwrap();
+        assert_eq!((cmp.pages, cmp.differing, cmp.first[0].excerpt_at), (2, 1, 16));
+        assert_eq!(cmp.first[0].destination[..4], [1, 1, 2, 1]);
     }
 
     #[test]
