@@ -63,7 +63,7 @@ fn migrate_one(
     .map_err(|e| format!("source: {e}"))?;
     let mut dst = Qemu::spawn(
         image,
-        &cfg(format!("dst-{tag}")).incoming_defer(),
+        &cfg(format!("dst-{tag}")).held_at_cutover(),
         Some(wan.site_b().netns()),
     )
     .map_err(|e| format!("destination: {e}"))?;

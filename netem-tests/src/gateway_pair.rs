@@ -87,9 +87,14 @@ impl GatewayPair {
     /// Starts gateways in both sites of `wan`; A forwards to `connect` (an address in site B).
     /// Returns once both report a live tunnel connection.
     pub fn start(wan: &Wan, link: PairLink, connect: SocketAddr) -> Result<Self, PairError> {
+        Self::start_with(wan, link, connect, "")
+    }
+
+    /// [`GatewayPair::start`] with more TOML in site B's config (e.g. a small `[cache]`).
+    pub fn start_with(wan: &Wan, link: PairLink, connect: SocketAddr, b_extra: &str) -> Result<Self, PairError> {
         let pki = Pki::generate(&["site-a", "site-b"]).map_err(|e| PairError::Setup(e.to_string()))?;
         let a_config = site_config("site-a", wan.site_a(), ("site-b", wan.site_b()), &link, Some(connect));
-        let b_config = site_config("site-b", wan.site_b(), ("site-a", wan.site_a()), &link, None);
+        let b_config = site_config("site-b", wan.site_b(), ("site-a", wan.site_a()), &link, None).extra(b_extra);
         let mut pair = Self {
             forward_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             flows_a: FlowLog::default(),

@@ -35,13 +35,21 @@
 //! let image = GuestImage::build()?;
 //! let mut src = Qemu::spawn(&image, &QemuConfig::default(), None)?;
 //! src.serial().wait_for_tick(3, Duration::from_secs(30))?;
-//! let mut dst = Qemu::spawn(&image, &QemuConfig::default().incoming_defer(), None)?;
+//! let mut dst = Qemu::spawn(&image, &QemuConfig::default().held_at_cutover(), None)?;
 //! let info = qemu::migrate_local(&mut src, &mut dst, &MigrationMode::multifd(2), Duration::from_secs(60))?;
 //! assert_eq!(info.status(), MigrationStatus::Completed);
 //! # Ok(()) }
 //! ```
 //!
-//! To look at real QEMU 7.2 wire bytes, use [`capture_migration_stream`].
+//! To look at real QEMU wire bytes, use [`capture_migration_stream`].
+//!
+//! # RAM equality at cutover
+//!
+//! Every VM keeps its RAM in a file under `/dev/shm` ([`QemuConfig::ram_in_file`]); migration
+//! destinations start held ([`QemuConfig::held_at_cutover`], `-S`). [`migrate_local`] and
+//! [`migrate_over_wan`] compare both guests' RAM page by page once QEMU completed, before the
+//! destination runs, and fail with [`QemuError::RamMismatch`] on any difference
+//! ([`ram_check`]).
 //!
 //! For migrations of a real Linux (Debian's kernel, a busybox initramfs with
 //! a realistic memory mix) use [`LinuxGuest`] instead of [`GuestImage::build`].
@@ -55,6 +63,7 @@ mod image;
 mod linux_guest;
 mod migrate;
 mod page_census;
+pub mod ram_check;
 mod serial;
 mod vm;
 mod wan_migration;
@@ -70,6 +79,7 @@ pub use linux_guest::{
 };
 pub use migrate::migrate_local;
 pub use page_census::PageCensus;
+pub use ram_check::{check_ram_then_resume, compare_ram, PageDifference, RamComparison};
 pub use serial::{SerialLog, VerifyReport};
 pub use vm::{Incoming, Qemu, QemuConfig};
 pub use wan_migration::{
@@ -136,6 +146,9 @@ pub enum QemuError {
     /// malformed serial line or memory dump).
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// At cutover the destination's RAM differed from the source's ([`ram_check`]).
+    #[error("{0}")]
+    RamMismatch(Box<RamComparison>),
 }
 
 impl From<ferry_qmp::migration::MigrationError> for QemuError {
@@ -168,6 +181,11 @@ pub type Result<T, E = QemuError> = std::result::Result<T, E>;
 
 /// The QEMU binary to use: `$FERRY_QEMU` if set, else `qemu-system-x86_64`
 /// found on `PATH`. `None` if neither exists (tests should then skip).
+///
+/// This is the one place the harness picks its QEMU. `scripts/test.sh` points `FERRY_QEMU` at
+/// Debian 12's QEMU 7.2 unpacked beside the installed 10.0
+/// (`/var/cache/ferry/qemu-7.2/root/usr/bin/qemu-system-x86_64`) for its smoke test: QEMU
+/// finds its modules, ROMs and BIOS relative to the binary (`../lib`, `../share`).
 pub fn qemu_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("FERRY_QEMU") {
         let p = PathBuf::from(p);

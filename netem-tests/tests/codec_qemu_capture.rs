@@ -1,15 +1,20 @@
-//! Round-trips real QEMU 7.2 migration streams, captured by `ferry_netem::qemu`, through the page
-//! codec: every channel must come back byte-identical, the main and multifd channels must be
-//! followed as QEMU streams (not opaque), and QEMU-side compression must fall back to opaque.
-//! Skips (passes with a note) when qemu-system-x86_64 is not installed.
+//! Round-trips real QEMU migration streams (of the QEMU under test: 10.0 from `scripts/test.sh`, or
+//! `$FERRY_QEMU`), captured by `ferry_netem::qemu`, through the page codec: every channel must come
+//! back byte-identical, the main and multifd channels must be followed as QEMU streams (not
+//! opaque; on 10.0 that includes SWITCHOVER_START, MULTIFD_FLUSH records and multifd packets
+//! listing zero pages), and QEMU-side compression must fall back to opaque. `mapped-ram` never
+//! reaches a gateway: QEMU refuses it on a socket. Skips (passes with a note) when
+//! qemu-system-x86_64 is not installed.
 
 use std::sync::Arc;
 
 use ferry_codec::{CodecStats, Decoder, Encoder, EncoderConfig, NoIndex, NoRetainer, StreamMode};
 use ferry_gateway::store::PageCache;
-use ferry_netem::qemu::{capture_migration_stream, qemu_available};
+use std::time::Duration;
+
+use ferry_netem::qemu::{capture_migration_stream_with, qemu_available, GuestImage, Qemu, QemuConfig};
 use ferry_qmp::migration::MigrationMode;
-use ferry_qmp::MultifdCompression;
+use ferry_qmp::{MigrationStatus, MultifdCompression};
 
 /// Encodes in 64 KiB reads (with an idle flush every 1 MiB, as the tunnel would), decodes in
 /// 16 KiB wire chunks, and checks the result is byte-identical. Returns the encoder's stats and
@@ -52,7 +57,12 @@ fn capture(mode: MigrationMode) -> Option<Vec<Vec<u8>>> {
         eprintln!("skipping: qemu-system-x86_64 not installed");
         return None;
     }
-    Some(capture_migration_stream(mode).expect("capturing a QEMU migration"))
+    let image = GuestImage::build().expect("building the test guest");
+    let config = QemuConfig::default().named("capture-src");
+    let c = capture_migration_stream_with(&image, &config, mode.clone(), Duration::from_secs(120))
+        .expect("capturing a QEMU migration");
+    println!("QEMU {}, {mode:?}: {} connections", c.qemu_version, c.streams.len());
+    Some(c.streams)
 }
 
 #[test]
@@ -95,4 +105,36 @@ fn real_qemu_multifd_zstd_goes_opaque_and_round_trips() {
         assert_eq!(st.mode, StreamMode::Opaque);
         assert!(st.opaque_reason.as_deref().is_some_and(|r| r.contains("compression")), "{st:?}");
     }
+}
+
+/// QEMU keeps `mapped-ram` (9.0+: RAM at fixed offsets of a file, pages outside the stream) to
+/// file migrations: on a TCP URI the migration is refused before a byte is sent, so it never
+/// reaches a gateway (the codec would pass such a stream through opaquely: its unit tests).
+/// QEMU 7.2 does not know the capability at all.
+#[test]
+fn real_qemu_refuses_mapped_ram_on_a_socket() {
+    if !qemu_available() {
+        eprintln!("skipping: qemu-system-x86_64 not installed");
+        return;
+    }
+    let image = GuestImage::build().expect("building the test guest");
+    let vm = Qemu::spawn(&image, &QemuConfig::default().named("mapped-ram"), None).expect("start QEMU");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("address").port();
+    let caps = serde_json::json!({"capabilities": [{"capability": "mapped-ram", "state": true}]});
+    let version = vm.qmp().greeting().version.qemu;
+    let refused = match vm.qmp().execute_value("migrate-set-capabilities", Some(caps)) {
+        Err(e) => format!("capability refused: {e}"),
+        Ok(_) => match vm.qmp().migrate(&format!("tcp:127.0.0.1:{port}")) {
+            Err(e) => format!("migrate refused: {e}"),
+            Ok(()) => {
+                let info = vm.qmp().wait_migration(Duration::from_secs(30)).expect("query-migrate");
+                assert_ne!(info.status(), MigrationStatus::Completed, "mapped-ram migrated over TCP: {info:?}");
+                format!("migration {}: {:?}", info.status(), info.error_desc)
+            }
+        },
+    };
+    println!("QEMU {version}: mapped-ram over tcp: {refused}");
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(listener.accept().is_err(), "QEMU connected to the socket anyway");
 }

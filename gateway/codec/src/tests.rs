@@ -222,6 +222,25 @@ fn main_channel_with_x_ignore_shared_and_no_footers_of_config() {
 }
 
 #[test]
+fn main_channel_with_mapped_ram_goes_opaque_and_round_trips() {
+    let mut rng = Rng::new(10);
+    let mut s = MainStream::new(&["x-ignore-shared", "mapped-ram"]);
+    s.ram_start(&[("pc.ram", 1 << 20)], true);
+    s.part();
+    for i in 0..8 {
+        s.page("pc.ram", i * 4096, &page(&mut rng, Content::Random));
+    }
+    s.eos();
+    s.end();
+    s.eos();
+    s.finish(&mut rng);
+    let (_, st) = round_trip(&s.bytes);
+    assert_eq!(st.mode, StreamMode::Opaque, "{st:?}");
+    assert_eq!(st.opaque_reason.as_deref(), Some("capability mapped-ram"));
+    assert_eq!(st.literal_pages, 0);
+}
+
+#[test]
 fn multifd_round_trip() {
     let b = sample_multifd_stream(2, 12, &[Content::Random, Content::Dup(1), Content::Dup(2), Content::Zero, Content::Text]);
     let (_, st) = round_trip(&b);

@@ -25,7 +25,7 @@ use super::codec::{
 use super::error::{QmpError, Result};
 use super::events::{EventQueue, Pop};
 use super::types::{
-    CapabilityState, Empty, Event, Greeting, MacAddress, MigrationInfo, MigrationParameters,
+    CapabilityState, Empty, Event, Greeting, KvmInfo, MacAddress, MigrationInfo, MigrationParameters,
     QmpEvent, RunState, RxFilterInfo, StatusInfo, VersionInfo,
 };
 
@@ -548,6 +548,11 @@ impl Qmp {
     /// `query-version`.
     pub async fn query_version(&self) -> Result<VersionInfo> {
         self.execute("query-version", None).await
+    }
+
+    /// `query-kvm`: whether the VM runs under KVM.
+    pub async fn query_kvm(&self) -> Result<KvmInfo> {
+        self.execute("query-kvm", None).await
     }
 
     /// `query-status`.

@@ -27,6 +27,8 @@
 //!   `migrate-incoming`, `migrate`, polling to `completed`) when one caller holds both QMP
 //!   sessions: the harness's "QEMU without the host-plugin" baselines and captures. (The
 //!   host-plugin holds only one end; its lifecycle is `ferry-host`'s `session` module.)
+//! - [`known_issues`]: QEMU versions and modes that make migrations unsafe (pure; from
+//!   `query-version` and `query-kvm`), for `ferry-host` to refuse or warn.
 //! - [`blocking`]: [`BlockingQmp`], the typed client behind blocking calls, for synchronous
 //!   callers (the test harness).
 //! - `client`: the async shell ([`Handshake`], [`Qmp`]); `events`: its bounded event buffer.
@@ -45,6 +47,7 @@ pub mod error;
 mod events;
 #[cfg(test)]
 mod fake_qemu;
+pub mod known_issues;
 pub mod migration;
 pub mod types;
 
@@ -52,7 +55,7 @@ pub use blocking::BlockingQmp;
 pub use client::{Handshake, Qmp, QmpConfig};
 pub use error::{QmpError, Result};
 pub use types::{
-    CapabilityState, Event, Greeting, MacAddress, MigrationCapability, MigrationInfo,
+    CapabilityState, Event, Greeting, KvmInfo, MacAddress, MigrationCapability, MigrationInfo,
     MigrationParameters, MigrationStatus, MultifdCompression, QmpEvent, RamStats, RunState,
     RxFilterInfo, SocketAddress, StatusInfo, VersionInfo, VersionTriple, UNLIMITED_BANDWIDTH,
 };

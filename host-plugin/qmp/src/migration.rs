@@ -11,7 +11,8 @@
 //!    `-incoming defer`) and the ports it listens on, from `query-migrate`.
 //! 3. [`MigrationPair::migrate`]: `migrate` on the source, [`wait_for_completion`] (polling
 //!    `query-migrate` until `completed`, or [`MigrationError::Failed`]), then the destination
-//!    `running`; returns the source's final `query-migrate` (with its [`crate::RamStats`],
+//!    loaded: `running`, or `paused` if it was started with `-S` (held for a check before it
+//!    runs); returns the source's final `query-migrate` (with its [`crate::RamStats`],
 //!    `total-time` and `downtime`) and the wall time.
 //!
 //! The steps are separate so a caller can act between them (check the listening port, read
@@ -209,8 +210,10 @@ pub struct CompletedMigration {
     /// The source's final `query-migrate` (status `completed`).
     pub info: MigrationInfo,
     /// Wall time from `migrate` until the source reported `completed` and the destination
-    /// `running`.
+    /// had loaded the state (`running`, or `paused` when started with `-S`).
     pub wall_time: Duration,
+    /// The destination's run state then: `running`, or `paused` (started with `-S`).
+    pub destination_state: RunState,
 }
 
 /// The two QMP sessions of one migration.
@@ -263,7 +266,9 @@ impl<'a> MigrationPair<'a> {
     }
 
     /// `migrate uri` on the source, then waits (each wait bounded by `timeout`) until the
-    /// source is `completed` ([`wait_for_completion`]) and the destination `running`.
+    /// source is `completed` ([`wait_for_completion`]) and the destination has loaded the
+    /// state: `running`, or `paused` if it was started with `-S` (it stays paused until
+    /// `cont`).
     pub async fn migrate(
         &self,
         uri: &str,
@@ -272,12 +277,28 @@ impl<'a> MigrationPair<'a> {
         let started = Instant::now();
         self.source.migrate(uri).await?;
         let info = wait_for_completion(self.source, self.poll, timeout).await?;
-        self.destination
-            .wait_status(&RunState::Running, self.poll, timeout)
-            .await?;
+        let deadline = Instant::now() + timeout;
+        let destination_state = loop {
+            let st = self.destination.query_status().await?;
+            if matches!(st.status, RunState::Running | RunState::Paused) {
+                break st.status;
+            }
+            if Instant::now() >= deadline {
+                return Err(QmpError::Timeout {
+                    command: format!(
+                        "query-status (waiting for the destination to load, now `{}`)",
+                        st.status
+                    ),
+                    timeout,
+                }
+                .into());
+            }
+            tokio::time::sleep(self.poll).await;
+        };
         Ok(CompletedMigration {
             info,
             wall_time: started.elapsed(),
+            destination_state,
         })
     }
 }
@@ -312,11 +333,20 @@ mod tests {
     }
 
     fn destination(port: &str) -> FakeQemu {
+        destination_loading_into(port, "running")
+    }
+
+    /// A destination that is `inmigrate` at its first `query-status`, then `loaded`.
+    fn destination_loading_into(port: &str, loaded: &'static str) -> FakeQemu {
         let port = port.to_owned();
+        let polls = Arc::new(AtomicU32::new(0));
         FakeQemu::start(Box::new(move |name, _| match name {
             "query-migrate" => Ok(json!({"status": "setup", "socket-address":
                 [{"type": "inet", "host": "127.0.0.1", "port": port}]})),
-            "query-status" => Ok(json!({"status": "running", "running": true})),
+            "query-status" if polls.fetch_add(1, Ordering::Relaxed) == 0 => {
+                Ok(json!({"status": "inmigrate", "running": false}))
+            }
+            "query-status" => Ok(json!({"status": loaded, "running": loaded == "running"})),
             _ => Ok(json!({})),
         }))
     }
@@ -370,8 +400,10 @@ mod tests {
                 ("migrate-incoming".into(), json!({"uri": "tcp:127.0.0.1:4444"})),
                 ("query-migrate".into(), Value::Null),
                 ("query-status".into(), Value::Null),
+                ("query-status".into(), Value::Null),
             ]
         );
+        assert_eq!(done.destination_state, RunState::Running);
         let src_cmds = src_fake.commands();
         assert_eq!(
             src_cmds,
@@ -385,6 +417,18 @@ mod tests {
                 ("query-migrate".into(), Value::Null),
             ]
         );
+    }
+
+    #[test]
+    fn a_destination_started_with_minus_s_counts_as_loaded_once_paused() {
+        let completed = json!({"status": "completed", "ram": ram()});
+        let (src_fake, dst_fake) = (source(completed), destination_loading_into("1", "paused"));
+        let (src, dst) = (connect(&src_fake), connect(&dst_fake));
+        let pair = fast(MigrationPair::new(src.client(), dst.client()));
+        let done = src.block_on(pair.migrate("tcp:127.0.0.1:1", T)).expect("migration");
+        assert_eq!(done.destination_state, RunState::Paused);
+        let polls = dst_fake.commands().iter().filter(|(n, _)| n == "query-status").count();
+        assert_eq!(polls, 2, "inmigrate, then paused");
     }
 
     #[test]

@@ -145,6 +145,16 @@ qemu_string_enum! {
     }
 }
 
+/// Reply of `query-kvm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvmInfo {
+    /// True if the VM runs under KVM (else TCG or another accelerator).
+    pub enabled: bool,
+    /// True if QEMU was built with KVM support.
+    pub present: bool,
+}
+
 /// Reply of `query-status`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -259,6 +269,12 @@ qemu_string_enum! {
         ZeroCopySend = "zero-copy-send",
         /// `postcopy-preempt`
         PostcopyPreempt = "postcopy-preempt",
+        /// `switchover-ack` (QEMU 8.1+): the destination acknowledges before the switchover.
+        SwitchoverAck = "switchover-ack",
+        /// `dirty-limit` (QEMU 8.1+; KVM dirty ring only).
+        DirtyLimit = "dirty-limit",
+        /// `mapped-ram` (QEMU 9.0+): RAM at fixed offsets of a file (file migration only).
+        MappedRam = "mapped-ram",
     }
 }
 

@@ -28,7 +28,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ferry_qmp::migration::{self, MigrationMode, MigrationSetup, Side};
-use ferry_qmp::MigrationInfo;
+use ferry_qmp::{MigrationInfo, VersionTriple};
 
 use super::{GuestImage, Qemu, QemuConfig, QemuError, Result};
 
@@ -41,6 +41,8 @@ pub struct CapturedMigration {
     pub streams: Vec<Vec<u8>>,
     /// The source's final `query-migrate` (status `completed`).
     pub info: MigrationInfo,
+    /// The version of the QEMU that sent them (from its QMP greeting).
+    pub qemu_version: VersionTriple,
 }
 
 /// Boots the default test guest (64 MiB, dirtying 64 pages per tick), lets it
@@ -64,6 +66,7 @@ pub fn capture_migration_stream_with(
     timeout: Duration,
 ) -> Result<CapturedMigration> {
     let mut src = Qemu::spawn(image, config, None)?;
+    let qemu_version = src.qmp().greeting().version.qemu;
     src.serial().wait_for_tick(3, timeout)?;
 
     let listener = TcpListener::bind("127.0.0.1:0")
@@ -133,7 +136,7 @@ pub fn capture_migration_stream_with(
         sizes = ?streams.iter().map(Vec::len).collect::<Vec<_>>(),
         "captured migration streams"
     );
-    Ok(CapturedMigration { streams, info })
+    Ok(CapturedMigration { streams, info, qemu_version })
 }
 
 /// Sets the flag on drop, stopping the accept loop (also on early return).

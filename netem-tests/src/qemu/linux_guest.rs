@@ -196,7 +196,7 @@ impl LinuxGuest {
     }
 
     /// A [`QemuConfig`] named `name` with this guest's RAM size. Add
-    /// `.incoming_defer()` for a migration destination.
+    /// `.held_at_cutover()` for a migration destination.
     pub fn qemu_config(&self, name: &str) -> QemuConfig {
         QemuConfig {
             memory_mib: self.config.memory_mib,

@@ -7,18 +7,20 @@ use std::time::Duration;
 use ferry_qmp::migration::{MigrationMode, MigrationPair, MigrationSetup};
 use ferry_qmp::MigrationInfo;
 
-use super::{Qemu, Result};
+use super::{check_ram_then_resume, Qemu, Result};
 
 /// Migrates `src` into `dst` over loopback TCP and waits until the source
-/// reports `completed` and the destination `running`.
+/// reports `completed`, checks RAM equality at cutover
+/// ([`super::check_ram_then_resume`]) and resumes the destination.
 ///
-/// `dst` must have been started with [`super::QemuConfig::incoming_defer`].
+/// `dst` must have been started with [`super::QemuConfig::held_at_cutover`].
 /// Sets `mode` on both sides (other parameters, e.g. `max-bandwidth`, are
 /// left as they are: set them on `src.qmp()` beforehand), starts
 /// `migrate-incoming tcp:127.0.0.1:0` on `dst`, reads the chosen port, and
 /// runs `migrate` on `src`. Returns the source's final `query-migrate`.
 /// A failed migration is an error ([`super::QemuError::Migration`] with
-/// QEMU's `error-desc`).
+/// QEMU's `error-desc`), and so is RAM that differs ([`super::QemuError::RamMismatch`]; the
+/// destination is left paused).
 pub fn migrate_local(
     src: &mut Qemu,
     dst: &mut Qemu,
@@ -36,6 +38,7 @@ pub fn migrate_local(
         tracing::info!(src = src.name(), dst = dst.name(), %uri, ?mode, "migrating");
         pair.migrate(&uri, timeout).await
     })?;
+    check_ram_then_resume(src, dst, timeout)?;
     let info = completed.info;
     tracing::info!(
         total_ms = ?info.total_time,

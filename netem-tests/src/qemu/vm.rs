@@ -11,6 +11,32 @@ use ferry_qmp::BlockingQmp;
 
 use super::{qemu_binary, GuestConfig, GuestImage, QemuError, Result, VerifyReport};
 
+/// Where [`QemuConfig::ram_in_file`] puts RAM files (tmpfs).
+const RAM_FILE_DIR: &str = "/dev/shm";
+/// Their directories are `ferry-ram-<pid of the test process>-XXXX`.
+const RAM_DIR_PREFIX: &str = "ferry-ram-";
+
+/// Removes the RAM directories of test processes that are gone (killed before their `Qemu`
+/// handles were dropped), so that guest RAM never piles up in tmpfs.
+fn sweep_stale_ram_dirs() {
+    let Ok(entries) = std::fs::read_dir(RAM_FILE_DIR) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(RAM_DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(dir = %e.path().display(), "removing the RAM files of a gone test process");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// How the VM waits for an incoming migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
@@ -57,6 +83,16 @@ pub struct QemuConfig {
     /// remove (e.g. a `tempfile::TempDir`); unix socket paths are limited to
     /// 107 bytes.
     pub extra_qmp_socket: Option<PathBuf>,
+    /// `-S`: do not run the guest until `cont`. For a migration's destination this holds it
+    /// paused once the incoming state is loaded (QEMU then goes to `paused`, not `running`),
+    /// which is when the harness compares both guests' RAM ([`super::ram_check`]); the
+    /// harness's migrations require it ([`QemuConfig::held_at_cutover`]).
+    pub start_paused: bool,
+    /// Keep the guest's RAM in a file the harness can read ([`Qemu::ram_file`]): a
+    /// `memory-backend-file` with `share=on` in a fresh directory under `/dev/shm`, which is
+    /// the machine's RAM (`-machine ...,memory-backend=ram0`). QEMU migrates it like any
+    /// RAM (the RAMBlock is called `ram0` instead of `pc.ram`). On by default.
+    pub ram_in_file: bool,
 }
 
 impl Default for QemuConfig {
@@ -71,6 +107,8 @@ impl Default for QemuConfig {
             qmp_timeout: Duration::from_secs(30),
             heartbeat_socket: None,
             extra_qmp_socket: None,
+            start_paused: false,
+            ram_in_file: true,
         }
     }
 }
@@ -88,6 +126,14 @@ impl QemuConfig {
         self
     }
 
+    /// A migration destination the harness can check: `-incoming defer` and
+    /// [`QemuConfig::start_paused`], so that it stays paused after loading until the harness
+    /// compared its RAM with the source's and resumed it.
+    pub fn held_at_cutover(mut self) -> Self {
+        self.start_paused = true;
+        self.incoming_defer()
+    }
+
     /// Sets [`QemuConfig::heartbeat_socket`].
     pub fn with_heartbeat_socket(mut self, path: impl Into<PathBuf>) -> Self {
         self.heartbeat_socket = Some(path.into());
@@ -100,15 +146,20 @@ impl QemuConfig {
         self
     }
 
-    /// The QEMU command line (without the binary and netns prefix).
-    pub fn args(&self, image: &GuestImage, qmp_socket: &Path) -> Vec<String> {
+    /// The QEMU command line (without the binary and netns prefix); `ram_file` is where the
+    /// RAM file goes if [`QemuConfig::ram_in_file`].
+    pub fn args(&self, image: &GuestImage, qmp_socket: &Path, ram_file: Option<&Path>) -> Vec<String> {
+        let machine = match ram_file {
+            Some(_) => format!("{},memory-backend={RAM_BACKEND_ID}", self.machine),
+            None => self.machine.clone(),
+        };
         let mut a: Vec<String> = [
             "-name",
             &self.name,
             "-accel",
             "tcg",
             "-machine",
-            &self.machine,
+            &machine,
             "-nodefaults",
             "-no-user-config",
             "-display",
@@ -119,6 +170,19 @@ impl QemuConfig {
         .map(|s| s.to_string())
         .collect();
         a.extend(["-m".into(), format!("{}M", self.memory_mib)]);
+        if let Some(f) = ram_file {
+            a.extend([
+                "-object".into(),
+                format!(
+                    "memory-backend-file,id={RAM_BACKEND_ID},size={}M,mem-path={},share=on",
+                    self.memory_mib,
+                    opt_path(f)
+                ),
+            ]);
+        }
+        if self.start_paused {
+            a.push("-S".into());
+        }
         a.extend([
             "-chardev".into(),
             "stdio,id=ser0,signal=off".into(),
@@ -166,6 +230,9 @@ impl QemuConfig {
     }
 }
 
+/// The id of the memory backend holding the guest's RAM ([`QemuConfig::ram_in_file`]).
+const RAM_BACKEND_ID: &str = "ram0";
+
 /// A path as the value of a QEMU `key=value,...` option (commas doubled).
 fn opt_path(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
@@ -184,8 +251,23 @@ pub struct Qemu {
     qmp_path: PathBuf,
     heartbeat_path: Option<PathBuf>,
     extra_qmp_path: Option<PathBuf>,
+    ram: RamInfo,
+    start_paused: bool,
     // Dropped after `child` is killed (see Drop).
     dir: tempfile::TempDir,
+    // Holds the RAM file (removed with it, after `child` is killed).
+    _ram_dir: Option<tempfile::TempDir>,
+}
+
+/// What the harness knows of a VM's main RAM.
+#[derive(Debug, Clone)]
+pub(crate) struct RamInfo {
+    /// The file holding it ([`QemuConfig::ram_in_file`]), if any.
+    pub file: Option<PathBuf>,
+    /// Its size, bytes (`-m`).
+    pub bytes: u64,
+    /// The machine type (`pc`, `q35`): where RAM sits in the guest-physical address space.
+    pub machine: String,
 }
 
 impl Qemu {
@@ -212,7 +294,20 @@ impl Qemu {
             .tempdir()
             .map_err(|e| QemuError::io("creating a temp dir for QEMU", e))?;
         let qmp_path = dir.path().join("qmp.sock");
-        let args = config.args(image, &qmp_path);
+        // The RAM file lives in tmpfs: reading it at cutover costs no disk I/O.
+        let ram_dir = if config.ram_in_file {
+            sweep_stale_ram_dirs();
+            Some(
+                tempfile::Builder::new()
+                    .prefix(&format!("{RAM_DIR_PREFIX}{}-", std::process::id()))
+                    .tempdir_in(RAM_FILE_DIR)
+                    .map_err(|e| QemuError::io(format!("creating a directory in {RAM_FILE_DIR}"), e))?,
+            )
+        } else {
+            None
+        };
+        let ram_file = ram_dir.as_ref().map(|d| d.path().join("ram"));
+        let args = config.args(image, &qmp_path, ram_file.as_deref());
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -240,7 +335,14 @@ impl Qemu {
                 qmp_path,
                 heartbeat_path: config.heartbeat_socket.clone(),
                 extra_qmp_path: config.extra_qmp_socket.clone(),
+                ram: RamInfo {
+                    file: ram_file,
+                    bytes: u64::from(config.memory_mib) << 20,
+                    machine: config.machine.clone(),
+                },
+                start_paused: config.start_paused,
                 dir,
+                _ram_dir: ram_dir,
             }),
             Err(e) => {
                 let _ = child.kill();
@@ -295,6 +397,21 @@ impl Qemu {
     /// [`QemuConfig::heartbeat_socket`]); `None` if not configured.
     pub fn heartbeat_path(&self) -> Option<&Path> {
         self.heartbeat_path.as_deref()
+    }
+
+    /// The file holding the guest's main RAM ([`QemuConfig::ram_in_file`]; removed on drop),
+    /// byte `i` being RAM offset `i`; `None` if the VM keeps its RAM anonymous.
+    pub fn ram_file(&self) -> Option<&Path> {
+        self.ram.file.as_deref()
+    }
+
+    pub(crate) fn ram_info(&self) -> &RamInfo {
+        &self.ram
+    }
+
+    /// True if started with `-S` ([`QemuConfig::start_paused`]).
+    pub fn started_paused(&self) -> bool {
+        self.start_paused
     }
 
     /// This VM's temporary directory (removed on drop).
@@ -444,7 +561,7 @@ mod tests {
     #[test]
     fn heartbeat_is_com2_and_extra_qmp_is_a_control_monitor() {
         let image = GuestImage::from_path("/k");
-        let plain = QemuConfig::default().args(&image, Path::new("/q.sock"));
+        let plain = QemuConfig::default().args(&image, Path::new("/q.sock"), None);
         assert!(!plain
             .iter()
             .any(|a| a.contains("hb0") || a.contains("qmp1")));
@@ -452,7 +569,7 @@ mod tests {
         let cfg = QemuConfig::default()
             .with_heartbeat_socket("/t/hb.sock")
             .with_extra_qmp_socket("/t/a,b.qmp");
-        let a = cfg.args(&image, Path::new("/q.sock"));
+        let a = cfg.args(&image, Path::new("/q.sock"), None);
         let serials: Vec<&str> = a
             .windows(2)
             .filter(|w| w[0] == "-serial")
@@ -463,5 +580,40 @@ mod tests {
         assert!(a.contains(&"socket,id=qmp1,path=/t/a,,b.qmp,server=on,wait=off".to_string()));
         let mon = a.iter().position(|s| s == "-mon").expect("-mon");
         assert_eq!(a[mon + 1], "chardev=qmp1,mode=control");
+    }
+
+    #[test]
+    fn ram_dirs_of_gone_processes_are_swept_ours_kept() {
+        let mut child = Command::new("true").spawn().expect("spawn true");
+        let gone = child.id();
+        child.wait().expect("wait");
+        let stale = Path::new(RAM_FILE_DIR).join(format!("{RAM_DIR_PREFIX}{gone}-test"));
+        let ours = Path::new(RAM_FILE_DIR).join(format!("{RAM_DIR_PREFIX}{}-test", std::process::id()));
+        for d in [&stale, &ours] {
+            std::fs::create_dir_all(d).expect("create");
+            std::fs::write(d.join("ram"), b"x").expect("write");
+        }
+        sweep_stale_ram_dirs();
+        assert!(!stale.exists() && ours.exists());
+        std::fs::remove_dir_all(&ours).expect("clean up");
+    }
+
+    #[test]
+    fn ram_file_is_the_machine_memory_and_held_destination_has_minus_s() {
+        let image = GuestImage::from_path("/k");
+        let cfg = QemuConfig::default().held_at_cutover();
+        let a = cfg.args(&image, Path::new("/q.sock"), Some(Path::new("/dev/shm/x,y/ram")));
+        let after = |flag: &str| a.iter().position(|s| s == flag).map(|i| a[i + 1].as_str());
+        assert_eq!(after("-machine"), Some("pc,memory-backend=ram0"));
+        assert_eq!(
+            after("-object"),
+            Some("memory-backend-file,id=ram0,size=64M,mem-path=/dev/shm/x,,y/ram,share=on")
+        );
+        assert_eq!(after("-m"), Some("64M"));
+        assert_eq!(after("-incoming"), Some("defer"));
+        assert!(a.iter().any(|s| s == "-S"));
+        let plain = QemuConfig::default().args(&image, Path::new("/q.sock"), None);
+        assert_eq!(plain.iter().position(|s| s == "-machine").map(|i| plain[i + 1].as_str()), Some("pc"));
+        assert!(!plain.iter().any(|s| s == "-S" || s == "-object"));
     }
 }

@@ -11,7 +11,7 @@ use ferry_gateway::tunnel::FlowRecord;
 use ferry_qmp::migration::{MigrationMode, MigrationPair, MigrationSetup};
 use ferry_qmp::{MigrationInfo, RamStats, UNLIMITED_BANDWIDTH};
 
-use super::{Qemu, QemuError, Result};
+use super::{check_ram_then_resume, Qemu, QemuError, RamComparison, Result};
 use crate::gateway_pair::GatewayPair;
 use crate::wan::{LinkStats, Wan};
 
@@ -65,8 +65,11 @@ pub struct WanMigrationReport {
     /// QEMU's RAM statistics (source side).
     pub ram: RamStats,
     /// Wall time from `migrate` until the source reported `completed` and the
-    /// destination `running`.
+    /// destination had loaded the state (before the RAM check).
     pub wall_time: Duration,
+    /// The RAM equality check at cutover (always equal in a returned report: a difference is
+    /// [`QemuError::RamMismatch`]).
+    pub ram_check: RamComparison,
     /// The last `tick N` the source printed (it stops ticking once paused).
     pub src_last_tick: Option<u64>,
     /// The first `tick N` the destination printed after taking over.
@@ -169,7 +172,7 @@ impl WanMigrationReport {
     /// One line for logs.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "QEMU total {:?} ms, downtime {:?} ms, wall {:.2} s, transferred {} B ({} multifd), {} dirty syncs, ticks {:?} -> {}",
+            "QEMU total {:?} ms, downtime {:?} ms, wall {:.2} s, transferred {} B ({} multifd), {} dirty syncs, ticks {:?} -> {}, {} RAM pages equal at cutover",
             self.total_time_ms,
             self.downtime_ms,
             self.wall_time.as_secs_f64(),
@@ -177,7 +180,8 @@ impl WanMigrationReport {
             self.ram.multifd_bytes.unwrap_or(0),
             self.ram.dirty_sync_count,
             self.src_last_tick,
-            self.dst_first_tick
+            self.dst_first_tick,
+            self.ram_check.pages
         );
         if !self.flows_a.is_empty() {
             s += &format!(
@@ -243,11 +247,14 @@ fn sub(after: LinkStats, before: LinkStats) -> LinkStats {
 /// `migrate-incoming tcp:<listen>`; the source `migrate
 /// tcp:127.0.0.1:<forward port>` through the gateways, or `tcp:<listen>`
 /// directly. Waits (each step bounded by `timeout`) until the source is
-/// `completed` and the destination `running`, the destination printed its
-/// first tick, and, through the gateways, both gateways logged the
+/// `completed` and the destination (started
+/// [`held_at_cutover`](super::QemuConfig::held_at_cutover)) loaded and paused, compares
+/// both guests' RAM ([`super::check_ram_then_resume`]) and resumes the destination, then
+/// until it printed its first tick, and, through the gateways, both gateways logged the
 /// migration's `mode.connections()` flows as finished.
 ///
-/// A failed migration is [`QemuError::Migration`] with QEMU's `error-desc`.
+/// A failed migration is [`QemuError::Migration`] with QEMU's `error-desc`; RAM that
+/// differs at cutover is [`QemuError::RamMismatch`] (the destination stays paused).
 /// Other migration settings made beforehand (capabilities such as `xbzrle`,
 /// `downtime-limit`) are left as they are.
 pub fn migrate_over_wan(
@@ -316,6 +323,7 @@ pub fn migrate_over_wan_with(
     tracing::info!(src = src.name(), dst = dst.name(), %uri, ?route, ?mode, "migrating across the WAN");
     let completed = source.block_on(pair.migrate(&uri, timeout))?;
     let (info, wall_time) = (completed.info, completed.wall_time);
+    let ram_check = check_ram_then_resume(src, dst, timeout)?;
     let src_last_tick = src.serial().last_tick();
     let dst_first_tick = dst.serial().wait_next_tick_from(0, timeout)?;
 
@@ -355,6 +363,7 @@ pub fn migrate_over_wan_with(
         ram: info.ram.clone().unwrap_or_default(),
         info,
         wall_time,
+        ram_check,
         src_last_tick,
         dst_first_tick,
         flows_a,

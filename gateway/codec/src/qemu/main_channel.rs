@@ -13,7 +13,8 @@
 //!   an iterable other than `ram` (dirty-bitmap, block, vfio), a FULL section before RAM completed
 //!   (8.0+ early-setup virtio-mem), postcopy (POSTCOPY_ADVISE with a page-size payload, PACKAGED,
 //!   other postcopy commands), COLO, xbzrle/compress/RDMA-hook records, a target page size other than
-//!   4 KiB, unknown configuration subsections, unknown commands or section types.
+//!   4 KiB, the `mapped-ram` capability (9.0+ file format), unknown configuration subsections,
+//!   unknown commands or section types.
 //!
 //! Section footers (`7e be32 section_id`) are optional (property `send-section-footer`); a footer is
 //! recognised by its `0x7e` byte, which is never a top-level section type.
@@ -353,8 +354,13 @@ impl Tokenizer for MainChannelTokenizer {
                     if data.len() < n {
                         return Token::NeedMore(n);
                     }
-                    if &data[1..n] == b"x-ignore-shared" {
-                        self.x_ignore_shared = true;
+                    match &data[1..n] {
+                        b"x-ignore-shared" => self.x_ignore_shared = true,
+                        // QEMU 9.0+ file migration: RAM at fixed file offsets, a
+                        // MappedRamHeader per block in MEM_SIZE, pages outside the stream.
+                        // QEMU refuses it on sockets; should it ever come, pass it through.
+                        b"mapped-ram" => return Token::Opaque("capability mapped-ram".into()),
+                        _ => {}
                     }
                     self.state = State::Capabilities { left: left - 1 };
                     return Token::Verbatim(n);
