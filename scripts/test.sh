@@ -103,7 +103,10 @@ cargo test --workspace "$@"
 
 # The QEMU 7.2 smoke test: a held migration of a busy guest, whose RAM check must find the pages
 # 7.2's TCG loses (ferry_qmp::known_issues), and none with the guest's retouch workaround.
+# And ferry-host migrate refuses that QEMU.
 if [ -x "$QEMU72_BIN" ]; then
     FERRY_QEMU=$QEMU72_BIN cargo test -p ferry-netem --test qemu_guest \
         held_busy_guest_ram_matches_unless_qemu_has_the_tcg_dirty_tracking_issue
+    FERRY_QEMU=$QEMU72_BIN cargo test -p ferry-netem --test host_faults_wan \
+        migrate_refuses_a_qemu_with_a_known_issue
 fi

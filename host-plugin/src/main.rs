@@ -102,6 +102,10 @@ enum Command {
         /// past it the migration is cancelled before the commit and the source resumes.
         #[arg(long = "cutover-deadline", default_value = "10s", value_parser = ferry_units::parse_duration)]
         cutover_deadline: Duration,
+        /// Migrate even a QEMU known to lose memory in migrations (QEMU before 9.0 under TCG),
+        /// with a warning, instead of refusing.
+        #[arg(long = "ignore-known-issues")]
+        ignore_known_issues: bool,
     },
     /// After a migration that ended undecided (the source paused, the destination silent):
     /// ask both sides and start the VM in exactly one place.
@@ -168,9 +172,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
-        Command::Migrate { target: Target { qmp, to, dest_host, gateway, name }, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json, no_steer, state_dir, pre_commit_check, pre_commit_timeout, cutover_deadline } => {
+        Command::Migrate { target: Target { qmp, to, dest_host, gateway, name }, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json, no_steer, state_dir, pre_commit_check, pre_commit_timeout, cutover_deadline, ignore_known_issues } => {
             let dest = parse_dest(&dest_host)?;
-            let options = MigrateOptions { qmp, to, dest, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, steer: !no_steer, state_dir, pre_commit_check, pre_commit_timeout, cutover_deadline };
+            let options = MigrateOptions { qmp, to, dest, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, steer: !no_steer, state_dir, pre_commit_check, pre_commit_timeout, cutover_deadline, ignore_known_issues };
             let result = runtime.block_on(migrate(options));
             let text = serde_json::to_string_pretty(&result).context("cannot encode the report")?;
             if let Some(path) = report {

@@ -85,6 +85,9 @@ pub struct MigrateOptions {
     pub pre_commit_timeout: Duration,
     /// Longest the stop-and-copy may keep the source paused; past it, cancel (source resumes).
     pub cutover_deadline: Duration,
+    /// Migrate even a QEMU with a known migration defect (`ferry_qmp::known_issues`), with a
+    /// warning in the report.
+    pub ignore_known_issues: bool,
 }
 
 /// Runs one migration; never panics, always returns a report (check `outcome`).
@@ -194,6 +197,13 @@ impl Run {
             bail!("a migration of this VM is already in progress ({})", current.as_str());
         }
         let version = qmp.query_version().await.context("query-version")?;
+        let kvm = qmp.query_kvm().await.context("query-kvm")?;
+        if let Some(issue) = ferry_qmp::known_issues::migration_issue(version.qemu, kvm.enabled) {
+            if !o.ignore_known_issues {
+                bail!("refusing to migrate: {issue}; --ignore-known-issues goes ahead anyway");
+            }
+            self.warn(format!("migrating despite a known QEMU issue: {issue}"));
+        }
         let name = match &o.name {
             Some(n) => n.clone(),
             None => qmp.query_name().await.context("query-name")?.ok_or_else(|| {

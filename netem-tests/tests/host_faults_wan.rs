@@ -381,3 +381,27 @@ fn two_migrations_of_one_vm_exactly_one_proceeds() {
     assert_eq!(exactly_one_runs(&mut src, &mut dst), RunsAt::Destination);
     watch.finish();
 }
+
+/// Run by `scripts/test.sh` with `FERRY_QEMU` on Debian 12's QEMU 7.2 (skips on a QEMU without
+/// the issue): migrate refuses a QEMU whose TCG loses re-dirtied pages, and touches nothing.
+#[test]
+fn migrate_refuses_a_qemu_with_a_known_issue() {
+    let _lock = lock(&SERIAL);
+    let Some(s) = setup_with_gateway_processes("refuses_known_issue", 200_000_000, "200mbit") else { return };
+    let (mut src, _dst, qmp, hb) = start_vms(&s, "fault11", 64, &guest());
+    let version = src.qmp().client().greeting().version.qemu;
+    if ferry_qmp::known_issues::migration_issue(version, false).is_none() {
+        eprintln!("SKIP migrate_refuses_a_qemu_with_a_known_issue: QEMU {version} has no known issue (scripts/test.sh runs this on QEMU 7.2)");
+        return;
+    }
+    let before = src.qmp().query_migrate_parameters().expect("parameters");
+    let out = migrate_command(&s, &qmp, &hb, &[]).output().expect("run ferry-host migrate");
+    let report = report_of(&out);
+    assert!(!out.status.success());
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&format!("refusing to migrate: QEMU {version} under TCG")) && error.contains("--ignore-known-issues"), "{error}");
+    assert_eq!(report["source_vm"], "running");
+    assert_eq!(src.qmp().query_migrate().expect("query-migrate").status(), MigrationStatus::None);
+    assert_eq!(src.qmp().query_migrate_parameters().expect("parameters"), before);
+    assert!(running(&mut src));
+}

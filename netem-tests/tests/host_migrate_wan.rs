@@ -14,7 +14,7 @@ use ferry_host::announce::{frames, Announcement};
 use ferry_netem::qemu::{GuestConfig, VerifyReport};
 use ferry_testkit::sync::lock;
 use ferry_testkit::sys::interrupt;
-use host_support::{assert_source_runs_on, check_flows, migrate_command, report_of, setup, start_vms, wait_until_migrating, L2Capture, RunningMigrate, BOOT, VM_IP, VM_MAC};
+use host_support::{assert_source_runs_on, check_flows, migrate_command, report_of, setup, start_vms, wait_until_migrating, CommitGate, L2Capture, RunningMigrate, BOOT, VM_IP, VM_MAC};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -31,9 +31,13 @@ fn one_command_migrates_a_running_vm_across_150ms() {
     let (mut src, mut dst, src_qmp, src_hb) = start_vms(&s, "web1", 64, &guest);
     let capture = L2Capture::start(&s.wan);
 
-    let out = migrate_command(&s, &src_qmp, &src_hb, &[]).output().expect("run ferry-host migrate");
-    let report = report_of(&out);
-    assert!(out.status.success(), "ferry-host migrate failed: {report}");
+    // RAM equal at cutover: checked while both VMs are paused, before the commit.
+    let gate = CommitGate::new(&s);
+    let running = RunningMigrate::start_with(&s, &src_qmp, &src_hb, &["--pre-commit-check", &gate.command()]);
+    let ram = gate.check_ram(&src, &dst, Duration::from_secs(120));
+    assert!(ram.is_equal(), "RAM differs at cutover: {ram}");
+    let (ok, report) = running.finish_within(Duration::from_secs(120));
+    assert!(ok, "ferry-host migrate failed: {report}");
     assert_eq!(report["outcome"], "completed");
     assert_eq!(report["vm"], "web1");
     assert_eq!(report["source_vm"], "quit");
@@ -96,9 +100,12 @@ fn busy_guest_outrunning_the_link_still_completes() {
     let guest = GuestConfig { dirty_pages_per_tick: 300, verify_every_ticks: 0, retouch: true, rand_mib: 32, ..GuestConfig::default() };
     let (mut src, mut dst, src_qmp, src_hb) = start_vms(&s, "busy1", 64, &guest);
 
-    let out = migrate_command(&s, &src_qmp, &src_hb, &["--max-time", "4m"]).output().expect("run ferry-host migrate");
-    let report = report_of(&out);
-    assert!(out.status.success(), "ferry-host migrate failed: {report}");
+    let gate = CommitGate::new(&s);
+    let running = RunningMigrate::start_with(&s, &src_qmp, &src_hb, &["--max-time", "4m", "--pre-commit-check", &gate.command()]);
+    let ram = gate.check_ram(&src, &dst, Duration::from_secs(300));
+    assert!(ram.is_equal(), "RAM differs at cutover: {ram}");
+    let (ok, report) = running.finish_within(Duration::from_secs(300));
+    assert!(ok, "ferry-host migrate failed: {report}");
     assert_eq!(report["outcome"], "completed");
     let dirty = report["peak_dirty_rate_mb_s"].as_f64().expect("dirty rate");
     let drain = report["drain_rate_mb_s"].as_f64().expect("drain rate");

@@ -389,3 +389,41 @@ pub fn assert_source_runs_on(src: &mut Qemu) {
     let info = src.qmp().query_migrate().expect("query-migrate");
     assert!(matches!(info.status(), MigrationStatus::Failed | MigrationStatus::Cancelled), "{info:?}");
 }
+
+/// A `--pre-commit-check` that hands the decision to the test: the command marks that it runs
+/// (QEMU completed, both VMs paused, nothing committed), waits for the test's verdict and exits
+/// with it. [`CommitGate::check_ram`] gives the verdict from the RAM comparison at cutover.
+pub struct CommitGate {
+    ready: PathBuf,
+    verdict: PathBuf,
+}
+
+impl CommitGate {
+    /// A gate with its files in the setup's folder.
+    pub fn new(s: &Setup) -> Self {
+        Self { ready: s.dir.path().join("commit-gate.ready"), verdict: s.dir.path().join("commit-gate.verdict") }
+    }
+
+    /// The `--pre-commit-check` command (gives up after 120 s on its own).
+    pub fn command(&self) -> String {
+        format!(
+            "touch '{}'; i=0; while [ ! -e '{v}' ] && [ $i -lt 6000 ]; do sleep 0.02; i=$((i+1)); done; exit $(cat '{v}' 2>/dev/null || echo 9)",
+            self.ready.display(),
+            v = self.verdict.display()
+        )
+    }
+
+    /// Waits (at most `limit`) for the check to run, compares both VMs' RAM page by page,
+    /// answers (pass only if equal) and returns the comparison.
+    pub fn check_ram(&self, src: &Qemu, dst: &Qemu, limit: Duration) -> qemu::RamComparison {
+        let deadline = Instant::now() + limit;
+        while !self.ready.exists() {
+            assert!(Instant::now() < deadline, "the pre-commit check did not run within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let compared = qemu::compare_ram(src, dst);
+        let pass = matches!(&compared, Ok(c) if c.is_equal());
+        std::fs::write(&self.verdict, if pass { "0" } else { "1" }).expect("verdict");
+        compared.expect("comparing RAM at cutover")
+    }
+}
