@@ -215,7 +215,19 @@ mod tests {
 
     #[test]
     fn interrupting_a_child_ends_it() {
-        let mut child = Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+        use std::os::unix::process::CommandExt;
+        let mut sleep = Command::new("sleep");
+        sleep.arg("30");
+        // SIGINT back to its default in the child: a test run started in the background by a
+        // non-interactive shell inherits it ignored, and the signal would do nothing.
+        // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+        unsafe {
+            sleep.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut child = sleep.spawn().expect("spawn sleep");
         interrupt(child.id()).expect("SIGINT");
         let status = child.wait().expect("wait");
         assert!(!status.success());
