@@ -16,7 +16,7 @@
 //! a failure, a signal or a message means at each stage) to [`SourceSession`].
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -185,9 +185,7 @@ impl Run {
         // The source VM, one migration at a time. It runs already: a missing socket is a wrong
         // path, not QEMU still starting.
         self._locks.push(MigrationLock::acquire(&o.state_dir, &qmp_key(&o.qmp), &format!("the VM at {}", o.qmp.display()))?);
-        let qmp = Qmp::connect(&o.qmp, QmpConfig { connect_timeout: Duration::from_secs(1), ..QmpConfig::default() })
-            .await
-            .with_context(|| format!("cannot open the source VM's QMP socket {}", o.qmp.display()))?;
+        let qmp = connect_source(&o.qmp).await?;
         let status = qmp.query_status().await.context("query-status")?;
         if status.status != RunState::Running {
             bail!("the source VM is not running (status {})", status.status.as_str());
@@ -204,14 +202,8 @@ impl Run {
             }
             self.warn(format!("migrating despite a known QEMU issue: {issue}"));
         }
-        let name = match &o.name {
-            Some(n) => n.clone(),
-            None => qmp.query_name().await.context("query-name")?.ok_or_else(|| {
-                anyhow!("the VM has no -name; give one with --name (it selects the destination's sockets)")
-            })?,
-        };
+        let name = vm_name(&qmp, o.name.as_deref()).await?;
         self.report.vm = name.clone();
-        ferry_api::control::check_vm_name(&name).map_err(|e| anyhow!(e))?;
         self._locks.push(MigrationLock::acquire(&o.state_dir, &vm_key(&name), &format!("VM {name}"))?);
         let ram = qmp.base_memory().await.context("query-memory-size-summary")?;
         let available: Vec<MigrationCapability> =
@@ -543,6 +535,27 @@ impl Run {
         self.clock_uncertainty_ms = offset.map_or(0.0, |(_, e)| e as f64 / 1e6);
         Ok(offset)
     }
+}
+
+/// Opens the QMP socket of a source VM. The VM runs already, so a missing socket is a wrong
+/// path, not QEMU still starting: no long retry.
+pub(crate) async fn connect_source(path: &Path) -> anyhow::Result<Qmp> {
+    Qmp::connect(path, QmpConfig { connect_timeout: Duration::from_secs(1), ..QmpConfig::default() })
+        .await
+        .with_context(|| format!("cannot open the source VM's QMP socket {}", path.display()))
+}
+
+/// The VM's name: `given`, else QEMU's `-name`; checked usable in file names (it selects the
+/// destination's sockets and names the locks).
+pub(crate) async fn vm_name(qmp: &Qmp, given: Option<&str>) -> anyhow::Result<String> {
+    let name = match given {
+        Some(n) => n.to_owned(),
+        None => qmp.query_name().await.context("query-name")?.ok_or_else(|| {
+            anyhow!("the VM has no -name; give one with --name (it selects the destination's sockets)")
+        })?,
+    };
+    ferry_api::control::check_vm_name(&name).map_err(|e| anyhow!(e))?;
+    Ok(name)
 }
 
 /// The gateway's counters as the session reads them.

@@ -18,13 +18,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use ferry_api::control::{IncomingState, ToDestination, ToSource};
-use ferry_qmp::{Qmp, QmpConfig};
 use serde::Serialize;
 
 use crate::control::Channel;
 use crate::gateway_api::{open_control, ControlRoute, GatewayApi};
+use crate::migrate::{connect_source, vm_name};
 
 /// How long the destination may take to answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,14 +75,8 @@ pub struct ResolveReport {
 
 /// Runs `ferry-host resolve`.
 pub async fn resolve(o: ResolveOptions) -> anyhow::Result<ResolveReport> {
-    let qmp = Qmp::connect(&o.qmp, QmpConfig { connect_timeout: Duration::from_secs(1), ..QmpConfig::default() })
-        .await
-        .with_context(|| format!("cannot open the source VM's QMP socket {}", o.qmp.display()))?;
-    let vm = match &o.name {
-        Some(n) => n.clone(),
-        None => qmp.query_name().await.context("query-name")?.ok_or_else(|| anyhow!("the VM has no -name; give one with --name"))?,
-    };
-    ferry_api::control::check_vm_name(&vm).map_err(|e| anyhow!(e))?;
+    let qmp = connect_source(&o.qmp).await?;
+    let vm = vm_name(&qmp, o.name.as_deref()).await?;
     let source = qmp.query_status().await.context("query-status on the source")?;
 
     let mut api = GatewayApi::connect(o.gateway).await?;

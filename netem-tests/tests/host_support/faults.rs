@@ -135,19 +135,10 @@ impl GatewayProcesses {
 
     /// Waits (at most `limit`) for the gateway of `site` to exit; its status.
     pub fn wait_exit(&mut self, site: Site, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let slot = self.slot(site);
-            match slot.as_mut().map(|p| p.0.try_wait()) {
-                None => return None,
-                Some(Ok(Some(status))) => {
-                    *slot = None;
-                    return Some(status);
-                }
-                _ if Instant::now() >= deadline => return None,
-                _ => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
+        let slot = self.slot(site);
+        let status = slot.as_mut()?.wait_timeout(limit).expect("wait for the gateway")?;
+        *slot = None;
+        Some(status)
     }
 
     fn slot(&mut self, site: Site) -> &mut Option<Process> {

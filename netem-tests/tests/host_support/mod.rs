@@ -97,15 +97,9 @@ impl Setup {
 
     /// Waits at most `limit` for `ferry-host serve` to exit by itself; its status.
     pub fn wait_serve_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(Ok(Some(status))) = self.serve.as_mut().map(|p| p.0.try_wait()) {
-                self.serve = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        let status = self.serve.as_mut()?.wait_timeout(limit).expect("wait for serve")?;
+        self.serve = None;
+        Some(status)
     }
 
     /// Kills `ferry-host serve` (SIGKILL) and reaps it.
