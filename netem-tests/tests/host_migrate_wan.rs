@@ -94,9 +94,12 @@ fn one_command_migrates_a_running_vm_across_150ms() {
 #[test]
 fn busy_guest_outrunning_the_link_still_completes() {
     let _lock = lock(&SERIAL);
-    // 40 Mbit/s = 5 MB/s; the guest rewrites 300 random (incompressible) pages every 100 ms:
-    // about 12 MB/s, well beyond what the link drains.
-    let Some(s) = setup("busy_guest_outrunning_the_link_still_completes", 40_000_000, "40mbit") else { return };
+    // 16 Mbit/s = 2 MB/s; the guest rewrites 300 random (incompressible) pages every 100 ms:
+    // about 12 MB/s nominal. Under TCG on a loaded 2-core machine it achieves only 5-6 MB/s
+    // (a CI run at 40 Mbit/s measured dirty 5.5 MB/s against a drain of 6.9 MB/s, the drain
+    // counting QEMU bytes, which the codec shrinks), so the link is narrow enough that even
+    // a slowed guest outruns it by 2x.
+    let Some(s) = setup("busy_guest_outrunning_the_link_still_completes", 16_000_000, "16mbit") else { return };
     let guest = GuestConfig { dirty_pages_per_tick: 300, verify_every_ticks: 0, retouch: true, rand_mib: 32, ..GuestConfig::default() };
     let (mut src, mut dst, src_qmp, src_hb) = start_vms(&s, "busy1", 64, &guest);
 
