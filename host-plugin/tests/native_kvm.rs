@@ -189,3 +189,55 @@ fn local_precopy_over_a_socketpair_resumes_the_guest_with_equal_memory() {
         assert!(first >= counter && first <= counter + (1 << guest.report_every_log2), "destination continues: first report {first}, source stopped at {counter} after {src_reports} reports");
     });
 }
+
+#[test]
+fn microvm_run_answers_on_its_control_socket() {
+    use std::io::{BufRead, BufReader, Write};
+    let Some(_) = kvm("microvm run") else { return };
+    capped(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let control = dir.path().join("vm1.sock");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-host"))
+            .args(["microvm", "run", "--name", "vm1", "--mem", "2MiB", "--pages", "16", "--delay", "100", "--report-every-log2", "2", "--control"])
+            .arg(&control)
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(&control) {
+                Ok(s) => break s,
+                Err(_) if t0.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("no control socket: {e}");
+                }
+            }
+        };
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut ask = |cmd: &str| -> serde_json::Value {
+            writeln!(&stream, "{{\"cmd\":\"{cmd}\"}}").unwrap();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            serde_json::from_str(&line).unwrap()
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let status = ask("status");
+        assert_eq!(status["reply"], "status", "{status}");
+        assert_eq!(status["running"], true);
+        let paused = ask("pause");
+        assert_eq!(paused["reply"], "paused", "{paused}");
+        let counter = ask("status")["counter"].as_u64().expect("the guest reported");
+        let d1 = ask("digest");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(ask("digest"), d1, "a paused guest writes nothing");
+        assert_eq!(ask("status")["counter"].as_u64(), Some(counter));
+        assert_eq!(ask("resume")["reply"], "resumed");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(ask("status")["counter"].as_u64().unwrap() > counter, "it counts on after resume");
+        assert_eq!(ask("quit")["reply"], "quitting");
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status}");
+        assert!(!control.exists(), "the socket is removed");
+        eprintln!("microvm run: pause latency {} µs over the control socket", paused["latency_us"]);
+    });
+}

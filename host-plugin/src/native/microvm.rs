@@ -231,7 +231,7 @@ impl MicroVm {
     /// A microVM of `mem_size` bytes of zeroed memory and a fresh vCPU, paused: the
     /// destination of a migration, to be filled with pages and a state.
     pub fn incoming(mem_size: u64) -> Result<Self, VmError> {
-        if mem_size == 0 || mem_size % PAGE_SIZE as u64 != 0 {
+        if mem_size == 0 || !mem_size.is_multiple_of(PAGE_SIZE as u64) {
             return Err(VmError::Config(format!("memory size {mem_size} is not a positive multiple of 4 KiB")));
         }
         let size = usize::try_from(mem_size).map_err(|_| VmError::Config("memory size".into()))?;

@@ -7,13 +7,16 @@
 //! - [`microvm`]: the reference microVM (one slot with dirty logging, one vCPU thread, a tiny
 //!   embedded guest), with pause by signal kick + immediate exit.
 //! - [`precopy`]: a blocking pre-copy from a microVM into a byte sink, and its receiving side.
+//! - [`control`]: `ferry-host microvm run`, a microVM behind a JSON-lines control socket.
 //!
-//! Dependencies point down this list's reverse: `precopy` → `microvm` → `vcpu_state`;
-//! `precopy` → `stream`, `bitmap`. Only `bitmap` and `stream` build on every platform.
+//! Dependencies point one way: `control`, `precopy` → `microvm` → `vcpu_state`, `bitmap`;
+//! `precopy` → `stream`. Only `bitmap` and `stream` build on every platform.
 
 pub mod bitmap;
 pub mod stream;
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod control;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod microvm;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

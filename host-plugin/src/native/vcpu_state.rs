@@ -297,7 +297,7 @@ fn one<T: FromBytes>(tag: Tag, body: &[u8]) -> Result<T, StateError> {
 
 fn array<T: FromBytes>(tag: Tag, body: &[u8], max: usize) -> Result<Vec<T>, StateError> {
     let size = std::mem::size_of::<T>();
-    if body.len() % size != 0 || body.len() / size > max {
+    if !body.len().is_multiple_of(size) || body.len() / size > max {
         return Err(StateError::Malformed(format!("{tag:?} record of {} bytes (entries of {size}, at most {max})", body.len())));
     }
     Ok(body.chunks_exact(size).filter_map(|c| T::read_from_bytes(c).ok()).collect())
