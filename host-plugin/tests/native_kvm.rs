@@ -107,8 +107,18 @@ fn a_kick_stops_the_vcpu_between_exits() {
         assert_eq!(vm.reports().count, 0, "no exit happened: the kick alone stopped the vCPU");
         assert!(latencies[9] < Duration::from_millis(100), "a kick stops the vCPU at once, not at its next exit: {latencies:?}");
         // The guest did run between the pauses.
-        let s = vm.save_state().unwrap();
-        assert!(s.regs.rax > 0, "the counter advanced");
+        let before = vm.save_state().unwrap().regs.rax;
+        assert!(before > 0, "the counter advanced");
+        // A second resume of a running vCPU is a no-op: it must not resume the next pause.
+        vm.resume().unwrap();
+        vm.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        vm.pause().unwrap();
+        let paused_at = vm.save_state().unwrap().regs.rax;
+        assert!(paused_at > before);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!vm.is_running());
+        assert_eq!(vm.save_state().unwrap().regs.rax, paused_at, "paused means paused");
     });
 }
 
@@ -240,4 +250,15 @@ fn microvm_run_answers_on_its_control_socket() {
         assert!(!control.exists(), "the socket is removed");
         eprintln!("microvm run: pause latency {} µs over the control socket", paused["latency_us"]);
     });
+}
+
+/// Needs no KVM: the refusal comes before any VM is built.
+#[test]
+fn receive_refuses_a_qemu_stream_before_building_a_vm() {
+    let qemu = ferry_testkit::qemu_stream::sample_main_stream(1, 20).bytes;
+    let err = precopy::receive(&mut &qemu[..], ReaderLimits::default()).err().expect("refused");
+    let text = err.to_string();
+    assert!(text.contains("not a ferry-native migration stream") && text.contains("configuration"), "{text}");
+    let err = precopy::receive(&mut &b"QEVM\0\0\0\x03\x01"[..], ReaderLimits::default()).err().expect("refused");
+    assert!(err.to_string().contains("stream ended after 9 bytes"), "{err}");
 }

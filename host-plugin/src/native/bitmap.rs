@@ -43,6 +43,14 @@ impl DirtyBitmap {
         b
     }
 
+    /// Adds the dirty pages of `other` (a bitmap of the same slot).
+    pub fn union(&mut self, other: &DirtyBitmap) {
+        for (w, x) in self.words.iter_mut().zip(&other.words) {
+            *w |= x;
+        }
+        self.mask_tail();
+    }
+
     fn mask_tail(&mut self) {
         let rem = self.pages % 64;
         if rem != 0 {
@@ -121,6 +129,9 @@ mod tests {
         let b = DirtyBitmap::union_of(64, &[&kvm, &vmm]);
         assert_eq!(b.ranges(), vec![0..1, 2..4]);
         assert_eq!(b.count(), 3);
+        let mut c = DirtyBitmap::union_of(64, &[&kvm]);
+        c.union(&DirtyBitmap::union_of(64, &[&vmm]));
+        assert_eq!(c, b);
     }
 
     #[test]

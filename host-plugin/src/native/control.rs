@@ -81,27 +81,16 @@ pub struct RunOptions {
     pub control: PathBuf,
 }
 
-struct Vm {
-    vm: MicroVm,
-    running: bool,
-}
-
-fn answer(vm: &Mutex<Vm>, name: &str, request: Request) -> Reply {
-    let mut v = vm.lock();
+fn answer(vm: &Mutex<MicroVm>, name: &str, request: Request) -> Reply {
+    let vm = vm.lock();
     let result = match request {
         Request::Status => {
-            let r = v.vm.reports();
-            Ok(Reply::Status { name: name.to_string(), running: v.running, reports: r.count, counter: r.last.map(|l| l.0), vcpu_error: v.vm.vcpu_error() })
+            let r = vm.reports();
+            Ok(Reply::Status { name: name.to_string(), running: vm.is_running(), reports: r.count, counter: r.last.map(|l| l.0), vcpu_error: vm.vcpu_error() })
         }
-        Request::Pause => v.vm.pause().map(|d| {
-            v.running = false;
-            Reply::Paused { latency_us: d.as_micros() as u64 }
-        }),
-        Request::Resume => v.vm.resume().map(|()| {
-            v.running = true;
-            Reply::Resumed
-        }),
-        Request::Digest => v.vm.memory_digest().map(|d| Reply::Digest { blake3: d.to_hex().to_string() }),
+        Request::Pause => vm.pause().map(|d| Reply::Paused { latency_us: d.as_micros() as u64 }),
+        Request::Resume => vm.resume().map(|()| Reply::Resumed),
+        Request::Digest => vm.memory_digest().map(|d| Reply::Digest { blake3: d.to_hex().to_string() }),
         Request::Quit => Ok(Reply::Quitting),
     };
     result.unwrap_or_else(|e| Reply::Error { message: e.to_string() })
@@ -114,7 +103,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     tracing::info!(name = %options.name, mem = options.config.mem_size, pages, delay, report_every_log2, us_per_instruction = cal.us_per_instruction, control = %options.control.display(), "microVM starting");
     let vm = MicroVm::new(options.config).context("cannot create the microVM")?;
     vm.resume().context("cannot start the vCPU")?;
-    let vm = Arc::new(Mutex::new(Vm { vm, running: true }));
+    let vm = Arc::new(Mutex::new(vm));
     if let Some(dir) = options.control.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

@@ -223,7 +223,7 @@ impl MicroVm {
         // eax (the counter) starts at 0.
         let regs = kvm_bindings::kvm_regs { rip: CODE_ADDR, rflags: 2, rbx: DATA_ADDR, rcx: u64::from(g.pages), rbp: u64::from(g.delay), rsi: (1u64 << g.report_every_log2) - 1, ..Default::default() };
         let (tx, rx) = mpsc::channel();
-        vm.commands.send(Command::Restore(Box::new(flat_mode_state(&vm, regs)?), tx)).map_err(|_| VmError::Vcpu("vCPU thread gone".into()))?;
+        vm.command(Command::Restore(Box::new(flat_mode_state(&vm, regs)?), tx))?;
         rx.recv().map_err(|_| VmError::Vcpu("vCPU thread gone".into()))??;
         Ok(vm)
     }
@@ -370,9 +370,30 @@ impl MicroVm {
         }
     }
 
-    /// Starts (or resumes) the vCPU.
+    fn run_state(&self) -> RunState {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Sends a command to the paused vCPU thread (a running one would only read it at its
+    /// next pause).
+    fn command(&self, command: Command) -> Result<(), VmError> {
+        match self.run_state() {
+            RunState::Paused => self.commands.send(command).map_err(|_| VmError::Vcpu("vCPU thread gone".into())),
+            other => Err(VmError::Vcpu(format!("the vCPU is {other:?}, not paused"))),
+        }
+    }
+
+    /// Whether the vCPU runs.
+    pub fn is_running(&self) -> bool {
+        self.run_state() == RunState::Running
+    }
+
+    /// Starts (or resumes) the vCPU; a running one is left alone.
     pub fn resume(&self) -> Result<(), VmError> {
-        self.commands.send(Command::Resume).map_err(|_| VmError::Vcpu("vCPU thread gone".into()))?;
+        if self.is_running() {
+            return Ok(());
+        }
+        self.command(Command::Resume).map_err(|_| VmError::Vcpu("vCPU thread gone".into()))?;
         self.wait_for(RunState::Running, PAUSE_TIMEOUT)
     }
 
@@ -391,7 +412,7 @@ impl MicroVm {
     /// Saves the vCPU's state (the vCPU must be paused).
     pub fn save_state(&self) -> Result<VcpuState, VmError> {
         let (tx, rx) = mpsc::channel();
-        self.commands.send(Command::Save(tx)).map_err(|_| VmError::Vcpu("vCPU thread gone".into()))?;
+        self.command(Command::Save(tx))?;
         Ok(rx.recv().map_err(|_| VmError::Vcpu("vCPU thread gone".into()))??)
     }
 
@@ -407,14 +428,14 @@ impl MicroVm {
         let presented = self.save_state()?.cpuid;
         check_cpuid(&state.cpuid, &presented)?;
         let (tx, rx) = mpsc::channel();
-        self.commands.send(Command::Restore(Box::new(state), tx)).map_err(|_| VmError::Vcpu("vCPU thread gone".into()))?;
+        self.command(Command::Restore(Box::new(state), tx))?;
         Ok(rx.recv().map_err(|_| VmError::Vcpu("vCPU thread gone".into()))??)
     }
 }
 
 impl Drop for MicroVm {
     fn drop(&mut self) {
-        let stopped = self.pause().is_ok() || self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).0 == RunState::Stopped;
+        let stopped = self.pause().is_ok() || self.run_state() == RunState::Stopped;
         // Closing the command channel ends the paused loop.
         self.commands = mpsc::channel().0;
         if stopped {

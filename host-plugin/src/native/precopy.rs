@@ -136,7 +136,8 @@ pub fn send(vm: &mut MicroVm, sink: &mut impl Write, policy: PrecopyPolicy) -> R
     }
     let paused_at = Instant::now();
     let pause_latency = vm.pause()?;
-    dirty = DirtyBitmap::union_of(block.pages(), &[&dirty_words(&dirty), &dirty_words(&vm.dirty_pages()?)]);
+    // What the last harvest found (not sent yet) and what the guest wrote since.
+    dirty.union(&vm.dirty_pages()?);
     passes.push(send_pass(vm, &mut writer, &dirty, true, sink, &mut total)?);
     let memory_digest = vm.memory_digest()?;
     let state = vm.save_state()?.encode();
@@ -145,17 +146,6 @@ pub fn send(vm: &mut MicroVm, sink: &mut impl Write, policy: PrecopyPolicy) -> R
     sink.flush()?;
     vm.stop_dirty_log()?;
     Ok(SourceReport { passes, pause_latency, paused_for: paused_at.elapsed(), memory_digest, state_bytes: state.len() as u64, total_bytes: total })
-}
-
-/// The words of a bitmap, to union it with another.
-fn dirty_words(b: &DirtyBitmap) -> Vec<u64> {
-    let mut words = vec![0u64; b.pages().div_ceil(64) as usize];
-    for r in b.ranges() {
-        for p in r {
-            words[(p / 64) as usize] |= 1 << (p % 64);
-        }
-    }
-    words
 }
 
 /// What a destination received.
@@ -167,6 +157,13 @@ pub struct DestinationReport {
     pub memory_digest: blake3::Hash,
     /// Bytes read from the source.
     pub total_bytes: u64,
+}
+
+/// Counts a page of the current pass (the reader returns pages only inside a pass).
+fn count_page(pages_per_pass: &mut [u64]) {
+    if let Some(n) = pages_per_pass.last_mut() {
+        *n += 1;
+    }
 }
 
 /// Receives a native stream from `source` into a new paused microVM (see the module docs).
@@ -213,11 +210,11 @@ pub fn receive(source: &mut impl Read, limits: ReaderLimits) -> Result<(MicroVm,
             Event::PassStart { .. } => pages_per_pass.push(0),
             Event::Page { offset, data, .. } => {
                 vm.as_ref().ok_or(StreamError::Malformed("page before the block list".into()))?.write_page(offset, data)?;
-                *pages_per_pass.last_mut().unwrap_or(&mut 0) += 1;
+                count_page(&mut pages_per_pass);
             }
             Event::Zero { offset, .. } => {
                 vm.as_ref().ok_or(StreamError::Malformed("page before the block list".into()))?.write_page(offset, &[0; PAGE_SIZE])?;
-                *pages_per_pass.last_mut().unwrap_or(&mut 0) += 1;
+                count_page(&mut pages_per_pass);
             }
             Event::PassEnd => {}
             Event::State(bytes) => {
