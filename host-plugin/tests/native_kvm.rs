@@ -105,7 +105,8 @@ fn a_kick_stops_the_vcpu_between_exits() {
         latencies.sort();
         eprintln!("pause latency with a kick: min {:?} median {:?} max {:?} (exits {exit_every:?} apart)", latencies[0], latencies[5], latencies[9]);
         assert_eq!(vm.reports().count, 0, "no exit happened: the kick alone stopped the vCPU");
-        assert!(latencies[9] < Duration::from_millis(100), "a kick stops the vCPU at once, not at its next exit: {latencies:?}");
+        // Without the kick, pause() would wait for the next exit, minutes away, and time out.
+        assert!(latencies[9] < Duration::from_millis(500), "a kick stops the vCPU at once, not at its next exit: {latencies:?}");
         // The guest did run between the pauses.
         let before = vm.save_state().unwrap().regs.rax;
         assert!(before > 0, "the counter advanced");
@@ -183,7 +184,10 @@ fn local_precopy_over_a_socketpair_resumes_the_guest_with_equal_memory() {
         );
         assert!(report.passes.len() >= 4, "≥ 3 iterations and the final pass: {pages_per_pass:?}");
         assert_eq!(pages_per_pass[0], mem_size / 4096, "pass 0 sends every page");
-        assert!(pages_per_pass[1..].iter().all(|&n| n == u64::from(guest.pages)), "each later pass sends the working set: {pages_per_pass:?}");
+        // Later passes send what the guest dirtied: its data pages only, the whole working set
+        // when the guest ran whole rounds during the pass (a loaded machine may starve it).
+        assert!(pages_per_pass[1..].iter().all(|&n| n > 0 && n <= u64::from(guest.pages)), "later passes send only the working set: {pages_per_pass:?}");
+        assert!(pages_per_pass[1..].contains(&u64::from(guest.pages)), "a pass of a whole working set: {pages_per_pass:?}");
         assert_eq!(received.pages_per_pass, pages_per_pass);
         assert_eq!(received.total_bytes, report.total_bytes);
         assert_eq!(received.memory_digest, report.memory_digest, "memory equal at the pause");
@@ -261,4 +265,37 @@ fn receive_refuses_a_qemu_stream_before_building_a_vm() {
     assert!(text.contains("not a ferry-native migration stream") && text.contains("configuration"), "{text}");
     let err = precopy::receive(&mut &b"QEVM\0\0\0\x03\x01"[..], ReaderLimits::default()).err().expect("refused");
     assert!(err.to_string().contains("stream ended after 9 bytes"), "{err}");
+}
+
+/// A pause that lands on a report exit must complete that `out` before the state is saved
+/// (stock KVM advances rip past it only on the next KVM_RUN): else the destination runs the
+/// `out` again and repeats the source's last report. (Under PVM, as on this machine, rip is
+/// already past the `out` at the exit, so here this passes with or without the completion.)
+#[test]
+fn a_state_saved_after_a_report_exit_does_not_repeat_the_report() {
+    let Some(_) = kvm("pending I/O at save") else { return };
+    capped(|| {
+        // A report every round of 12 instructions: the vCPU is at an exit most of the time.
+        let guest = GuestParams { pages: 1, delay: 0, report_every_log2: 0 };
+        let mem_size = 1 << 20;
+        for _ in 0..5 {
+            let src = MicroVm::new(MicroVmConfig { mem_size, guest }).unwrap();
+            src.resume().unwrap();
+            wait_reports(&src, 20, Duration::from_secs(10));
+            src.pause().unwrap();
+            let last = src.reports().last.unwrap().0;
+            let state = src.save_state().unwrap();
+            let dst = MicroVm::incoming(mem_size).unwrap();
+            let mut page = vec![0u8; PAGE_SIZE];
+            for p in 0..mem_size / PAGE_SIZE as u64 {
+                src.read_page(p * 4096, &mut page).unwrap();
+                dst.write_page(p * 4096, &page).unwrap();
+            }
+            dst.restore_state(state).unwrap();
+            dst.resume().unwrap();
+            wait_reports(&dst, 1, Duration::from_secs(10));
+            dst.pause().unwrap();
+            assert_eq!(dst.reports().first.unwrap().0, last + 1, "the destination's first report follows the source's last");
+        }
+    });
 }

@@ -471,8 +471,22 @@ fn vcpu_loop(mut vcpu: VcpuFd, kvm: &Kvm, shared: &Shared, commands: &mpsc::Rece
 /// The vCPU thread: paused, it serves commands; running, it runs the guest until paused.
 /// Returns the error it stopped on, or None when the command channel closed.
 fn run_until_error(vcpu: &mut VcpuFd, kvm: &Kvm, shared: &Shared, commands: &mpsc::Receiver<Command>) -> Option<String> {
+    // The last exit was an I/O exit KVM completes only at the next KVM_RUN.
+    let mut io_pending = false;
     loop {
         if shared.pause.load(Ordering::SeqCst) {
+            if std::mem::take(&mut io_pending) {
+                // KVM API (KVM_RUN): after an I/O exit the guest state is consistent only once
+                // KVM_RUN was entered again (stock KVM advances rip past an `out` then);
+                // with immediate_exit set, KVM completes the I/O and returns EINTR without
+                // running the guest. Needed before a state is saved for migration.
+                vcpu.set_kvm_immediate_exit(1);
+                match vcpu.run() {
+                    Err(e) if e.errno() == libc::EINTR => {}
+                    Ok(exit) => return Some(format!("completing I/O before a pause: unexpected exit {exit:?}")),
+                    Err(e) => return Some(format!("completing I/O before a pause: KVM_RUN: {e}")),
+                }
+            }
             shared.set_state(RunState::Paused, None);
             match commands.recv() {
                 Ok(Command::Resume) => {
@@ -494,8 +508,10 @@ fn run_until_error(vcpu: &mut VcpuFd, kvm: &Kvm, shared: &Shared, commands: &mps
         if shared.pause.load(Ordering::SeqCst) {
             continue;
         }
+        io_pending = false; // this KVM_RUN completes it
         match vcpu.run() {
             Ok(VcpuExit::IoOut(REPORT_PORT, data)) if data.len() == 4 => {
+                io_pending = true;
                 let counter = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
                 let mut r = shared.reports.lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
