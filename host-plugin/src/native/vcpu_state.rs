@@ -112,7 +112,7 @@ impl std::fmt::Debug for VcpuState {
     }
 }
 
-/// The MSRs KVM saves for migration, as a `Msrs` buffer of their indexes.
+/// The indexes of the MSRs KVM saves for migration (`KVM_GET_MSR_INDEX_LIST`).
 fn saved_msr_indexes(kvm_fd: &Kvm) -> Result<Vec<u32>, StateError> {
     let list = kvm_fd.get_msr_index_list().map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
     Ok(list.as_slice().to_vec())
