@@ -18,6 +18,8 @@
 //!   throttles guests that outrun it.
 //! - [`heartbeat`]: guest-observed downtime from a heartbeat on a serial port.
 //! - [`progress`]: progress display and the final report.
+//! - [`native`]: native migration of rust-vmm VMs (KVM dirty log, vm-memory), phase 1: the
+//!   QEMU-shaped stream, vCPU state, the reference microVM and a local pre-copy.
 //! - [`announce`]: re-announcing a VM's MACs on the destination L2 after cutover (RARP as QEMU's
 //!   announce-self, gratuitous ARP, unsolicited neighbour advertisements) over AF_PACKET.
 //!
@@ -33,6 +35,7 @@ pub mod gateway_api;
 pub mod heartbeat;
 pub mod incoming;
 pub mod migrate;
+pub mod native;
 pub mod progress;
 pub mod resolve;
 pub mod serve;

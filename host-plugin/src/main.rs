@@ -133,6 +133,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// A reference microVM (native rust-vmm path, KVM): run one with a control socket.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    Microvm {
+        #[command(subcommand)]
+        command: MicrovmCommand,
+    },
     /// Print the replica manifest of a disk image: Merkle root, blocks, zero blocks, speed.
     DiskManifest {
         /// The image file.
@@ -149,6 +155,33 @@ enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[derive(Subcommand)]
+enum MicrovmCommand {
+    /// Run a reference microVM: one vCPU writing a counter into `--pages` pages, reporting it
+    /// on port 0x3f8 every 2^`--report-every-log2` rounds, driven through `--control`.
+    Run {
+        /// The VM's name.
+        #[arg(long)]
+        name: String,
+        /// Guest memory (one slot).
+        #[arg(long, default_value = "16MiB")]
+        mem: ferry_units::ByteSize,
+        /// Pages the guest writes per round (its working set), from 64 KiB on.
+        #[arg(long, default_value_t = 64)]
+        pages: u32,
+        /// Delay loop iterations per round (lower: a higher write rate).
+        #[arg(long, default_value_t = 1000)]
+        delay: u32,
+        /// Report the counter every 2^N rounds (one VM exit each).
+        #[arg(long = "report-every-log2", default_value_t = 4)]
+        report_every_log2: u8,
+        /// The control socket (default: /run/ferry/microvm-NAME.sock).
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
 }
 
@@ -199,6 +232,14 @@ fn main() -> anyhow::Result<()> {
         Command::Watchdog { qmp, restore, parent } => {
             let restore = serde_json::from_str(&restore).context("--restore: not migration parameters in JSON")?;
             watchdog::run(WatchdogOptions { qmp, restore, parent }, &runtime)
+        }
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        Command::Microvm { command: MicrovmCommand::Run { name, mem, pages, delay, report_every_log2, control } } => {
+            use ferry_host::native::control::{run, RunOptions};
+            use ferry_host::native::microvm::{GuestParams, MicroVmConfig};
+            let control = control.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR).join(format!("microvm-{name}.sock")));
+            let config = MicroVmConfig { mem_size: mem.0, guest: GuestParams { pages, delay, report_every_log2 } };
+            runtime.block_on(run(RunOptions { name, config, control }))
         }
         Command::DiskManifest { image, format, block_size, via_qemu_nbd, json } => {
             runtime.block_on(disk_manifest::run(&image, &format, block_size, via_qemu_nbd, json))
