@@ -264,16 +264,17 @@ pub struct MigrationReport {
     pub max_throttle_percent: u64,
     /// Highest rate at which the guest dirtied memory, MB/s (QEMU's per-pass figure).
     pub peak_dirty_rate_mb_s: f64,
-    /// Rate the WAN drained QEMU's stream at (codec reduction included) while a queue stood,
-    /// MB/s, as last measured before QEMU completed; `null` if never measured.
+    /// Rate the WAN drained QEMU's stream at (codec reduction included) while a queue stood
+    /// (if none ever stood: the most it delivered), MB/s, as last measured before QEMU
+    /// completed; `null` if never measured.
     pub drain_rate_mb_s: Option<f64>,
     /// The pause the controller expected at the last poll before the source stopped, ms
     /// (compare with `pause_ms`); `null` if it had no measurement.
     pub expected_pause_ms: Option<f64>,
     /// The pause aimed for (`--downtime`), ms.
     pub target_downtime_ms: f64,
-    /// The time series sampled at each progress tick (every 100 ms poll; see
-    /// `timeline_stride`).
+    /// The time series sampled at each progress tick (every 100 ms poll, sooner when a QMP
+    /// event wakes it; see `timeline_stride`).
     pub timeline: Vec<TimelinePoint>,
     /// Poll ticks between two points of `timeline`: 1 until the series reached its bound
     /// (600 points), doubled each time it did.
