@@ -334,14 +334,13 @@ impl ConvergenceController {
             return decision;
         }
         // How fast QEMU works through the current pass (RAM bytes per second, zero pages
-        // included), to see the end of a pass coming; a sync (more remaining) starts a pass.
-        let (pass_end_near, new_pass) = match self.samples.back() {
+        // included), to see the end of a pass coming.
+        let pass_end_near = match self.samples.back() {
             Some(prev) if sample.remaining < prev.remaining && sample.at > prev.at => {
                 let rate = (prev.remaining - sample.remaining) as f64 / (sample.at - prev.at).as_secs_f64();
-                ((sample.remaining as f64) < rate * ENDGAME_S, false)
+                (sample.remaining as f64) < rate * ENDGAME_S
             }
-            Some(prev) => (false, sample.remaining > prev.remaining || sample.dirty_sync_count > prev.dirty_sync_count),
-            None => (false, false),
+            _ => false,
         };
         self.samples.push_back(sample);
         while self.samples.len() > 2 && sample.at - self.samples[1].at >= RATE_WINDOW {
@@ -400,13 +399,17 @@ impl ConvergenceController {
         // A pass about to end with too long a queue: if the guest turns out quiet (its pass
         // over a small dirty set ends within milliseconds, and QEMU's threshold is at least a
         // few pages at any limit above 0) QEMU would switch over with the queue still in
-        // line. Trickle until the queue fits the budget (or a new pass begins, which the hold
-        // limit holds); the queue keeps the link busy meanwhile. The end is near when QEMU's
+        // line. Trickle until the queue fits the budget, also across QEMU's next syncs (a new
+        // pass over a few pages would end below QEMU's threshold at the full cap); the queue
+        // keeps the link busy meanwhile. The end is near when QEMU's
         // pace says so, or when what remains would cross within that time at the drain rate
         // (QEMU's pace is the trickle's while it trickles).
-        let endgame = pass_end_near || drain_qemu.is_some_and(|d| (sample.remaining as f64) < d * ENDGAME_S);
-        if allowed > 0.0 || new_pass || queued < MIN_BACKLOG {
-            // The queue fits (or there is none left to wait for), or QEMU started a new pass.
+        // Also near: what remains fits in the gateways' queue, so QEMU at the full cap could
+        // pour it in (and end the pass) within one poll.
+        let fits_queue = (sample.remaining as f64) < self.queue_bound(sample.open_connections) * reduction_remaining;
+        let endgame = pass_end_near || fits_queue || drain_qemu.is_some_and(|d| (sample.remaining as f64) < d * ENDGAME_S);
+        if allowed > 0.0 || queued < MIN_BACKLOG {
+            // The queue fits, or there is none left to wait for.
             self.trickling = false;
         } else if endgame {
             self.trickling = true;
@@ -791,6 +794,20 @@ pub(crate) mod tests {
         let mut c = controller_for(link);
         let mut s = sim(16, 1.0, 20e3);
         s.run(&mut c, 60.0, |_| link);
+        let pause = s.pause().expect("converged");
+        assert!(pause < Duration::from_millis(300), "pause {pause:?}");
+    }
+
+    #[test]
+    fn a_slow_dirtier_behind_a_queue_is_held_across_its_short_passes() {
+        // 16 Mbit/s; the guest dirties 250 kB/s (an eighth of the link): near the end its
+        // passes cover a few pages each, below QEMU's threshold at the full cap, while the
+        // socket and the gateway still hold seconds of data. The trickle must last until the
+        // queue fits, not end at the next sync.
+        let link = 2.0 * MB;
+        let mut c = controller_for(link);
+        let mut s = sim(24, 1.0, 0.25 * MB);
+        s.run(&mut c, 120.0, |_| link);
         let pause = s.pause().expect("converged");
         assert!(pause < Duration::from_millis(300), "pause {pause:?}");
     }
