@@ -265,8 +265,8 @@ pub struct MigrationReport {
     /// Highest rate at which the guest dirtied memory, MB/s (QEMU's per-pass figure).
     pub peak_dirty_rate_mb_s: f64,
     /// Rate the WAN drained QEMU's stream at (codec reduction included) while a queue stood
-    /// (if none ever stood: the most it delivered), MB/s, as last measured before QEMU
-    /// completed; `null` if never measured.
+    /// (if none ever stood: the most it delivered), MB/s, as measured at the last poll before
+    /// the source stopped; `null` if never measured.
     pub drain_rate_mb_s: Option<f64>,
     /// The pause the controller expected at the last poll before the source stopped, ms
     /// (compare with `pause_ms`); `null` if it had no measurement.

@@ -97,7 +97,7 @@ pub struct PrecopyFigures {
     pub max_throttle_percent: u64,
     /// Highest guest dirty rate, MB/s.
     pub peak_dirty_rate_mb_s: f64,
-    /// Last measured WAN drain rate, MB/s.
+    /// WAN drain rate measured at the last poll before the source stopped, MB/s.
     pub drain_rate_mb_s: Option<f64>,
     /// The pause the controller expected at the last poll before the source stopped, ms.
     pub expected_pause_ms: Option<f64>,
@@ -368,10 +368,12 @@ impl SourceSession {
         });
         let estimate = controller.estimate();
         self.figures.peak_dirty_rate_mb_s = self.figures.peak_dirty_rate_mb_s.max(estimate.dirty_rate / 1e6);
-        if let Some(drain) = estimate.drain {
-            self.figures.drain_rate_mb_s = Some(drain / 1e6);
-        }
+        // The pre-copy's figures: once the source stopped, the link drains the last bytes and
+        // then idles through the cutover's round trips, which says nothing about its rate.
         if self.stopped_at.is_none() {
+            if let Some(drain) = estimate.drain {
+                self.figures.drain_rate_mb_s = Some(drain / 1e6);
+            }
             self.figures.expected_pause_ms = estimate.predicted_downtime.map(|d| d.as_secs_f64() * 1e3);
         }
         let elapsed = now.saturating_duration_since(*started);
