@@ -64,6 +64,8 @@ async fn forwards_on_demand_carry_bytes_and_count_them() {
     assert_eq!(hello["hello"]["site"], "site-a", "{hello}");
     assert_eq!(hello["hello"]["peers"][0]["site"], "site-b");
     assert!(hello["hello"]["peers"][0]["path"]["rtt_ms"].as_f64().is_some(), "{hello}");
+    // At least 2 lanes of 1 MiB and a reorder buffer of as much again.
+    assert!(hello["hello"]["flow_window_bytes"].as_u64().unwrap_or(0) >= 4 << 20, "{hello}");
 
     let opened = api.call(json!({"op": "open_forward", "peer": "site-b", "connect": target_addr, "codec": "off"})).await;
     let id = opened["forward"]["id"].as_u64().unwrap_or_else(|| panic!("{opened}"));

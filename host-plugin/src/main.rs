@@ -63,8 +63,8 @@ enum Command {
         /// The VM's heartbeat chardev socket, to measure the downtime the guest sees.
         #[arg(long)]
         heartbeat: Option<PathBuf>,
-        /// Guest downtime to aim for.
-        #[arg(long, default_value = "500ms", value_parser = ferry_units::parse_duration)]
+        /// Cutover pause to aim for (source stop to destination resume).
+        #[arg(long, default_value = "300ms", value_parser = ferry_units::parse_duration)]
         downtime: Duration,
         /// Cancel the migration (the VM keeps running here) when not done after this long.
         #[arg(long = "max-time", default_value = "30m", value_parser = ferry_units::parse_duration)]

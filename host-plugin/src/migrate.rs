@@ -133,6 +133,10 @@ pub async fn migrate(options: MigrateOptions) -> MigrationReport {
     run.report.max_throttle_percent = figures.max_throttle_percent;
     run.report.peak_dirty_rate_mb_s = figures.peak_dirty_rate_mb_s;
     run.report.drain_rate_mb_s = figures.drain_rate_mb_s;
+    run.report.expected_pause_ms = figures.expected_pause_ms;
+    run.report.target_downtime_ms = run.options.downtime.as_secs_f64() * 1e3;
+    run.report.timeline = run.session.timeline().points().to_vec();
+    run.report.timeline_stride = run.session.timeline().stride();
     run.report.source_vm = run.session.source_vm().clone();
     run.close_connections().await;
     // Whatever happened, this process cleaned up after itself: the watchdog may go.
@@ -232,6 +236,7 @@ impl Run {
             link_bytes_per_sec: info.link_bandwidth_bps / 8,
             rtt,
             cwnd: Some(path.cwnd),
+            flow_window: info.flow_window_bytes,
         });
         let (max_bandwidth, downtime_limit) = if o.steer {
             (controller.initial_max_bandwidth(), controller.initial_downtime_limit_ms())
@@ -295,12 +300,16 @@ impl Run {
         qmp.migrate(&format!("tcp:{}", migration_forward.listen)).await.context("migrate")?;
         self.session.handle_migration_started(controller, started);
 
-        // Steer until QEMU completes.
+        // Steer until QEMU completes. A QMP event (the source's STOP, QEMU's MIGRATION status
+        // changes) ends the wait at once, so the commit goes out as soon as QEMU completed
+        // instead of up to a poll later: that time is part of the pause.
         let (last_info, mut stats) = loop {
-            let signal = tokio::select! {
-                _ = tokio::time::sleep(POLL) => None,
-                _ = interrupt.recv() => Some(Signal::Interrupt),
-                _ = terminate.recv() => Some(Signal::Terminate),
+            let qmp = self.qmp()?;
+            let (signal, event) = tokio::select! {
+                _ = tokio::time::sleep(POLL) => (None, None),
+                event = qmp.next_event() => (None, event.ok()),
+                _ = interrupt.recv() => (Some(Signal::Interrupt), None),
+                _ = terminate.recv() => (Some(Signal::Terminate), None),
             };
             if let Some(signal) = signal {
                 self.session.handle_signal(signal)?;
@@ -308,8 +317,9 @@ impl Run {
             if let Some(received) = self.control()?.try_recv() {
                 self.session.handle_control(received.into())?;
             }
-            let qmp = self.qmp()?;
-            if let Some(stop) = qmp.drain_events().iter().rev().find(|e| e.event == QmpEvent::Stop) {
+            let mut events: Vec<_> = event.into_iter().collect();
+            events.extend(qmp.drain_events());
+            if let Some(stop) = events.iter().rev().find(|e| e.event == QmpEvent::Stop) {
                 self.stop_unix_ns = event_time_ns(stop);
                 self.session.handle_source_stopped(Instant::now());
             }
@@ -564,6 +574,7 @@ fn gateway_reading(stats: &ForwardStats) -> GatewayReading {
         tcp_in: stats.tcp_in,
         wire_sent: stats.wire_sent,
         wire_acked: stats.wire_acked,
+        open: stats.open,
         rtt: stats.path.map(|p| Duration::from_secs_f64(p.rtt_ms / 1e3)),
         cwnd: stats.path.map(|p| p.cwnd),
         last_error: stats.last_error.clone(),

@@ -126,26 +126,91 @@ fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-/// The one-line description of a snapshot.
+/// `x` with `digits` decimals, or `?` while it is not known.
+fn known(x: Option<f64>, digits: usize) -> String {
+    match x {
+        Some(x) if x.is_finite() => format!("{x:.digits$}"),
+        _ => "?".to_owned(),
+    }
+}
+
+/// The one-line description of a snapshot; figures not measured yet show as `?`.
 pub fn describe(s: &Snapshot) -> String {
     let e = &s.estimate;
-    let downtime = if e.predicted_downtime == Duration::MAX || e.drain <= 0.0 {
-        "?".to_owned()
-    } else {
-        format!("{} ms", e.predicted_downtime.as_millis())
-    };
     format!(
-        "{}: sent {:.2} GiB, remaining {:.2} GiB, WAN {:.1} Mbit/s, reduction {:.1}x, drain {:.1} MB/s, dirty {:.1} MB/s, expected downtime {}, throttle {}%",
+        "{}: sent {:.2} GiB, remaining {:.2} GiB, WAN {} Mbit/s, reduction {}x, drain {} MB/s, dirty {:.1} MB/s, expected downtime {} ms, throttle {}%",
         s.phase,
         gib(s.sent),
         gib(s.remaining),
-        e.wan_rate * 8.0 / 1e6,
-        e.reduction,
-        e.drain / 1e6,
+        known(e.wan_rate.map(|r| r * 8.0 / 1e6), 1),
+        known(e.reduction, 1),
+        known(e.drain.map(|d| d / 1e6), 1),
         e.dirty_rate / 1e6,
-        downtime,
+        known(e.predicted_downtime.map(|d| d.as_secs_f64() * 1e3), 0),
         s.throttle_percent
     )
+}
+
+/// One point of the report's time series, taken at a progress tick; rates in bytes per
+/// second, `null` while not measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct TimelinePoint {
+    /// Seconds since the migration started.
+    pub t_s: f64,
+    /// Encoded bytes per second the WAN delivered.
+    pub wan_bytes_per_s: Option<f64>,
+    /// QEMU bytes per second the gateway read.
+    pub qemu_bytes_per_s: Option<f64>,
+    /// Bytes per second the guest dirtied (QEMU's last pass).
+    pub dirty_bytes_per_s: f64,
+    /// QEMU's remaining dirty bytes.
+    pub remaining_bytes: u64,
+}
+
+/// The time series of a migration, bounded: at most [`Timeline::CAPACITY`] points. When full,
+/// every other point is dropped and from then on only every second tick is kept (the stride
+/// doubles), so the series always spans the whole migration at an even spacing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Timeline {
+    points: Vec<TimelinePoint>,
+    stride: u64,
+    ticks: u64,
+}
+
+impl Timeline {
+    /// Most points kept.
+    pub const CAPACITY: usize = 600;
+
+    /// Offers one tick's point.
+    pub fn push(&mut self, point: TimelinePoint) {
+        let stride = self.stride.max(1);
+        self.ticks += 1;
+        if !(self.ticks - 1).is_multiple_of(stride) {
+            return;
+        }
+        if self.points.len() == Self::CAPACITY {
+            let mut i = 0;
+            self.points.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+            self.stride = stride * 2;
+            if !(self.ticks - 1).is_multiple_of(self.stride) {
+                return;
+            }
+        }
+        self.points.push(point);
+    }
+
+    /// The points kept, oldest first.
+    pub fn points(&self) -> &[TimelinePoint] {
+        &self.points
+    }
+
+    /// Ticks between two kept points.
+    pub fn stride(&self) -> u64 {
+        self.stride.max(1)
+    }
 }
 
 /// The summary of one migration, printed at the end and written as JSON with `--report`.
@@ -199,9 +264,21 @@ pub struct MigrationReport {
     pub max_throttle_percent: u64,
     /// Highest rate at which the guest dirtied memory, MB/s (QEMU's per-pass figure).
     pub peak_dirty_rate_mb_s: f64,
-    /// Rate the WAN drained QEMU's stream at (codec reduction included), MB/s, as last
-    /// measured before QEMU completed.
-    pub drain_rate_mb_s: f64,
+    /// Rate the WAN drained QEMU's stream at (codec reduction included) while a queue stood
+    /// (if none ever stood: the most it delivered), MB/s, as measured at the last poll before
+    /// the source stopped; `null` if never measured.
+    pub drain_rate_mb_s: Option<f64>,
+    /// The pause the controller expected at the last poll before the source stopped, ms
+    /// (compare with `pause_ms`); `null` if it had no measurement.
+    pub expected_pause_ms: Option<f64>,
+    /// The pause aimed for (`--downtime`), ms.
+    pub target_downtime_ms: f64,
+    /// The time series sampled at each progress tick (every 100 ms poll, sooner when a QMP
+    /// event wakes it; see `timeline_stride`).
+    pub timeline: Vec<TimelinePoint>,
+    /// Poll ticks between two points of `timeline`: 1 until the series reached its bound
+    /// (600 points), doubled each time it did.
+    pub timeline_stride: u64,
     /// Multifd channels (`None`: single connection).
     pub multifd_channels: Option<u8>,
     /// MACs re-announced at the destination.
@@ -247,5 +324,50 @@ impl MigrationReport {
             s += &format!("\n  warning: {w}");
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_figures_show_as_question_marks() {
+        let line = describe(&Snapshot { phase: "pass 1".into(), ..Snapshot::default() });
+        assert!(line.contains("WAN ? Mbit/s, reduction ?x, drain ? MB/s"), "{line}");
+        assert!(line.contains("expected downtime ? ms"), "{line}");
+        let estimate = Estimate {
+            wan_rate: Some(50e6 / 8.0),
+            reduction: Some(2.0),
+            drain: Some(12.5e6),
+            predicted_downtime: Some(Duration::from_millis(280)),
+            ..Estimate::default()
+        };
+        let line = describe(&Snapshot { phase: "pass 2".into(), estimate, ..Snapshot::default() });
+        assert!(line.contains("WAN 50.0 Mbit/s, reduction 2.0x, drain 12.5 MB/s"), "{line}");
+        assert!(line.contains("expected downtime 280 ms"), "{line}");
+    }
+
+    #[test]
+    fn the_timeline_stays_bounded_and_spans_the_whole_migration() {
+        let mut timeline = Timeline::default();
+        let point = |i: u64| TimelinePoint { t_s: i as f64 / 10.0, remaining_bytes: i, ..TimelinePoint::default() };
+        for i in 0..Timeline::CAPACITY as u64 {
+            timeline.push(point(i));
+        }
+        assert_eq!(timeline.points().len(), Timeline::CAPACITY);
+        assert_eq!(timeline.stride(), 1);
+        // 10 times as many ticks: still bounded, evenly spaced, from the first tick to near
+        // the last.
+        for i in Timeline::CAPACITY as u64..10 * Timeline::CAPACITY as u64 {
+            timeline.push(point(i));
+        }
+        let points = timeline.points();
+        assert!(points.len() <= Timeline::CAPACITY && points.len() > Timeline::CAPACITY / 2, "{}", points.len());
+        assert_eq!(timeline.stride(), 16);
+        assert_eq!(points[0].remaining_bytes, 0);
+        assert!(points.windows(2).all(|w| w[1].remaining_bytes - w[0].remaining_bytes == 16), "uneven spacing");
+        let last = points.last().map(|p| p.remaining_bytes).unwrap_or(0);
+        assert!(last >= 10 * Timeline::CAPACITY as u64 - 16, "ends at tick {last}");
     }
 }

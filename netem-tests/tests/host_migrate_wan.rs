@@ -14,7 +14,7 @@ use ferry_host::announce::{frames, Announcement};
 use ferry_netem::qemu::{GuestConfig, VerifyReport};
 use ferry_testkit::sync::lock;
 use ferry_testkit::sys::interrupt;
-use host_support::{assert_source_runs_on, check_flows, migrate_command, report_of, setup, start_vms, wait_until_migrating, CommitGate, L2Capture, RunningMigrate, BOOT, VM_IP, VM_MAC};
+use host_support::{assert_report_figures_truthful, assert_source_runs_on, check_flows, watch_precopy, migrate_command, report_of, setup, start_vms, wait_until_migrating, CommitGate, L2Capture, RunningMigrate, BOOT, VM_IP, VM_MAC};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -176,4 +176,40 @@ fn failures_leave_the_source_running() {
     assert!(report["error"].as_str().unwrap_or_default().contains("interrupted"), "{report}");
     assert_eq!(report["source_vm"], "running", "{report}");
     assert_source_runs_on(&mut src);
+}
+
+#[test]
+fn the_pre_copy_fills_the_link() {
+    let _lock = lock(&SERIAL);
+    // 50 Mbit/s = 6.25 MB/s, well within what a TCG guest's QEMU and the gateways manage on
+    // these cores; 64 MiB of random (incompressible) pages make a first pass of ~11 s of link
+    // time, against which the cold tunnel's first round trips hardly count.
+    let rate = 50_000_000;
+    let Some(s) = setup("the_pre_copy_fills_the_link", rate, "50mbit") else { return };
+    let guest = GuestConfig { dirty_pages_per_tick: 8, verify_every_ticks: 0, retouch: true, rand_mib: 64, ..GuestConfig::default() };
+    let (src, dst, src_qmp, src_hb) = start_vms(&s, "fill1", 128, &guest);
+
+    let gate = CommitGate::new(&s);
+    let running = RunningMigrate::start_with(&s, &src_qmp, &src_hb, &["--max-time", "4m", "--pre-commit-check", &gate.command()]);
+    let precopy = watch_precopy(&s.wan, &src, Duration::from_secs(300));
+    let ram = gate.check_ram(&src, &dst, Duration::from_secs(300));
+    assert!(ram.is_equal(), "RAM differs at cutover: {ram}");
+    let (ok, report) = running.finish_within(Duration::from_secs(300));
+    assert!(ok, "ferry-host migrate failed: {report}");
+    let Some(precopy) = precopy else {
+        eprintln!("SKIP the link share: the WAN backend has no counters");
+        return;
+    };
+    let share = precopy.link_share(rate);
+    eprintln!(
+        "pre-copy {:.1} s, {:.1} MB on the WAN: {:.0} % of the link; pause {} ms, total {:.1} s",
+        precopy.duration.as_secs_f64(),
+        precopy.bytes as f64 / 1e6,
+        share * 100.0,
+        report["pause_ms"],
+        report["total_time_s"].as_f64().unwrap_or(f64::NAN)
+    );
+    assert!(precopy.duration > Duration::from_secs(3), "the pre-copy was too short to measure: {precopy:?}");
+    assert!(share >= 0.5, "the WAN carried {:.0} % of the link's capacity during the pre-copy ({precopy:?})", share * 100.0);
+    assert_report_figures_truthful(&report, &["drain_rate_mb_s", "peak_dirty_rate_mb_s", "pause_ms", "reduction", "total_time_s"], 1e10);
 }

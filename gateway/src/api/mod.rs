@@ -187,6 +187,7 @@ impl Session {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             link_bandwidth_bps: self.config.link.bandwidth.bits_per_second(),
             link_rtt_ms: self.config.link.rtt.as_secs_f64() * 1e3,
+            flow_window_bytes: self.tunnel.flow_window(),
             peers: self
                 .config
                 .peers

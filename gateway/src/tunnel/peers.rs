@@ -210,6 +210,14 @@ impl Tunnel {
         self.shared.connections.clone().acquire_owned().await.ok().map(ConnectionPermit)
     }
 
+    /// Encoded bytes one flow direction can hold between the ingress handing them to its lanes
+    /// and the egress delivering them: every lane's stream window (the ingress blocks beyond
+    /// it) plus the egress's reorder buffer.
+    pub fn flow_window(&self) -> u64 {
+        let sizing = &self.shared.sizing;
+        sizing.lanes as u64 * transport::LANE_WINDOW + sizing.reorder_budget
+    }
+
     /// The QUIC path to `site` as it stands, if connected.
     pub fn path_stats(&self, site: &str) -> Option<PathStats> {
         self.peers.current(site).map(|link| link.path_stats())

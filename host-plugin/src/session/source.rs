@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use ferry_api::control::{ToDestination, ToSource};
 use crate::convergence::{ConvergenceController, Estimate, Sample};
-use crate::progress::Snapshot;
+use crate::progress::{Snapshot, Timeline, TimelinePoint};
 use ferry_qmp::{MigrationInfo, MigrationParameters, MigrationStatus};
 
 use super::{error_chain, ControlEvent, Outcome, Signal, SourceVm};
@@ -78,6 +78,8 @@ pub struct GatewayReading {
     pub wire_sent: u64,
     /// Encoded bytes the destination gateway acknowledged.
     pub wire_acked: u64,
+    /// Connections the forward carries now.
+    pub open: u32,
     /// The tunnel path's round trip, if connected.
     pub rtt: Option<Duration>,
     /// The tunnel path's congestion window, bytes, if connected.
@@ -95,8 +97,10 @@ pub struct PrecopyFigures {
     pub max_throttle_percent: u64,
     /// Highest guest dirty rate, MB/s.
     pub peak_dirty_rate_mb_s: f64,
-    /// Last measured WAN drain rate, MB/s.
-    pub drain_rate_mb_s: f64,
+    /// WAN drain rate measured at the last poll before the source stopped, MB/s.
+    pub drain_rate_mb_s: Option<f64>,
+    /// The pause the controller expected at the last poll before the source stopped, ms.
+    pub expected_pause_ms: Option<f64>,
 }
 
 /// Why the migration failed; the text is the report's `error`.
@@ -174,6 +178,7 @@ pub struct SourceSession {
     /// The controller and when `migrate` was issued, from [`Stage::Migrating`] on.
     steering: Option<(ConvergenceController, Instant)>,
     figures: PrecopyFigures,
+    timeline: Timeline,
     source_vm: SourceVm,
     /// When QEMU stopped the source for the stop-and-copy.
     stopped_at: Option<Instant>,
@@ -191,6 +196,7 @@ impl SourceSession {
             destination_discarded: false,
             steering: None,
             figures: PrecopyFigures::default(),
+            timeline: Timeline::default(),
             source_vm: SourceVm::Running,
             stopped_at: None,
             actions: VecDeque::new(),
@@ -210,6 +216,11 @@ impl SourceSession {
     /// The pre-copy figures so far.
     pub fn figures(&self) -> PrecopyFigures {
         self.figures
+    }
+
+    /// The time series so far (one point per progress tick, bounded).
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
     }
 
     /// The controller's current estimate, once migrating.
@@ -351,14 +362,28 @@ impl SourceSession {
             tcp_in: gateway.tcp_in,
             wire_sent: gateway.wire_sent,
             wire_acked: gateway.wire_acked,
+            open_connections: gateway.open,
             rtt: gateway.rtt,
             cwnd: gateway.cwnd,
         });
         let estimate = controller.estimate();
         self.figures.peak_dirty_rate_mb_s = self.figures.peak_dirty_rate_mb_s.max(estimate.dirty_rate / 1e6);
-        if estimate.drain > 0.0 {
-            self.figures.drain_rate_mb_s = estimate.drain / 1e6;
+        // The pre-copy's figures: once the source stopped, the link drains the last bytes and
+        // then idles through the cutover's round trips, which says nothing about its rate.
+        if self.stopped_at.is_none() {
+            if let Some(drain) = estimate.drain {
+                self.figures.drain_rate_mb_s = Some(drain / 1e6);
+            }
+            self.figures.expected_pause_ms = estimate.predicted_downtime.map(|d| d.as_secs_f64() * 1e3);
         }
+        let elapsed = now.saturating_duration_since(*started);
+        self.timeline.push(TimelinePoint {
+            t_s: elapsed.as_secs_f64(),
+            wan_bytes_per_s: estimate.wan_rate,
+            qemu_bytes_per_s: estimate.qemu_rate,
+            dirty_bytes_per_s: estimate.dirty_rate,
+            remaining_bytes: ram.remaining,
+        });
         if let Some(reason) = decision.cancel {
             return Err(SourceFailure::new(reason));
         }

@@ -421,3 +421,64 @@ impl CommitGate {
         compared.expect("comparing RAM at cutover")
     }
 }
+
+/// The pre-copy of a migration as the emulated WAN carried it.
+#[derive(Clone, Copy, Debug)]
+pub struct PrecopyOnWan {
+    /// From the source's migration turning active to the source VM stopping.
+    pub duration: Duration,
+    /// IP bytes the link delivered from site A to site B in that time.
+    pub bytes: u64,
+}
+
+impl PrecopyOnWan {
+    /// Bytes carried over what the link could have carried in the same time.
+    pub fn link_share(&self, rate_bps: u64) -> f64 {
+        self.bytes as f64 * 8.0 / (rate_bps as f64 * self.duration.as_secs_f64())
+    }
+}
+
+/// Watches the source QEMU (its test QMP socket, every 20 ms) from the start of its migration to
+/// the stop-and-copy and counts what the emulated link delivered A → B meanwhile (userspace
+/// WAN backend only: `None` with netem, which has no counters).
+pub fn watch_precopy(wan: &Wan, src: &Qemu, limit: Duration) -> Option<PrecopyOnWan> {
+    let delivered = || wan.stats().map(|s| s.a_to_b.delivered_bytes);
+    let deadline = Instant::now() + limit;
+    let (started, at_start) = loop {
+        let info = src.qmp().query_migrate().expect("query-migrate");
+        if info.status() == MigrationStatus::Active {
+            break (Instant::now(), delivered()?);
+        }
+        assert!(!info.status().is_terminal(), "the migration ended before it was seen active: {info:?}");
+        assert!(Instant::now() < deadline, "the migration did not start: {info:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    loop {
+        if !src.qmp().query_status().expect("query-status").running {
+            return Some(PrecopyOnWan { duration: started.elapsed(), bytes: delivered()? - at_start });
+        }
+        assert!(Instant::now() < deadline, "the source did not stop within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every number in `report` (recursively) is finite and of a sane magnitude (a downtime of
+/// 10^9 ms, say, is not): |x| at most `bound`. serde_json writes NaN and the
+/// infinities as `null`, so the fields that must be known are checked by name.
+pub fn assert_report_figures_truthful(report: &Value, required: &[&str], bound: f64) {
+    fn walk(path: &str, v: &Value, bound: f64) {
+        match v {
+            Value::Number(n) => {
+                let x = n.as_f64().expect("a JSON number");
+                assert!(x.is_finite() && x.abs() <= bound, "report field {path} = {x}");
+            }
+            Value::Array(items) => items.iter().enumerate().for_each(|(i, item)| walk(&format!("{path}[{i}]"), item, bound)),
+            Value::Object(fields) => fields.iter().for_each(|(k, item)| walk(&format!("{path}.{k}"), item, bound)),
+            _ => {}
+        }
+    }
+    walk("report", report, bound);
+    for field in required {
+        assert!(report[field].is_number(), "report field {field} is not a number: {}", report[field]);
+    }
+}
