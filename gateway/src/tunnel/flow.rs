@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
+use ferry_codec::stream_hash::StreamHasher;
 use ferry_codec::{Advertisement, CodecStats, Decoder, Encoder, PageDigest, WireOffset, MAX_REQUESTED_PAGES};
 
 use crate::store::RetainedPages;
@@ -67,10 +68,11 @@ pub struct FlowCounters {
     /// Highest offset of our direction's wire stream handed to QUIC (same units as `acked`);
     /// `wire_sent - acked` is what is in flight or queued towards the peer.
     pub wire_sent: AtomicU64,
-    /// blake3 of every byte read from the local socket.
-    tcp_in_digest: parking_lot::Mutex<blake3::Hasher>,
-    /// blake3 of every byte written to the local socket.
-    tcp_out_digest: parking_lot::Mutex<blake3::Hasher>,
+    /// blake3 of every byte read from the local socket, once our direction ended (the digest
+    /// sent with Fin). Hashed by the outbound pump without a lock (see [`LocalDigest`]).
+    tcp_in_digest: parking_lot::Mutex<Option<blake3::Hash>>,
+    /// blake3 of every byte written to the local socket, once the peer's direction ended.
+    tcp_out_digest: parking_lot::Mutex<Option<blake3::Hash>>,
     /// Encoder statistics of a codec flow's outbound direction, set when it ends.
     pub codec: parking_lot::Mutex<Option<CodecStats>>,
     /// Codec miss path: pages our decoder asked the peer for (egress).
@@ -97,14 +99,6 @@ pub struct FlowTotals {
 }
 
 impl FlowCounters {
-    fn hash_in(&self, data: &[u8]) {
-        self.tcp_in_digest.lock().update(data);
-    }
-
-    fn hash_out(&self, data: &[u8]) {
-        self.tcp_out_digest.lock().update(data);
-    }
-
     /// The byte counters as they stand.
     pub fn totals(&self) -> FlowTotals {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -120,7 +114,7 @@ impl FlowCounters {
 
     /// A record of the flow as it stands.
     pub fn record(&self, peer: &str, key: FlowKey, started: Instant, result: &Result<(), FlowError>) -> FlowRecord {
-        let digest = |h: &parking_lot::Mutex<blake3::Hasher>| *h.lock().finalize().as_bytes();
+        let digest = |h: &parking_lot::Mutex<Option<blake3::Hash>>| h.lock().map_or([0; 32], |d| *d.as_bytes());
         FlowRecord {
             peer: peer.to_owned(),
             flow: key.id,
@@ -162,9 +156,9 @@ pub struct FlowRecord {
     pub wan_in: u64,
     /// Bytes sent on the WAN for this flow (payload + framing).
     pub wan_out: u64,
-    /// blake3 of the bytes read from the local socket.
+    /// blake3 of the bytes read from the local socket (all zero if that direction did not end).
     pub tcp_in_digest: [u8; 32],
-    /// blake3 of the bytes written to the local socket.
+    /// blake3 of the bytes written to the local socket (all zero if that direction did not end).
     pub tcp_out_digest: [u8; 32],
     /// Lifetime of the flow.
     pub duration: Duration,
@@ -184,6 +178,8 @@ pub struct Inbound {
     ready: Notify,
     /// Signalled when the reorder buffer has room again.
     space: Notify,
+    /// The digest the peer sent with its Fin (of what it read from its local socket).
+    end_digest: parking_lot::Mutex<Option<blake3::Hash>>,
     /// Cancelled when the flow ends or fails.
     pub cancel: CancellationToken,
     counters: Arc<FlowCounters>,
@@ -196,6 +192,7 @@ impl Inbound {
             reorder: parking_lot::Mutex::new(Reassembler::new(budget)),
             ready: Notify::new(),
             space: Notify::new(),
+            end_digest: parking_lot::Mutex::new(None),
             cancel,
             counters,
         })
@@ -240,7 +237,8 @@ impl Inbound {
         }
     }
 
-    fn set_end(&self, length: WireOffset) -> Result<(), FlowError> {
+    fn set_end(&self, length: WireOffset, digest: blake3::Hash) -> Result<(), FlowError> {
+        *self.end_digest.lock() = Some(digest);
         self.lock().set_end(length)?;
         self.ready.notify_one();
         Ok(())
@@ -345,7 +343,7 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
                     }
                     Some(Message::Opened) => {}
                     Some(Message::Refused(reason)) => return Err(FlowError::Refused(reason)),
-                    Some(Message::Fin { length }) => inbound.set_end(length)?,
+                    Some(Message::Fin { length, digest }) => inbound.set_end(length, digest)?,
                     Some(Message::Ack { delivered }) => {
                         counters.acked.store(delivered.get(), Ordering::Relaxed);
                         if let Some(store) = &retained {
@@ -478,6 +476,9 @@ async fn pump_out(
         writers.spawn(write_lane(conn.clone(), header, rx.clone(), counters.clone(), cancel.clone()));
     }
     let mut sender = ChunkSender { tx, offset: WireOffset::ZERO };
+    // blake3 of what we read, sent with Fin. A codec direction takes the encoder's stream digest
+    // (it hashes exactly these bytes already); a plain one hashes them here, in the pieces read.
+    let mut read_digest = StreamHasher::new();
     let read_result = async {
         let mut wire = Vec::new();
         // Whether the encoder holds input it has not flushed yet.
@@ -508,14 +509,16 @@ async fn pump_out(
                 return Ok::<(), FlowError>(());
             }
             counters.tcp_in.fetch_add(n as u64, Ordering::Relaxed);
-            counters.hash_in(&buf);
             match encoder.as_mut() {
                 Some(enc) => {
                     enc.push(&buf, &mut wire);
                     unflushed = true;
                     sender.send_all(&mut wire).await?;
                 }
-                None => sender.send(buf.freeze()).await?,
+                None => {
+                    read_digest.update(&buf);
+                    sender.send(buf.freeze()).await?;
+                }
             }
         }
     }
@@ -530,8 +533,10 @@ async fn pump_out(
     while let Some(joined) = writers.join_next().await {
         joined.map_err(|e| FlowError::Unexpected(format!("lane writer panicked: {e}")))??;
     }
+    let digest = encoder.as_ref().map_or_else(|| read_digest.finalize(), Encoder::stream_digest);
+    *counters.tcp_in_digest.lock() = Some(digest);
     let mut send = control.lock().await;
-    write_message(&mut send, &Message::Fin { length }).await?;
+    write_message(&mut send, &Message::Fin { length, digest }).await?;
     counters.wan_out.fetch_add(FIN_MESSAGE_LEN as u64, Ordering::Relaxed);
     Ok(length)
 }
@@ -630,6 +635,9 @@ async fn pump_in(
     let mut last_ack = tokio::time::Instant::now();
     let mut decoded = Vec::new();
     let mut delivered = WireOffset::ZERO;
+    // blake3 of what we write, checked against the peer's Fin. A codec direction takes the
+    // decoder's stream digest (it hashes exactly these bytes already); a plain one hashes here.
+    let mut written_digest = StreamHasher::new();
     // While the decoder is stalled, the next requested page must arrive by then (moved on when
     // it stalls and whenever a page arrives).
     let mut supply_deadline = tokio::time::Instant::now() + SUPPLY_TIMEOUT;
@@ -657,7 +665,10 @@ async fn pump_in(
                     write_decoded(dec, tcp, &mut decoded, &control, &inbound.counters).await?;
                     delivered = dec.consumed();
                 }
-                None => write_local(tcp, &data, &inbound.counters).await?,
+                None => {
+                    written_digest.update(&data);
+                    write_local(tcp, &data, &inbound.counters).await?;
+                }
             }
             since_ack += data.len() as u64;
             if since_ack >= ACK_EVERY || last_ack.elapsed() >= ACK_INTERVAL {
@@ -673,6 +684,12 @@ async fn pump_in(
                 delivered = dec.consumed();
                 write_local(tcp, &decoded, &inbound.counters).await?;
             }
+            let written = decoder.as_ref().map_or_else(|| written_digest.finalize(), Decoder::stream_digest);
+            *inbound.counters.tcp_out_digest.lock() = Some(written);
+            let sent = *inbound.end_digest.lock();
+            // Only bytes that hash to what the peer read get a clean end; else the flow fails
+            // and the local side is reset.
+            check_end_digest(sent, written, inbound.counters.tcp_out.load(Ordering::Relaxed))?;
             tcp.shutdown().await.map_err(FlowError::LocalWrite)?;
             write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
             return Ok(());
@@ -755,8 +772,21 @@ async fn request_pages(dec: &mut Decoder, control: &Mutex<SendStream>, counters:
 async fn write_local(tcp: &mut OwnedWriteHalf, data: &[u8], counters: &FlowCounters) -> Result<(), FlowError> {
     tcp.write_all(data).await.map_err(FlowError::LocalWrite)?;
     counters.tcp_out.fetch_add(data.len() as u64, Ordering::Relaxed);
-    counters.hash_out(data);
     Ok(())
+}
+
+/// The end of the peer's direction: the `tcp_out` bytes written to the local socket must hash
+/// to `sent`, the digest the peer sent with Fin of what it read from its own. A mismatch means
+/// the destination did not get what the source sent: it is logged, and the flow fails.
+fn check_end_digest(sent: Option<blake3::Hash>, written: blake3::Hash, tcp_out: u64) -> Result<(), FlowError> {
+    match sent {
+        Some(sent) if sent == written => Ok(()),
+        Some(sent) => {
+            tracing::warn!(tcp_out, %sent, %written, "end-to-end digest mismatch: resetting the local connection");
+            Err(FlowError::DigestMismatch { tcp_out, sent, written })
+        }
+        None => Err(FlowError::Unexpected("direction complete without a Fin digest".into())),
+    }
 }
 
 /// Logs a finished flow.
@@ -825,4 +855,21 @@ pub async fn read_advert(mut lane: RecvStream) -> Result<Advertisement, FlowErro
         return Err(FlowError::Truncated);
     }
     Advertisement::decode(&body).map_err(|e| FlowError::Unexpected(format!("bad advertisement: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_is_clean_only_when_the_digests_match() {
+        let data = b"what the source QEMU wrote";
+        let written = blake3::hash(data);
+        check_end_digest(Some(blake3::hash(data)), written, data.len() as u64).unwrap();
+        let e = check_end_digest(Some(blake3::hash(b"something else")), written, data.len() as u64).unwrap_err();
+        assert!(matches!(e, FlowError::DigestMismatch { tcp_out: 26, .. }), "{e}");
+        assert!(e.to_string().contains(&written.to_hex().to_string()), "{e}");
+        let e = check_end_digest(None, written, 0).unwrap_err();
+        assert!(matches!(e, FlowError::Unexpected(_)), "{e}");
+    }
 }

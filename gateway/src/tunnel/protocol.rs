@@ -12,7 +12,8 @@
 //!   read TCP ──── lanes: Chunk{offset,len}+bytes ─────────▶ reorder ─▶ TCP dial + write
 //!              ◀─ control: Opened | Refused{reason} ────────
 //!              ◀─ lanes (return path): chunks ───────────── read TCP
-//!   TCP EOF ───── control: Fin{length} ────────────────────▶ after `length` bytes: shutdown(WR)
+//!   TCP EOF ───── control: Fin{length, digest} ────────────▶ after `length` bytes, if what it
+//!                                                           wrote hashes to `digest`: shutdown(WR)
 //!              ◀─ control: Ack{delivered} (every few MiB) ─
 //!              ◀─ control: Need{digests} ───────────────── codec: pages the decoder lacks
 //!   retained ──── control: Supply{digest, page} ──────────▶ decoder resumes
@@ -38,8 +39,13 @@
 //! plain one. Offsets in the original (source QEMU) stream of a codec flow are
 //! [`ferry_codec::StreamOffset`]s and never appear in this protocol.
 //!
+//! End-to-end digest: [`Message::Fin`] carries blake3 of every byte the sender read from its
+//! local socket in that direction; the receiver compares it with blake3 of what it wrote to its
+//! own before it ends its local side cleanly, and resets it on a mismatch.
+//!
 //! Versioning: the control stream and every lane start with a magic and [`VERSION`]; a peer
-//! refuses a version it does not speak. The ALPN (`ferry/1`) changes with incompatible versions.
+//! refuses a version it does not speak. The ALPN (`ferry/2`) changes with incompatible versions.
+//! Version 2: `Fin` carries the direction's digest (version 1's `Fin` had only the length).
 
 use std::net::SocketAddr;
 
@@ -48,7 +54,7 @@ use bytes::Bytes;
 use ferry_codec::{PageDigest, WireOffset, PAGE_SIZE};
 
 /// Protocol version carried in every stream preamble.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// First bytes of a control stream.
 pub const CONTROL_MAGIC: [u8; 4] = *b"FRYC";
 /// First bytes of a data lane.
@@ -132,6 +138,10 @@ pub enum Message {
     Fin {
         /// Total bytes in the sender's direction.
         length: WireOffset,
+        /// blake3 of every byte the sender read from its local socket in this direction (the
+        /// original stream, also on a codec direction): the receiver's local socket must get
+        /// exactly those bytes.
+        digest: blake3::Hash,
     },
     /// The sender's side of the flow failed; abort.
     Reset(String),
@@ -169,8 +179,10 @@ const T_SUPPLY: u8 = 8;
 
 /// Length of a message header: type (u8) + body length (u16, big-endian).
 pub const MESSAGE_HEADER_LEN: usize = 3;
-/// Encoded length of a [`Message::Fin`]: header and its 8-byte length.
-pub const FIN_MESSAGE_LEN: usize = MESSAGE_HEADER_LEN + 8;
+/// Body of a [`Message::Fin`]: length and digest.
+const FIN_BODY: usize = 8 + 32;
+/// Encoded length of a [`Message::Fin`]: header, 8-byte length and 32-byte digest.
+pub const FIN_MESSAGE_LEN: usize = MESSAGE_HEADER_LEN + FIN_BODY;
 
 impl Message {
     /// [`Message::Need`]s asking for `digests`, at most [`MAX_NEED_DIGESTS`] each.
@@ -198,8 +210,9 @@ impl Message {
                 out.extend_from_slice(truncate(reason).as_bytes());
                 T_REFUSED
             }
-            Self::Fin { length } => {
+            Self::Fin { length, digest } => {
                 out.extend_from_slice(&length.get().to_be_bytes());
+                out.extend_from_slice(digest.as_bytes());
                 T_FIN
             }
             Self::Reset(reason) => {
@@ -268,7 +281,10 @@ impl Message {
             T_OPENED if body.is_empty() => Ok(Self::Opened),
             T_OPENED => Err(ProtocolError::Malformed("opened")),
             T_REFUSED => Ok(Self::Refused(text("refused")?)),
-            T_FIN if body.len() == 8 => Ok(Self::Fin { length: WireOffset::new(u64_at(0, "fin")?) }),
+            T_FIN if body.len() == FIN_BODY => Ok(Self::Fin {
+                length: WireOffset::new(u64_at(0, "fin")?),
+                digest: blake3::Hash::from_bytes(digest_of(&body[8..]).0),
+            }),
             T_FIN => Err(ProtocolError::Malformed("fin")),
             T_RESET => Ok(Self::Reset(text("reset")?)),
             T_ACK if body.len() == 8 => Ok(Self::Ack { delivered: WireOffset::new(u64_at(0, "ack")?) }),
@@ -440,10 +456,12 @@ mod tests {
         round_trip(Message::Open { flow: 1, order: 0, seq: 0, codec: false, connect: "[::1]:80".parse().unwrap() });
         round_trip(Message::Opened);
         round_trip(Message::Refused("connection refused".into()));
-        round_trip(Message::Fin { length: WireOffset::new(1 << 40) });
+        round_trip(Message::Fin { length: WireOffset::new(1 << 40), digest: blake3::hash(b"stream") });
         let mut fin = Vec::new();
-        Message::Fin { length: WireOffset::ZERO }.encode(&mut fin);
+        Message::Fin { length: WireOffset::ZERO, digest: blake3::hash(b"") }.encode(&mut fin);
         assert_eq!(fin.len(), FIN_MESSAGE_LEN);
+        // A version 1 Fin (length only) is malformed in version 2.
+        assert_eq!(Message::decode_body(T_FIN, &fin[MESSAGE_HEADER_LEN..MESSAGE_HEADER_LEN + 8]), Err(ProtocolError::Malformed("fin")));
         round_trip(Message::Reset("peer reset".into()));
         round_trip(Message::Ack { delivered: WireOffset::new(12345) });
         let digests: Vec<PageDigest> = (0..MAX_NEED_DIGESTS as u32).map(|i| PageDigest::of(&i.to_le_bytes())).collect();
