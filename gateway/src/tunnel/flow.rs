@@ -23,8 +23,8 @@ use ferry_codec::{Advertisement, CodecStats, Decoder, Encoder, PageDigest, WireO
 
 use crate::store::RetainedPages;
 use crate::tunnel::protocol::{
-    ChunkHeader, FlowKey, LaneHeader, LaneKind, Message, ProtocolError, CONNECTION_FLOW, FIN_MESSAGE_LEN, MAX_ADVERT,
-    MESSAGE_HEADER_LEN,
+    ChunkHeader, FlowKey, LaneHeader, LaneKind, Message, ProtocolError, CONNECTION_FLOW, FIN_MESSAGE_LEN,
+    INITIAL_SEND_WINDOW, MAX_ADVERT, MESSAGE_HEADER_LEN,
 };
 use crate::tunnel::reorder::{Admission, Reassembler};
 use crate::tunnel::FlowError;
@@ -68,6 +68,9 @@ pub struct FlowCounters {
     /// Highest offset of our direction's wire stream handed to QUIC (same units as `acked`);
     /// `wire_sent - acked` is what is in flight or queued towards the peer.
     pub wire_sent: AtomicU64,
+    /// How far the peer lets us send our direction (the highest `limit` of its Acks; see
+    /// [`INITIAL_SEND_WINDOW`] before the first).
+    send_limit: AtomicU64,
     /// blake3 of every byte read from the local socket, once our direction ended (the digest
     /// sent with Fin). Hashed by the outbound pump without a lock (see [`LocalDigest`]).
     tcp_in_digest: parking_lot::Mutex<Option<blake3::Hash>>,
@@ -178,6 +181,8 @@ pub struct Inbound {
     ready: Notify,
     /// Signalled when the reorder buffer has room again.
     space: Notify,
+    /// The reorder budget: what our Acks let the peer send beyond what was delivered.
+    budget: u64,
     /// The digest the peer sent with its Fin (of what it read from its local socket).
     end_digest: parking_lot::Mutex<Option<blake3::Hash>>,
     /// Cancelled when the flow ends or fails.
@@ -190,6 +195,7 @@ impl Inbound {
     pub fn new(budget: u64, counters: Arc<FlowCounters>, cancel: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             reorder: parking_lot::Mutex::new(Reassembler::new(budget)),
+            budget,
             ready: Notify::new(),
             space: Notify::new(),
             end_digest: parking_lot::Mutex::new(None),
@@ -326,12 +332,13 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
         }
         None => (None, None),
     };
-    // Signalled on every Ack and when the peer closes its control stream.
+    // Signalled on every Ack (it may let `pump_out` send more) and when the peer closes its
+    // control stream.
     let acked_changed = Notify::new();
     let peer_done = std::sync::atomic::AtomicBool::new(false);
 
     let result = {
-        let outbound = pump_out(&mut tcp_read, &conn, key, lanes, control.clone(), &counters, cancel.clone(), encoder);
+        let outbound = pump_out(&mut tcp_read, &conn, key, lanes, control.clone(), &counters, &acked_changed, cancel.clone(), encoder);
         let inbound_pump = pump_in(&mut tcp_write, &inbound, control.clone(), decoder, supply_rx);
         let control_reader = async {
             loop {
@@ -344,8 +351,9 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
                     Some(Message::Opened) => {}
                     Some(Message::Refused(reason)) => return Err(FlowError::Refused(reason)),
                     Some(Message::Fin { length, digest }) => inbound.set_end(length, digest)?,
-                    Some(Message::Ack { delivered }) => {
+                    Some(Message::Ack { delivered, limit }) => {
                         counters.acked.store(delivered.get(), Ordering::Relaxed);
+                        counters.send_limit.fetch_max(limit.get(), Ordering::Relaxed);
                         if let Some(store) = &retained {
                             store.release(delivered);
                         }
@@ -465,6 +473,7 @@ async fn pump_out(
     lanes: usize,
     control: Arc<Mutex<SendStream>>,
     counters: &Arc<FlowCounters>,
+    acked_changed: &Notify,
     cancel: CancellationToken,
     mut encoder: Option<Encoder>,
 ) -> Result<WireOffset, FlowError> {
@@ -475,7 +484,7 @@ async fn pump_out(
     for _ in 0..lanes {
         writers.spawn(write_lane(conn.clone(), header, rx.clone(), counters.clone(), cancel.clone()));
     }
-    let mut sender = ChunkSender { tx, offset: WireOffset::ZERO };
+    let mut sender = ChunkSender { tx, offset: WireOffset::ZERO, counters, acked_changed, cancel: &cancel };
     // blake3 of what we read, sent with Fin. A codec direction takes the encoder's stream digest
     // (it hashes exactly these bytes already); a plain one hashes them here, in the pieces read.
     let mut read_digest = StreamHasher::new();
@@ -541,15 +550,33 @@ async fn pump_out(
     Ok(length)
 }
 
-/// Hands chunks to the lane writers, numbering them by offset in the direction's byte stream.
-struct ChunkSender {
+/// Hands chunks to the lane writers, numbering them by offset in the direction's byte stream,
+/// within the limit the peer's Acks grant (see the protocol's flow control).
+struct ChunkSender<'a> {
     tx: mpsc::Sender<(WireOffset, Bytes)>,
     offset: WireOffset,
+    counters: &'a FlowCounters,
+    /// Signalled on every Ack.
+    acked_changed: &'a Notify,
+    cancel: &'a CancellationToken,
 }
 
-impl ChunkSender {
+impl ChunkSender<'_> {
     async fn send(&mut self, data: Bytes) -> Result<(), FlowError> {
         let len = data.len() as u64;
+        let end = self.offset.advanced(len).get();
+        loop {
+            let granted = self.acked_changed.notified();
+            tokio::pin!(granted);
+            granted.as_mut().enable();
+            if end <= self.counters.send_limit.load(Ordering::Relaxed).max(INITIAL_SEND_WINDOW) {
+                break;
+            }
+            tokio::select! {
+                _ = &mut granted => {}
+                _ = self.cancel.cancelled() => return Err(FlowError::Cancelled),
+            }
+        }
         self.tx.send((self.offset, data)).await.map_err(|_| FlowError::Cancelled)?;
         self.offset = self.offset.advanced(len);
         Ok(())
@@ -633,6 +660,11 @@ async fn pump_in(
 ) -> Result<(), FlowError> {
     let mut since_ack = 0u64;
     let mut last_ack = tokio::time::Instant::now();
+    // Each Ack lets the peer send up to the reorder budget beyond what was delivered; ack a
+    // quarter of it at a time so the sender never waits for a grant on a fast path.
+    let ack_every = ACK_EVERY.min(inbound.budget / 4).max(1);
+    let ack = |delivered: WireOffset| Message::Ack { delivered, limit: delivered.advanced(inbound.budget) };
+    write_message(&mut *control.lock().await, &ack(WireOffset::ZERO)).await?;
     let mut decoded = Vec::new();
     let mut delivered = WireOffset::ZERO;
     // blake3 of what we write, checked against the peer's Fin. A codec direction takes the
@@ -671,10 +703,10 @@ async fn pump_in(
                 }
             }
             since_ack += data.len() as u64;
-            if since_ack >= ACK_EVERY || last_ack.elapsed() >= ACK_INTERVAL {
+            if since_ack >= ack_every || last_ack.elapsed() >= ACK_INTERVAL {
                 since_ack = 0;
                 last_ack = tokio::time::Instant::now();
-                write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
+                write_message(&mut *control.lock().await, &ack(delivered)).await?;
             }
             continue;
         }
@@ -691,7 +723,7 @@ async fn pump_in(
             // and the local side is reset.
             check_end_digest(sent, written, inbound.counters.tcp_out.load(Ordering::Relaxed))?;
             tcp.shutdown().await.map_err(FlowError::LocalWrite)?;
-            write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
+            write_message(&mut *control.lock().await, &ack(delivered)).await?;
             return Ok(());
         }
         tokio::select! {
@@ -717,7 +749,7 @@ async fn pump_in(
             _ = tokio::time::sleep_until(last_ack + ACK_INTERVAL), if since_ack > 0 => {
                 since_ack = 0;
                 last_ack = tokio::time::Instant::now();
-                write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
+                write_message(&mut *control.lock().await, &ack(delivered)).await?;
             }
         }
     }

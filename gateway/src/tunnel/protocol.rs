@@ -14,7 +14,7 @@
 //!              ◀─ lanes (return path): chunks ───────────── read TCP
 //!   TCP EOF ───── control: Fin{length, digest} ────────────▶ after `length` bytes, if what it
 //!                                                           wrote hashes to `digest`: shutdown(WR)
-//!              ◀─ control: Ack{delivered} (every few MiB) ─
+//!              ◀─ control: Ack{delivered, limit} (every few MiB) ─
 //!              ◀─ control: Need{digests} ───────────────── codec: pages the decoder lacks
 //!   retained ──── control: Supply{digest, page} ──────────▶ decoder resumes
 //!   TCP error ─── control: Reset{reason} ──────────────────▶ abort TCP (RST)
@@ -43,9 +43,18 @@
 //! local socket in that direction; the receiver compares it with blake3 of what it wrote to its
 //! own before it ends its local side cleanly, and resets it on a mismatch.
 //!
+//! Flow control per flow: a sender sends a direction's bytes only up to the `limit` of the
+//! receiver's latest [`Message::Ack`] (before the first one, [`INITIAL_SEND_WINDOW`]). A receiver
+//! grants its delivered offset plus its reorder budget, so whatever a flow has in flight fits in
+//! the receiver's reorder buffer, which lane readers always drain: a flow whose destination stops
+//! reading parks its data there, never in QUIC's stream buffers, and so holds none of the
+//! connection's flow-control window that the other flows, control streams, advertisements and
+//! page supplies need.
+//!
 //! Versioning: the control stream and every lane start with a magic and [`VERSION`]; a peer
 //! refuses a version it does not speak. The ALPN (`ferry/2`) changes with incompatible versions.
-//! Version 2: `Fin` carries the direction's digest (version 1's `Fin` had only the length).
+//! Version 2: `Fin` carries the direction's digest and `Ack` the sender's limit (version 1 had
+//! only the length and the delivered offset).
 
 use std::net::SocketAddr;
 
@@ -68,6 +77,9 @@ pub const CONNECTION_FLOW: u64 = u64::MAX;
 pub const MAX_ADVERT: u32 = 64 << 20;
 /// Largest chunk payload a sender may put in one record; larger values are refused as corrupt.
 pub const MAX_CHUNK: u32 = 1 << 20;
+/// Bytes of a direction a sender may send before the receiver's first [`Message::Ack`] grants
+/// more. Every receiver's reorder budget is at least this much.
+pub const INITIAL_SEND_WINDOW: u64 = MAX_CHUNK as u64;
 /// Largest control message body (except [`Message::Supply`], which is exactly
 /// [`SUPPLY_BODY`] bytes).
 pub const MAX_MESSAGE: usize = 4096;
@@ -151,6 +163,9 @@ pub enum Message {
     Ack {
         /// Bytes delivered.
         delivered: WireOffset,
+        /// The sender may send the direction's bytes up to this offset (not beyond; a limit
+        /// lower than an earlier one changes nothing).
+        limit: WireOffset,
     },
     /// Codec flows, egress → ingress: the decoder cannot resolve these page references; send the
     /// pages. 1..=[`MAX_NEED_DIGESTS`] digests (see [`Message::needs`] for more).
@@ -219,8 +234,9 @@ impl Message {
                 out.extend_from_slice(truncate(reason).as_bytes());
                 T_RESET
             }
-            Self::Ack { delivered } => {
+            Self::Ack { delivered, limit } => {
                 out.extend_from_slice(&delivered.get().to_be_bytes());
+                out.extend_from_slice(&limit.get().to_be_bytes());
                 T_ACK
             }
             Self::Need { digests } => {
@@ -287,7 +303,10 @@ impl Message {
             }),
             T_FIN => Err(ProtocolError::Malformed("fin")),
             T_RESET => Ok(Self::Reset(text("reset")?)),
-            T_ACK if body.len() == 8 => Ok(Self::Ack { delivered: WireOffset::new(u64_at(0, "ack")?) }),
+            T_ACK if body.len() == 16 => Ok(Self::Ack {
+                delivered: WireOffset::new(u64_at(0, "ack")?),
+                limit: WireOffset::new(u64_at(8, "ack")?),
+            }),
             T_ACK => Err(ProtocolError::Malformed("ack")),
             T_NEED if !body.is_empty() && body.len().is_multiple_of(32) && body.len() <= MAX_NEED_DIGESTS * 32 => {
                 let digests = body.chunks_exact(32).map(digest_of).collect();
@@ -463,7 +482,7 @@ mod tests {
         // A version 1 Fin (length only) is malformed in version 2.
         assert_eq!(Message::decode_body(T_FIN, &fin[MESSAGE_HEADER_LEN..MESSAGE_HEADER_LEN + 8]), Err(ProtocolError::Malformed("fin")));
         round_trip(Message::Reset("peer reset".into()));
-        round_trip(Message::Ack { delivered: WireOffset::new(12345) });
+        round_trip(Message::Ack { delivered: WireOffset::new(12345), limit: WireOffset::new(1 << 33) });
         let digests: Vec<PageDigest> = (0..MAX_NEED_DIGESTS as u32).map(|i| PageDigest::of(&i.to_le_bytes())).collect();
         round_trip(Message::Need { digests: digests[..1].to_vec() });
         round_trip(Message::Need { digests: digests.clone() });
