@@ -72,7 +72,7 @@ pub struct FlowCounters {
     /// [`INITIAL_SEND_WINDOW`] before the first).
     send_limit: AtomicU64,
     /// blake3 of every byte read from the local socket, once our direction ended (the digest
-    /// sent with Fin). Hashed by the outbound pump without a lock (see [`LocalDigest`]).
+    /// sent with Fin). Hashed by the outbound pump without a lock, or taken from its encoder.
     tcp_in_digest: parking_lot::Mutex<Option<blake3::Hash>>,
     /// blake3 of every byte written to the local socket, once the peer's direction ended.
     tcp_out_digest: parking_lot::Mutex<Option<blake3::Hash>>,
