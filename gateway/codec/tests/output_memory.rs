@@ -28,21 +28,27 @@ fn count(delta: isize) {
     });
 }
 
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so it keeps
+// `System`'s guarantees; the counting touches only thread-local integers and never allocates.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(layout.size() as isize);
+        // SAFETY: forwarded as is; the caller upholds `GlobalAlloc`'s contract.
         unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count(layout.size() as isize);
+        // SAFETY: forwarded as is; the caller upholds `GlobalAlloc`'s contract.
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         count(-(layout.size() as isize));
+        // SAFETY: forwarded as is; the caller upholds `GlobalAlloc`'s contract.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count(new_size as isize - layout.size() as isize);
+        // SAFETY: forwarded as is; the caller upholds `GlobalAlloc`'s contract.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
