@@ -18,7 +18,8 @@ use crate::config::TlsFiles;
 
 /// ALPN protocol of the gateway-to-gateway tunnel; bumped when the wire protocol changes
 /// incompatibly.
-pub const ALPN: &[u8] = b"ferry/1";
+/// `ferry/2`: [`Message::Fin`](crate::tunnel::protocol::Message::Fin) carries the end-to-end digest.
+pub const ALPN: &[u8] = b"ferry/2";
 
 /// Failure to build the TLS configuration.
 #[derive(Debug, thiserror::Error)]

@@ -6,10 +6,15 @@
 //! legal frame. Any error poisons the decoder: held-back bytes are dropped, never released.
 //!
 //! Digest gate: a running blake3 over every reconstructed byte is compared with the encoder's
-//! checkpoints (one after every batch) and trailer. Reconstructed bytes are *held* until a
-//! checkpoint covering them verified, so no byte — in particular no QEMU_VM_EOF — of a corrupted
-//! stream ever reaches the destination QEMU; released output is always a verified prefix of what
-//! the source QEMU wrote.
+//! checkpoints (one after every batch) and trailer. A batch is decoded in two passes: the first
+//! resolves every page it refers to and hashes the bytes it stands for *from where they are*
+//! (the payload, the resolved pages, a block of zeros) without writing them anywhere; only when
+//! the checkpoint after it verified does the second pass write them to the caller's buffer. So no
+//! byte — in particular no QEMU_VM_EOF — of a corrupted stream ever reaches the destination QEMU,
+//! released output is always a verified prefix of what the source QEMU wrote, and the decoder
+//! never holds rebuilt bytes: a batch of zero pages costs its payload (a few bytes), not the
+//! 16 MiB it expands to. The encoder checkpoints after every batch; a batch that arrives before
+//! the previous one's checkpoint fails the stream ([`DecodeError::MissingCheckpoint`]).
 //!
 //! Miss path: a reference the decoder cannot resolve (an advertised page evicted from the cache
 //! since) does not fail the stream. The decoder *stalls* at that op: it lists the pages it needs
@@ -22,11 +27,11 @@
 //!
 //! Output bound: one call appends at most [`DecoderConfig::max_output_per_push`] bytes to `out`
 //! (zero pages expand about 4000× from wire to bytes, so unbounded output would let a few MiB of
-//! wire become GiB in one call). A batch is rebuilt whole (it is verified as a whole); verified
-//! bytes beyond the bound stay in the decoder, and no further batch is started while they amount
-//! to the bound: its input is kept buffered, as while stalled (up to
+//! wire become GiB in one call). The second pass of a verified batch stops at the bound and goes
+//! on in the next call; the input behind it is kept buffered meanwhile, as while stalled (up to
 //! [`DecoderConfig::max_stalled_input`]). The caller calls [`push`](Decoder::push) with no input
-//! while [`Decoder::has_pending_output`] to take the rest, before it pushes more input.
+//! while [`Decoder::has_pending_output`] to take the rest, before it pushes more input. What the
+//! decoder allocates for its output is therefore the caller's buffer, at most the bound per call.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -43,43 +48,19 @@ use crate::page_hash;
 use crate::stream_hash::StreamHasher;
 use crate::{PageDigest, PAGE_SIZE};
 
-/// Rebuilt bytes are hashed about every this many bytes while a batch is rebuilt, while they are
-/// still in the core's L2 cache (a batch is up to 18 MiB: hashing it afterwards reads it back
-/// from L3 or memory).
-const HASH_STEP: usize = 64 << 10;
+/// Zeros hashed in place of zero pages (a batch's zero run is never written out to be hashed).
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
-/// The caller's output buffer during one public call. The decoder rebuilds straight into it:
-/// `out[..verified]` may be released, `out[verified..]` is reconstructed but not yet covered by
-/// a verified checkpoint. A checkpoint that verifies just moves `verified` (no copy); before the
-/// call returns, the unverified rest moves to [`Decoder::held`] (see [`Decoder::unstage`]).
-/// Dropping a `Staging` (an error, or a panic) cuts `out` back to `verified`, so the caller never
-/// sees an unverified byte.
-struct Staging<'a> {
-    out: &'a mut Vec<u8>,
-    /// Length of `out` when the call started.
-    start: usize,
-    verified: usize,
+/// The caller's output buffer during one public call, with the room the output bound leaves.
+struct Out<'a> {
+    buf: &'a mut Vec<u8>,
+    /// Length `buf` may reach in this call.
+    limit: usize,
 }
 
-impl Staging<'_> {
-    fn unverified(&self) -> usize {
-        self.out.len() - self.verified
-    }
-
-    /// Verified bytes this call could release (the output bound may hold some back).
-    fn verified_in_call(&self) -> usize {
-        self.verified - self.start
-    }
-
-    /// Everything rebuilt so far was verified: it may be released.
-    fn release_all(&mut self) {
-        self.verified = self.out.len();
-    }
-}
-
-impl Drop for Staging<'_> {
-    fn drop(&mut self) {
-        self.out.truncate(self.verified);
+impl Out<'_> {
+    fn room(&self) -> usize {
+        self.limit.saturating_sub(self.buf.len())
     }
 }
 
@@ -90,16 +71,12 @@ pub struct DecoderConfig {
     /// the worst case (pages are shared with the cache while it still holds them). Advertise this
     /// value to the source.
     pub max_session_window_pages: u64,
-    /// Most reconstructed bytes held while waiting for the checkpoint that covers them. The
-    /// encoder checkpoints after every batch (≤ 18 MiB of output), so this only stops a sender
-    /// that never checkpoints from growing the decoder without bound.
-    pub max_unverified_bytes: usize,
     /// Most wire bytes buffered while stalled on a missing page. The caller is expected to stop
     /// pushing while [`Decoder::is_stalled`] (so this holds at most the rest of one push); the
     /// limit stops one that does not.
     pub max_stalled_input: usize,
     /// Most bytes one [`Decoder::push`] or [`Decoder::supply`] appends to `out` (0 counts as 1).
-    /// Verified bytes beyond it stay in the decoder until the next call, and no further batch is
+    /// The rest of a verified batch is written by the next calls, and no further batch is
     /// decoded meanwhile (see the [module docs](self)). The default is no bound (an in-memory
     /// decode of a trusted stream); a decoder fed from the network sets one (the gateway's
     /// `[limits] decoder_output`).
@@ -110,7 +87,6 @@ impl Default for DecoderConfig {
     fn default() -> Self {
         Self {
             max_session_window_pages: 65536,
-            max_unverified_bytes: 64 << 20,
             max_stalled_input: 16 << 20,
             max_output_per_push: usize::MAX,
         }
@@ -208,13 +184,12 @@ pub enum DecodeError {
         /// This decoder's limit.
         limit: u64,
     },
-    /// Too many bytes arrived without a checkpoint covering them.
-    #[error("{held} reconstructed bytes without a checkpoint (limit {limit})")]
-    Unverified {
-        /// Bytes waiting.
-        held: usize,
-        /// [`DecoderConfig::max_unverified_bytes`].
-        limit: usize,
+    /// A batch arrived before the checkpoint of the previous one (the encoder checkpoints after
+    /// every batch; without this rule a sender could make the decoder hash without end).
+    #[error("batch at stream offset {at} arrived before the checkpoint of the previous batch")]
+    MissingCheckpoint {
+        /// Stream offset of the batch.
+        at: u64,
     },
     /// [`Decoder::finish`] while output was pending: the caller did not take all of it.
     #[error("wire ended with decoded output not taken (push with no input while has_pending_output)")]
@@ -283,6 +258,34 @@ struct Stall {
     waiting: PageDigest,
 }
 
+/// A batch whose first pass is done (every page resolved, its bytes hashed) and whose bytes are
+/// not all written out yet: it waits for its checkpoint, then the second pass writes it within
+/// the output bound. Its payload is in `Decoder::payload` (or, within the `process` call that
+/// decoded a raw batch, still in that call's input), its resolved pages in `Decoder::refs`.
+#[derive(Debug)]
+struct Pending {
+    header: BatchHeader,
+    /// Its checkpoint verified: its bytes may be written out.
+    verified: bool,
+    /// Where the second pass is.
+    emit: EmitCursor,
+    /// Bytes not yet written out.
+    left: u64,
+}
+
+/// Where the second pass of a batch is: the next op, its areas' positions, and how many bytes of
+/// that op were written already.
+#[derive(Debug, Clone, Copy, Default)]
+struct EmitCursor {
+    opos: usize,
+    vpos: usize,
+    lpos: usize,
+    /// Next resolved page in `Decoder::refs`.
+    rpos: usize,
+    /// Bytes of the op at `opos` written already.
+    in_op: usize,
+}
+
 /// Decoder counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DecoderStats {
@@ -306,16 +309,12 @@ pub struct Decoder {
     window: Window,
     hasher: StreamHasher,
     produced: u64,
-    /// Reconstructed bytes not yet covered by a verified checkpoint, between calls (during a call
-    /// they are at the end of the caller's buffer, see [`Staging`]). From `held_released` on,
-    /// `held_verified` of them are verified bytes the output bound kept back, then the
-    /// unverified ones.
-    held: Vec<u8>,
-    /// Bytes at the start of `held` released already (so draining it copies each byte once).
-    held_released: usize,
-    /// Verified bytes in `held` after `held_released`, released by the next calls.
-    held_verified: usize,
-    /// The last call stopped before a batch in `buf` because of the output bound.
+    /// The batch decoded and not all written out yet, if any.
+    pending: Option<Pending>,
+    /// The pages the current batch's references resolved to, in op order (handles shared with
+    /// the window and the store; the second pass copies from them).
+    refs: Vec<Bytes>,
+    /// The last call stopped before input in `buf` because of the output bound.
     paused: bool,
     trailer_seen: bool,
     failed: bool,
@@ -338,7 +337,7 @@ impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Decoder")
             .field("produced", &self.produced)
-            .field("held", &self.held.len())
+            .field("pending", &self.pending)
             .field("trailer_seen", &self.trailer_seen)
             .field("failed", &self.failed)
             .field("stall", &self.stall)
@@ -364,9 +363,8 @@ impl Decoder {
             window: Window { cap: 0, map: HashMap::new(), order: VecDeque::new() },
             hasher: StreamHasher::new(),
             produced: 0,
-            held: Vec::new(),
-            held_released: 0,
-            held_verified: 0,
+            pending: None,
+            refs: Vec::new(),
             paused: false,
             trailer_seen: false,
             failed: false,
@@ -381,22 +379,37 @@ impl Decoder {
         }
     }
 
-    /// Bytes reconstructed so far (released or held).
+    /// Bytes reconstructed so far (hashed by the first pass; released or not).
     pub fn produced(&self) -> StreamOffset {
         StreamOffset::new(self.produced)
     }
 
-    /// Bytes currently held back: awaiting verification, or verified and kept back by the
-    /// output bound.
-    pub fn held_back(&self) -> usize {
-        self.held.len() - self.held_released
+    /// blake3 of the stream reconstructed so far ([`produced`](Self::produced) bytes). Once the
+    /// decoder [is complete](Self::is_complete) and its output taken, that is the digest of every
+    /// byte it released (verified against the trailer): a caller that needs the digest of what it
+    /// wrote takes this one instead of hashing the same bytes again.
+    pub fn stream_digest(&self) -> blake3::Hash {
+        self.hasher.finalize()
     }
 
-    /// Whether a [`push`](Self::push) with no input would append more: verified bytes the
-    /// output bound kept back, or buffered input not decoded because of it. Take them (push with
-    /// no input until this is false) before pushing more input and before [`finish`](Self::finish).
+    /// Bytes of the current batch not written out yet: awaiting its checkpoint, or verified and
+    /// kept back by the output bound. They are not held as bytes: the second pass rebuilds them
+    /// from the batch's payload and resolved pages.
+    pub fn held_back(&self) -> usize {
+        self.pending.as_ref().map_or(0, |p| usize::try_from(p.left).unwrap_or(usize::MAX))
+    }
+
+    /// Whether a [`push`](Self::push) with no input would append more: the rest of a verified
+    /// batch the output bound kept back, or buffered input not decoded because of it. Take them
+    /// (push with no input until this is false) before pushing more input and before
+    /// [`finish`](Self::finish).
     pub fn has_pending_output(&self) -> bool {
-        self.held_verified > 0 || (self.paused && !self.buf.is_empty() && !self.failed)
+        !self.failed && (self.emitting() || (self.paused && !self.buf.is_empty()))
+    }
+
+    /// Whether a verified batch is partly written out (the next call goes on with it).
+    fn emitting(&self) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.verified)
     }
 
     /// Whether the trailer arrived and verified.
@@ -441,7 +454,7 @@ impl Decoder {
         if self.failed {
             return Err(DecodeError::Poisoned);
         }
-        let mut out = self.stage(out);
+        let mut out = self.out(out);
         let r = (|| {
             if !self.requested.remove(&digest) {
                 return Err(DecodeError::UnrequestedPage(digest));
@@ -453,14 +466,13 @@ impl Decoder {
             self.cache.insert(digest, page.clone());
             self.supplied.insert(digest, page);
             if self.stall.as_ref().is_some_and(|s| s.waiting == digest) {
-                // A stalled batch was started within the output bound and is unverified, so
-                // nothing verified was kept back behind it.
-                debug_assert_eq!(self.held_verified, 0);
                 self.resume(&mut out)?;
             }
             Ok(())
         })();
-        self.unstage(out, r.is_ok());
+        if r.is_err() {
+            self.fail();
+        }
         r
     }
 
@@ -472,12 +484,16 @@ impl Decoder {
         if self.failed {
             return Err(DecodeError::Poisoned);
         }
-        let mut out = self.stage(out);
+        let mut out = self.out(out);
         let r = (|| {
-            if self.held_verified > 0 {
-                // Bytes kept from an earlier call reached the output bound: take no input now.
+            if self.emitting() {
+                // Go on with the batch the output bound interrupted.
+                self.emit_from_payload(&mut out)?;
+            }
+            if self.emitting() {
+                // Still not done: take no input now.
                 self.buf.extend_from_slice(wire);
-                self.paused |= !self.buf.is_empty() && self.stall.is_none();
+                self.paused |= !self.buf.is_empty();
                 wire = &[];
             } else if std::mem::take(&mut self.paused) && self.stall.is_none() {
                 // Continue with the input the output bound kept back.
@@ -508,13 +524,15 @@ impl Decoder {
             }
             Ok(())
         })();
-        self.unstage(out, r.is_ok());
+        if r.is_err() {
+            self.fail();
+        }
         r
     }
 
-    /// The wire ended. Succeeds only if the trailer arrived and verified (held bytes were released
-    /// then, by the call that delivered it, so nothing is appended to `_out`); otherwise the
-    /// stream ended early and held bytes are dropped.
+    /// The wire ended. Succeeds only if the trailer arrived and verified (everything before it was
+    /// written out by the calls that took it, so nothing is appended to `_out`); otherwise the
+    /// stream ended early and what was not verified is dropped.
     pub fn finish(&mut self, _out: &mut Vec<u8>) -> Result<(), DecodeError> {
         if self.failed {
             return Err(DecodeError::Poisoned);
@@ -532,81 +550,22 @@ impl Decoder {
             self.fail();
             return Err(DecodeError::Truncated { produced: self.produced, buffered: self.buf.len() });
         }
-        // The trailer verified everything (and nothing may follow it): `held` is empty.
-        debug_assert!(self.held.is_empty());
+        // The trailer verified everything (and nothing may follow it): no batch is pending.
+        debug_assert!(self.pending.is_none());
         Ok(())
     }
 
-    /// Starts a public call that may rebuild into `out` (see [`Staging`]): bytes held from an
-    /// earlier call go first (the verified ones among them count as verified in this call).
-    /// If verified bytes kept back by the output bound fill this call's bound, only they are
-    /// appended (and `self.held_verified` stays non-zero: the call must take no input).
-    fn stage<'a>(&mut self, out: &'a mut Vec<u8>) -> Staging<'a> {
-        let start = out.len();
-        if self.held_verified > 0 {
-            let n = self.held_verified.min(self.output_bound());
-            out.extend_from_slice(&self.held[self.held_released..self.held_released + n]);
-            self.held_released += n;
-            self.held_verified -= n;
-            if self.held_verified > 0 {
-                let verified = out.len();
-                return Staging { out, start, verified };
-            }
-        }
-        let verified = out.len();
-        if self.held_released > 0 {
-            // The unverified rest of what was kept.
-            out.extend_from_slice(&self.held[self.held_released..]);
-            self.held.clear();
-            self.held_released = 0;
-        } else if !self.held.is_empty() {
-            if out.is_empty() && out.capacity() <= self.held.capacity() {
-                std::mem::swap(out, &mut self.held);
-            } else {
-                out.extend_from_slice(&self.held);
-                self.held.clear();
-            }
-        }
-        Staging { out, start, verified }
-    }
-
-    /// [`DecoderConfig::max_output_per_push`], at least 1 (so every call makes progress).
-    fn output_bound(&self) -> usize {
-        self.cfg.max_output_per_push.max(1)
-    }
-
-    /// Ends a public call: on success, keeps for a later call what is not verified yet (at most
-    /// one batch: the encoder checkpoints after each, so this is a batch whose checkpoint has not
-    /// arrived, or one stalled on a page) and the verified bytes beyond the output bound; on
-    /// failure, poisons the decoder. Either way `out` ends at the verified bytes, at most the
-    /// output bound past where it started.
-    fn unstage(&mut self, mut out: Staging<'_>, ok: bool) {
-        let released = out.verified.min(out.start.saturating_add(self.output_bound()));
-        let kept_verified = out.verified - released;
-        out.verified = released;
-        if !ok {
-            self.fail();
-            return;
-        }
-        if out.unverified() == 0 {
-            // Everything released (or a call that only released kept bytes: `held` stays).
-            return;
-        }
-        debug_assert!(self.held.is_empty() && self.held_verified == 0);
-        self.held_verified = kept_verified;
-        if out.verified == 0 {
-            // Nothing released in this call: keep the whole buffer without copying it.
-            std::mem::swap(out.out, &mut self.held);
-        } else {
-            self.held.extend_from_slice(&out.out[out.verified..]);
-        }
+    /// The caller's buffer for one public call, bounded by [`DecoderConfig::max_output_per_push`]
+    /// (at least 1, so every call makes progress).
+    fn out<'a>(&self, buf: &'a mut Vec<u8>) -> Out<'a> {
+        let limit = buf.len().saturating_add(self.cfg.max_output_per_push.max(1));
+        Out { buf, limit }
     }
 
     fn fail(&mut self) {
         self.failed = true;
-        self.held = Vec::new();
-        self.held_released = 0;
-        self.held_verified = 0;
+        self.pending = None;
+        self.refs = Vec::new();
         self.paused = false;
         self.buf = Vec::new();
         self.payload = Vec::new();
@@ -615,7 +574,7 @@ impl Decoder {
     }
 
     /// Processes what `self.buf` holds, keeping the unprocessed rest.
-    fn process_buffered(&mut self, out: &mut Staging<'_>) -> Result<(), DecodeError> {
+    fn process_buffered(&mut self, out: &mut Out<'_>) -> Result<(), DecodeError> {
         let b = std::mem::take(&mut self.buf);
         let r = self.process(&b, out);
         self.buf = b;
@@ -625,26 +584,29 @@ impl Decoder {
     }
 
     /// Continues the stalled batch after a supply, then the input buffered behind it.
-    fn resume(&mut self, out: &mut Staging<'_>) -> Result<(), DecodeError> {
+    fn resume(&mut self, out: &mut Out<'_>) -> Result<(), DecodeError> {
         let Some(stall) = self.stall.take() else { return Ok(()) };
         let payload = std::mem::take(&mut self.payload);
-        let r = self.rebuild(&stall.header, &payload, stall.cursor, out);
+        let r = self.rebuild(&stall.header, &payload, stall.cursor);
         self.payload = payload;
         if let Some((cursor, waiting)) = r? {
             self.stall = Some(Stall { cursor, waiting, ..stall });
             return Ok(());
         }
-        self.batch_done(stall.frame_len);
+        self.batch_done(stall.header, stall.frame_len);
         if !self.buf.is_empty() {
             self.process_buffered(out)?;
         }
         Ok(())
     }
 
-    fn batch_done(&mut self, frame_len: usize) {
+    /// The first pass of a batch is done: count its frame as consumed, keep it for the second.
+    fn batch_done(&mut self, header: BatchHeader, frame_len: usize) {
         self.consumed += frame_len as u64;
         // Supplies serve the batch that asked for them; later batches ask again if need be.
         self.supplied.clear();
+        let left = self.produced - header.stream_offset;
+        self.pending = Some(Pending { header, verified: false, emit: EmitCursor::default(), left });
     }
 
     fn frame_err(&self, source: FrameError) -> DecodeError {
@@ -652,8 +614,29 @@ impl Decoder {
     }
 
     /// Processes complete frames at the start of `data`; returns bytes consumed and sets
-    /// `self.need` for the incomplete remainder.
-    fn process(&mut self, data: &[u8], out: &mut Staging<'_>) -> Result<usize, DecodeError> {
+    /// `self.need` for the incomplete remainder. A raw batch's payload is read from `data` where
+    /// it is; if that batch is still pending (or stalled) when this returns, its payload is
+    /// copied to `self.payload` for the calls that go on with it.
+    fn process(&mut self, data: &[u8], out: &mut Out<'_>) -> Result<usize, DecodeError> {
+        let mut raw_body = None;
+        let r = self.process_frames(data, out, &mut raw_body);
+        if let Some(body) = raw_body {
+            if r.is_ok() && (self.pending.is_some() || self.stall.is_some()) {
+                self.payload.clear();
+                self.payload.extend_from_slice(&data[body]);
+            }
+        }
+        r
+    }
+
+    /// [`process`](Self::process), leaving in `raw_body` where in `data` the payload of the last
+    /// raw batch it decoded is.
+    fn process_frames(
+        &mut self,
+        data: &[u8],
+        out: &mut Out<'_>,
+        raw_body: &mut Option<std::ops::Range<usize>>,
+    ) -> Result<usize, DecodeError> {
         let mut pos = 0;
         while pos < data.len() {
             let rest = &data[pos..];
@@ -693,14 +676,19 @@ impl Decoder {
                         self.need = total;
                         return Ok(pos);
                     }
-                    if out.verified_in_call() >= self.output_bound() {
+                    if self.pending.is_some() {
+                        // (A verified one being written out never gets here: it pauses.)
+                        return Err(DecodeError::MissingCheckpoint { at: b.stream_offset });
+                    }
+                    if out.room() == 0 {
                         // The output bound is reached: this batch waits in `buf` for a later call.
                         self.paused = true;
                         self.need = 0;
                         return Ok(pos);
                     }
+                    *raw_body = (!b.compressed).then(|| pos + hlen..pos + total);
                     pos += total;
-                    if self.batch(&b, &rest[hlen..total], total, out)? {
+                    if self.batch(&b, &rest[hlen..total], total)? {
                         // Stalled: the batch's payload is kept; the rest waits in `buf`.
                         self.need = 0;
                         return Ok(pos);
@@ -710,12 +698,25 @@ impl Decoder {
                     if total_len != self.produced || *self.hasher.finalize().as_bytes() != digest {
                         return Err(DecodeError::DigestMismatch { at: self.produced, claimed_len: total_len });
                     }
-                    out.release_all();
                     if matches!(hdr, FrameHeader::Trailer { .. }) {
                         self.trailer_seen = true;
                     }
                     pos += hlen;
                     self.consumed += hlen as u64;
+                    if let Some(p) = &mut self.pending {
+                        p.verified = true;
+                        match raw_body.clone() {
+                            Some(body) => self.emit(&data[body], out)?,
+                            None => self.emit_from_payload(out)?,
+                        }
+                        if self.pending.is_some() {
+                            // The output bound is reached within the batch: the rest of it, and
+                            // the input behind it, wait for the next calls.
+                            self.paused = true;
+                            self.need = 0;
+                            return Ok(pos);
+                        }
+                    }
                 }
             }
         }
@@ -723,27 +724,24 @@ impl Decoder {
         Ok(pos)
     }
 
-    /// Decodes one batch frame (`frame_len` wire bytes). Returns true if it stalled on a missing
-    /// page; its payload is then kept in `self.payload` and `self.stall` says where to resume.
-    fn batch(&mut self, b: &BatchHeader, body: &[u8], frame_len: usize, out: &mut Staging<'_>) -> Result<bool, DecodeError> {
+    /// First pass of one batch frame (`frame_len` wire bytes). Returns true if it stalled on a
+    /// missing page; its payload is then kept in `self.payload` and `self.stall` says where to
+    /// resume.
+    fn batch(&mut self, b: &BatchHeader, body: &[u8], frame_len: usize) -> Result<bool, DecodeError> {
         if b.stream_offset != self.produced {
             return Err(DecodeError::OffsetMismatch { at: self.produced, claimed: b.stream_offset });
         }
+        self.refs.clear();
         let stalled = if b.compressed {
             let mut payload = std::mem::take(&mut self.payload);
             let r = self
                 .decompress(b, body, &mut payload)
-                .and_then(|()| self.rebuild(b, &payload, OpCursor::default(), out));
+                .and_then(|()| self.rebuild(b, &payload, OpCursor::default()));
             self.payload = payload;
             r?
         } else {
-            let r = self.rebuild(b, body, OpCursor::default(), out)?;
-            if r.is_some() {
-                // The wire buffer is not ours to keep: copy the (rare) raw batch that stalled.
-                self.payload.clear();
-                self.payload.extend_from_slice(body);
-            }
-            r
+            // A raw batch's payload is copied by `process` if it is still needed after it.
+            self.rebuild(b, body, OpCursor::default())?
         };
         match stalled {
             Some((cursor, waiting)) => {
@@ -751,7 +749,7 @@ impl Decoder {
                 Ok(true)
             }
             None => {
-                self.batch_done(frame_len);
+                self.batch_done(*b, frame_len);
                 Ok(false)
             }
         }
@@ -776,30 +774,18 @@ impl Decoder {
         Ok(())
     }
 
-    /// Rebuilds one batch's original bytes from its payload at the end of `out` (unverified),
-    /// starting at `cursor`. Returns where it stalled and on which page, if it did (bytes before
-    /// the stall are rebuilt and hashed; the rest follows on resume).
+    /// First pass over one batch's payload from `cursor` on: resolves its pages (into
+    /// `self.refs`) and hashes the bytes it stands for. Returns where it stalled and on which
+    /// page, if it did (ops before the stall are done; the rest follows on resume).
     fn rebuild(
         &mut self,
         b: &BatchHeader,
         payload: &[u8],
         mut cursor: OpCursor,
-        out: &mut Staging<'_>,
     ) -> Result<Option<(OpCursor, PageDigest)>, DecodeError> {
-        let pages_len = b.n_literal * PAGE_SIZE;
-        let pages = &payload[..pages_len];
-        let verbatim = &payload[pages_len..pages_len + b.verbatim_len];
-        let ops = &payload[pages_len + b.verbatim_len..];
-        let start = out.out.len();
-        let mut hashed = start;
-        let r = self.apply_ops(ops, pages, verbatim, out.out, &mut cursor, &mut hashed);
-        // On error nothing is released, and the decoder is poisoned: the hash no longer matters.
-        let stalled = r?;
-        self.hasher.update(&out.out[hashed..]);
-        self.produced += (out.out.len() - start) as u64;
-        if out.unverified() > self.cfg.max_unverified_bytes {
-            return Err(DecodeError::Unverified { held: out.unverified(), limit: self.cfg.max_unverified_bytes });
-        }
+        let (pages, verbatim, ops) = payload_areas(b, payload).ok_or_else(|| self.frame_err(FrameError::BadBatch("payload shorter than its areas")))?;
+        // On error the decoder is poisoned: the hash no longer matters.
+        let stalled = self.apply_ops(ops, pages, verbatim, &mut cursor)?;
         if let Some(d) = stalled {
             self.stats.stalls += 1;
             if !self.requested.contains(&d) {
@@ -871,32 +857,25 @@ impl Decoder {
         Ok(())
     }
 
-    /// Hashes `dst[*hashed..]` once [`HASH_STEP`] bytes are waiting, up to where the stream hash
-    /// stays 8-KiB aligned (so it copies nothing to align them; see [`StreamHasher`]).
-    fn hash_some(&mut self, dst: &[u8], hashed: &mut usize) {
-        if dst.len() - *hashed >= HASH_STEP {
-            let n = self.hasher.aligned_prefix(dst.len() - *hashed);
-            self.hasher.update(&dst[*hashed..*hashed + n]);
-            *hashed += n;
-        }
+    /// Appends `data` to the stream hash (first pass).
+    fn hash(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        self.produced += data.len() as u64;
     }
 
-    /// Applies ops from `cur` on, appending to `dst`. Returns the digest of an unresolvable
-    /// reference, with `cur` at that op, or `None` when the op list is done. Hashes `dst` from
-    /// `*hashed` on as it goes, leaving the last (< [`HASH_STEP`]) bytes to the caller.
+    /// First pass: applies ops from `cur` on, hashing the bytes they stand for and keeping the
+    /// pages references resolve to in `self.refs`. Returns the digest of an unresolvable
+    /// reference, with `cur` at that op, or `None` when the op list is done.
     fn apply_ops(
         &mut self,
         ops: &[u8],
         pages: &[u8],
         verbatim: &[u8],
-        dst: &mut Vec<u8>,
         cur: &mut OpCursor,
-        hashed: &mut usize,
     ) -> Result<Option<PageDigest>, DecodeError> {
         let OpCursor { mut opos, mut vpos, mut lpos, mut page_ops } = *cur;
         let bad = |s: &'static str| FrameError::BadBatch(s);
         loop {
-            self.hash_some(dst, hashed);
             let op_start = (opos, page_ops);
             let Some(op) = next_op(ops, &mut opos).map_err(|e| self.frame_err(e))? else { break };
             if let Op::Zero(n) | Op::Literal(n) = op {
@@ -912,10 +891,17 @@ impl Decoder {
                     let Some(v) = verbatim.get(vpos..vpos + n) else {
                         return Err(self.frame_err(bad("verbatim run past the verbatim area")));
                     };
-                    dst.extend_from_slice(v);
+                    self.hash(v);
                     vpos += n;
                 }
-                Op::Zero(n) => dst.resize(dst.len() + n * PAGE_SIZE, 0),
+                Op::Zero(n) => {
+                    let mut left = n * PAGE_SIZE;
+                    while left > 0 {
+                        let k = left.min(ZEROS.len());
+                        self.hash(&ZEROS[..k]);
+                        left -= k;
+                    }
+                }
                 Op::Literal(n) => {
                     let Some(run) = pages.get(lpos * PAGE_SIZE..(lpos + n) * PAGE_SIZE) else {
                         return Err(self.frame_err(bad("literal run past the page area")));
@@ -931,40 +917,96 @@ impl Decoder {
                         digests.clear();
                         page_hash::digest_pages(&refs[..k], &mut digests);
                         for (page, &d) in refs[..k].iter().zip(&digests) {
-                            dst.extend_from_slice(&page[..]);
                             let handle = Bytes::copy_from_slice(&page[..]);
                             self.window.note(d, &handle);
                             self.cache.insert(d, handle);
                         }
-                        self.hash_some(dst, hashed);
                     }
+                    self.hash(run);
                     lpos += n;
                 }
                 Op::Ref(raw) => {
                     let d = PageDigest(raw);
-                    // The common case, a page in the window, is copied without taking a handle.
-                    if let Some(page) = self.window.map.get(&d) {
-                        dst.extend_from_slice(page);
-                        continue;
-                    }
                     let Some(page) = self.resolve(&d)? else {
                         // Stop before this op; it is re-read on resume.
                         (opos, page_ops) = op_start;
                         *cur = OpCursor { opos, vpos, lpos, page_ops };
                         return Ok(Some(d));
                     };
-                    dst.extend_from_slice(&page);
+                    self.hash(&page);
+                    self.refs.push(page);
                 }
             }
         }
         *cur = OpCursor { opos, vpos, lpos, page_ops };
-        if vpos != verbatim.len() || lpos != b_lit(pages) {
+        if vpos != verbatim.len() || lpos != pages.len() / PAGE_SIZE {
             return Err(self.frame_err(bad("payload areas not fully used")));
         }
         Ok(None)
     }
+
+    /// [`emit`](Self::emit) of a batch whose payload is in `self.payload`.
+    fn emit_from_payload(&mut self, out: &mut Out<'_>) -> Result<(), DecodeError> {
+        let payload = std::mem::take(&mut self.payload);
+        let r = self.emit(&payload, out);
+        self.payload = payload;
+        r
+    }
+
+    /// Second pass of the verified pending batch: writes its bytes to `out` from where the last
+    /// call stopped, until it is done (the batch is no longer pending) or `out` has no room.
+    fn emit(&mut self, payload: &[u8], out: &mut Out<'_>) -> Result<(), DecodeError> {
+        let Some(mut p) = self.pending.take() else { return Ok(()) };
+        debug_assert!(p.verified);
+        // The first pass checked every op and area; this only fails on a bug.
+        let broken = || DecodeError::Frame { at: self.produced, source: FrameError::BadBatch("batch changed between passes") };
+        let (pages, verbatim, ops) = payload_areas(&p.header, payload).ok_or_else(broken)?;
+        let c = &mut p.emit;
+        while p.left > 0 && out.room() > 0 {
+            let mut next = c.opos;
+            let op = next_op(ops, &mut next).ok().flatten().ok_or_else(broken)?;
+            // `None`: a zero run.
+            let src = match op {
+                Op::Verbatim(n) => Some(verbatim.get(c.vpos..c.vpos + n).ok_or_else(broken)?),
+                Op::Literal(n) => Some(pages.get(c.lpos * PAGE_SIZE..(c.lpos + n) * PAGE_SIZE).ok_or_else(broken)?),
+                Op::Ref(_) => Some(self.refs.get(c.rpos).map(|page| &page[..]).ok_or_else(broken)?),
+                Op::Zero(_) => None,
+            };
+            let len = match (op, src) {
+                (Op::Zero(n), _) => n * PAGE_SIZE,
+                (_, src) => src.map_or(0, <[u8]>::len),
+            };
+            let k = out.room().min(len - c.in_op);
+            match src {
+                Some(src) => out.buf.extend_from_slice(&src[c.in_op..c.in_op + k]),
+                None => out.buf.resize(out.buf.len() + k, 0),
+            }
+            c.in_op += k;
+            p.left -= k as u64;
+            if c.in_op == len {
+                c.in_op = 0;
+                c.opos = next;
+                match op {
+                    Op::Verbatim(n) => c.vpos += n,
+                    Op::Literal(n) => c.lpos += n,
+                    Op::Ref(_) => c.rpos += 1,
+                    Op::Zero(_) => {}
+                }
+            }
+        }
+        if p.left > 0 {
+            self.pending = Some(p);
+        }
+        Ok(())
+    }
 }
 
-fn b_lit(pages: &[u8]) -> usize {
-    pages.len() / PAGE_SIZE
+/// A batch payload's areas: literal pages, verbatim bytes, ops (`None` if it is too short; the
+/// frame header's lengths were checked against the payload's size before).
+fn payload_areas<'a>(b: &BatchHeader, payload: &'a [u8]) -> Option<(&'a [u8], &'a [u8], &'a [u8])> {
+    let pages_len = b.n_literal * PAGE_SIZE;
+    let pages = payload.get(..pages_len)?;
+    let verbatim = payload.get(pages_len..pages_len + b.verbatim_len)?;
+    let ops = payload.get(pages_len + b.verbatim_len..)?;
+    Some((pages, verbatim, ops))
 }

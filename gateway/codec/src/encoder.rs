@@ -311,6 +311,13 @@ impl Encoder {
         s
     }
 
+    /// blake3 of the stream encoded so far; after [`finish`](Self::finish), of every byte pushed
+    /// (the digest the trailer carries). A caller that needs the digest of what it read from the
+    /// source takes this one instead of hashing the same bytes again.
+    pub fn stream_digest(&self) -> blake3::Hash {
+        self.hasher.finalize()
+    }
+
     /// Feeds bytes read from QEMU; appends wire bytes to `out`. Never fails. Input after
     /// [`finish`](Self::finish) is ignored (the source half-closed; there is none).
     pub fn push(&mut self, mut input: &[u8], out: &mut Vec<u8>) {

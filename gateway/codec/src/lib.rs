@@ -64,13 +64,15 @@
 //! # Digest gate
 //! Both ends run blake3 over the whole (original) stream. The encoder follows **every batch** with
 //! a checkpoint `(length, digest so far)` — finalizing a running blake3 costs microseconds — and
-//! ends with the trailer. The decoder *holds* reconstructed bytes until a checkpoint covering them
-//! verified, so everything it ever releases is a verified prefix of what the source QEMU wrote.
+//! ends with the trailer. The decoder hashes a batch first and writes its bytes out only once the
+//! checkpoint after it verified (two passes over the batch's payload and resolved pages; rebuilt
+//! bytes are never held), so everything it ever releases is a verified prefix of what the source
+//! QEMU wrote.
 //! In particular `QEMU_VM_EOF` (which makes the destination start the VM) is only released inside a
 //! verified batch; a corrupted stream fails before it. This is stronger than holding back only the
 //! stream's end, and it needs no knowledge of where EOF is (the encoder can't find it: device
-//! state is not delimited). Held bytes are bounded by one batch (≤ 18 MiB of output) and capped by
-//! [`DecoderConfig::max_unverified_bytes`]. It is uniform for main, multifd and opaque streams.
+//! state is not delimited). One batch at a time is pending (a batch before the previous one's
+//! checkpoint fails the stream). It is uniform for main, multifd and opaque streams.
 //!
 //! Why not wait for the trailer before releasing EOF: with `return-path`, the source QEMU does not
 //! close the main connection until the destination answered SHUT, which it only does after it
@@ -84,12 +86,15 @@
 //! Encoder memory: one batch (≤ `batch_pages` literal pages, ≤ 1 MiB verbatim, ≤ 4096 page ops)
 //! plus one partial QEMU record plus the session window index (40 B/page) plus the retained pages
 //! (bounded by the [`PageRetainer`]'s budget). Decoder memory: one frame (≤ ~6.5 MiB, checked against limits
-//! *before* buffering), one unverified batch, the session window; while stalled, also the
-//! batch's payload, the input pushed behind it (≤ `max_stalled_input`) and the supplied pages
-//! (≤ [`MAX_REQUESTED_PAGES`]). No length read from the wire is allocated before it is checked against a limit.
-//! Decoder output per call: at most [`DecoderConfig::max_output_per_push`]; verified bytes beyond
-//! it wait in the decoder (one batch of an encoder's stream; at most `max_unverified_bytes` plus
-//! the bound), which takes no input until they are taken.
+//! *before* buffering), the pending batch's payload (≤ ~6.5 MiB decompressed) and handles of
+//! the pages it refers to (≤ 4096, shared with the store), the session window; while stalled
+//! or while output is pending, also the input pushed behind it (≤ `max_stalled_input`), and
+//! the supplied pages (≤ [`MAX_REQUESTED_PAGES`]). No length read from the wire is allocated
+//! before it is checked against a limit. Decoder output per call: at most
+//! [`DecoderConfig::max_output_per_push`], written into the caller's buffer; the rest of a
+//! verified batch is rebuilt by the next calls, and the decoder takes no input until then. So a
+//! stream of batches claiming maximal zero runs costs the caller's buffer (the bound), never the
+//! 16 MiB per batch they expand to.
 //!
 //! # Page size
 //! Page frames are 4096 bytes (x86 target page size). The main channel announces a different target

@@ -18,12 +18,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
+use ferry_codec::stream_hash::StreamHasher;
 use ferry_codec::{Advertisement, CodecStats, Decoder, Encoder, PageDigest, WireOffset, MAX_REQUESTED_PAGES};
 
 use crate::store::RetainedPages;
 use crate::tunnel::protocol::{
-    ChunkHeader, FlowKey, LaneHeader, LaneKind, Message, ProtocolError, CONNECTION_FLOW, FIN_MESSAGE_LEN, MAX_ADVERT,
-    MESSAGE_HEADER_LEN,
+    ChunkHeader, FlowKey, LaneHeader, LaneKind, Message, ProtocolError, CONNECTION_FLOW, FIN_MESSAGE_LEN,
+    INITIAL_SEND_WINDOW, MAX_ADVERT, MESSAGE_HEADER_LEN,
 };
 use crate::tunnel::reorder::{Admission, Reassembler};
 use crate::tunnel::FlowError;
@@ -67,10 +68,14 @@ pub struct FlowCounters {
     /// Highest offset of our direction's wire stream handed to QUIC (same units as `acked`);
     /// `wire_sent - acked` is what is in flight or queued towards the peer.
     pub wire_sent: AtomicU64,
-    /// blake3 of every byte read from the local socket.
-    tcp_in_digest: parking_lot::Mutex<blake3::Hasher>,
-    /// blake3 of every byte written to the local socket.
-    tcp_out_digest: parking_lot::Mutex<blake3::Hasher>,
+    /// How far the peer lets us send our direction (the highest `limit` of its Acks; see
+    /// [`INITIAL_SEND_WINDOW`] before the first).
+    send_limit: AtomicU64,
+    /// blake3 of every byte read from the local socket, once our direction ended (the digest
+    /// sent with Fin). Hashed by the outbound pump without a lock, or taken from its encoder.
+    tcp_in_digest: parking_lot::Mutex<Option<blake3::Hash>>,
+    /// blake3 of every byte written to the local socket, once the peer's direction ended.
+    tcp_out_digest: parking_lot::Mutex<Option<blake3::Hash>>,
     /// Encoder statistics of a codec flow's outbound direction, set when it ends.
     pub codec: parking_lot::Mutex<Option<CodecStats>>,
     /// Codec miss path: pages our decoder asked the peer for (egress).
@@ -97,14 +102,6 @@ pub struct FlowTotals {
 }
 
 impl FlowCounters {
-    fn hash_in(&self, data: &[u8]) {
-        self.tcp_in_digest.lock().update(data);
-    }
-
-    fn hash_out(&self, data: &[u8]) {
-        self.tcp_out_digest.lock().update(data);
-    }
-
     /// The byte counters as they stand.
     pub fn totals(&self) -> FlowTotals {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -120,7 +117,7 @@ impl FlowCounters {
 
     /// A record of the flow as it stands.
     pub fn record(&self, peer: &str, key: FlowKey, started: Instant, result: &Result<(), FlowError>) -> FlowRecord {
-        let digest = |h: &parking_lot::Mutex<blake3::Hasher>| *h.lock().finalize().as_bytes();
+        let digest = |h: &parking_lot::Mutex<Option<blake3::Hash>>| h.lock().map_or([0; 32], |d| *d.as_bytes());
         FlowRecord {
             peer: peer.to_owned(),
             flow: key.id,
@@ -162,9 +159,9 @@ pub struct FlowRecord {
     pub wan_in: u64,
     /// Bytes sent on the WAN for this flow (payload + framing).
     pub wan_out: u64,
-    /// blake3 of the bytes read from the local socket.
+    /// blake3 of the bytes read from the local socket (all zero if that direction did not end).
     pub tcp_in_digest: [u8; 32],
-    /// blake3 of the bytes written to the local socket.
+    /// blake3 of the bytes written to the local socket (all zero if that direction did not end).
     pub tcp_out_digest: [u8; 32],
     /// Lifetime of the flow.
     pub duration: Duration,
@@ -184,6 +181,10 @@ pub struct Inbound {
     ready: Notify,
     /// Signalled when the reorder buffer has room again.
     space: Notify,
+    /// The reorder budget: what our Acks let the peer send beyond what was delivered.
+    budget: u64,
+    /// The digest the peer sent with its Fin (of what it read from its local socket).
+    end_digest: parking_lot::Mutex<Option<blake3::Hash>>,
     /// Cancelled when the flow ends or fails.
     pub cancel: CancellationToken,
     counters: Arc<FlowCounters>,
@@ -194,8 +195,10 @@ impl Inbound {
     pub fn new(budget: u64, counters: Arc<FlowCounters>, cancel: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             reorder: parking_lot::Mutex::new(Reassembler::new(budget)),
+            budget,
             ready: Notify::new(),
             space: Notify::new(),
+            end_digest: parking_lot::Mutex::new(None),
             cancel,
             counters,
         })
@@ -240,7 +243,8 @@ impl Inbound {
         }
     }
 
-    fn set_end(&self, length: WireOffset) -> Result<(), FlowError> {
+    fn set_end(&self, length: WireOffset, digest: blake3::Hash) -> Result<(), FlowError> {
+        *self.end_digest.lock() = Some(digest);
         self.lock().set_end(length)?;
         self.ready.notify_one();
         Ok(())
@@ -328,12 +332,13 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
         }
         None => (None, None),
     };
-    // Signalled on every Ack and when the peer closes its control stream.
+    // Signalled on every Ack (it may let `pump_out` send more) and when the peer closes its
+    // control stream.
     let acked_changed = Notify::new();
     let peer_done = std::sync::atomic::AtomicBool::new(false);
 
     let result = {
-        let outbound = pump_out(&mut tcp_read, &conn, key, lanes, control.clone(), &counters, cancel.clone(), encoder);
+        let outbound = pump_out(&mut tcp_read, &conn, key, lanes, control.clone(), &counters, &acked_changed, cancel.clone(), encoder);
         let inbound_pump = pump_in(&mut tcp_write, &inbound, control.clone(), decoder, supply_rx);
         let control_reader = async {
             loop {
@@ -345,9 +350,10 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
                     }
                     Some(Message::Opened) => {}
                     Some(Message::Refused(reason)) => return Err(FlowError::Refused(reason)),
-                    Some(Message::Fin { length }) => inbound.set_end(length)?,
-                    Some(Message::Ack { delivered }) => {
+                    Some(Message::Fin { length, digest }) => inbound.set_end(length, digest)?,
+                    Some(Message::Ack { delivered, limit }) => {
                         counters.acked.store(delivered.get(), Ordering::Relaxed);
+                        counters.send_limit.fetch_max(limit.get(), Ordering::Relaxed);
                         if let Some(store) = &retained {
                             store.release(delivered);
                         }
@@ -467,6 +473,7 @@ async fn pump_out(
     lanes: usize,
     control: Arc<Mutex<SendStream>>,
     counters: &Arc<FlowCounters>,
+    acked_changed: &Notify,
     cancel: CancellationToken,
     mut encoder: Option<Encoder>,
 ) -> Result<WireOffset, FlowError> {
@@ -477,7 +484,10 @@ async fn pump_out(
     for _ in 0..lanes {
         writers.spawn(write_lane(conn.clone(), header, rx.clone(), counters.clone(), cancel.clone()));
     }
-    let mut sender = ChunkSender { tx, offset: WireOffset::ZERO };
+    let mut sender = ChunkSender { tx, offset: WireOffset::ZERO, counters, acked_changed, cancel: &cancel };
+    // blake3 of what we read, sent with Fin. A codec direction takes the encoder's stream digest
+    // (it hashes exactly these bytes already); a plain one hashes them here, in the pieces read.
+    let mut read_digest = StreamHasher::new();
     let read_result = async {
         let mut wire = Vec::new();
         // Whether the encoder holds input it has not flushed yet.
@@ -508,14 +518,16 @@ async fn pump_out(
                 return Ok::<(), FlowError>(());
             }
             counters.tcp_in.fetch_add(n as u64, Ordering::Relaxed);
-            counters.hash_in(&buf);
             match encoder.as_mut() {
                 Some(enc) => {
                     enc.push(&buf, &mut wire);
                     unflushed = true;
                     sender.send_all(&mut wire).await?;
                 }
-                None => sender.send(buf.freeze()).await?,
+                None => {
+                    read_digest.update(&buf);
+                    sender.send(buf.freeze()).await?;
+                }
             }
         }
     }
@@ -530,21 +542,41 @@ async fn pump_out(
     while let Some(joined) = writers.join_next().await {
         joined.map_err(|e| FlowError::Unexpected(format!("lane writer panicked: {e}")))??;
     }
+    let digest = encoder.as_ref().map_or_else(|| read_digest.finalize(), Encoder::stream_digest);
+    *counters.tcp_in_digest.lock() = Some(digest);
     let mut send = control.lock().await;
-    write_message(&mut send, &Message::Fin { length }).await?;
+    write_message(&mut send, &Message::Fin { length, digest }).await?;
     counters.wan_out.fetch_add(FIN_MESSAGE_LEN as u64, Ordering::Relaxed);
     Ok(length)
 }
 
-/// Hands chunks to the lane writers, numbering them by offset in the direction's byte stream.
-struct ChunkSender {
+/// Hands chunks to the lane writers, numbering them by offset in the direction's byte stream,
+/// within the limit the peer's Acks grant (see the protocol's flow control).
+struct ChunkSender<'a> {
     tx: mpsc::Sender<(WireOffset, Bytes)>,
     offset: WireOffset,
+    counters: &'a FlowCounters,
+    /// Signalled on every Ack.
+    acked_changed: &'a Notify,
+    cancel: &'a CancellationToken,
 }
 
-impl ChunkSender {
+impl ChunkSender<'_> {
     async fn send(&mut self, data: Bytes) -> Result<(), FlowError> {
         let len = data.len() as u64;
+        let end = self.offset.advanced(len).get();
+        loop {
+            let granted = self.acked_changed.notified();
+            tokio::pin!(granted);
+            granted.as_mut().enable();
+            if end <= self.counters.send_limit.load(Ordering::Relaxed).max(INITIAL_SEND_WINDOW) {
+                break;
+            }
+            tokio::select! {
+                _ = &mut granted => {}
+                _ = self.cancel.cancelled() => return Err(FlowError::Cancelled),
+            }
+        }
         self.tx.send((self.offset, data)).await.map_err(|_| FlowError::Cancelled)?;
         self.offset = self.offset.advanced(len);
         Ok(())
@@ -628,8 +660,16 @@ async fn pump_in(
 ) -> Result<(), FlowError> {
     let mut since_ack = 0u64;
     let mut last_ack = tokio::time::Instant::now();
+    // Each Ack lets the peer send up to the reorder budget beyond what was delivered; ack a
+    // quarter of it at a time so the sender never waits for a grant on a fast path.
+    let ack_every = ACK_EVERY.min(inbound.budget / 4).max(1);
+    let ack = |delivered: WireOffset| Message::Ack { delivered, limit: delivered.advanced(inbound.budget) };
+    write_message(&mut *control.lock().await, &ack(WireOffset::ZERO)).await?;
     let mut decoded = Vec::new();
     let mut delivered = WireOffset::ZERO;
+    // blake3 of what we write, checked against the peer's Fin. A codec direction takes the
+    // decoder's stream digest (it hashes exactly these bytes already); a plain one hashes here.
+    let mut written_digest = StreamHasher::new();
     // While the decoder is stalled, the next requested page must arrive by then (moved on when
     // it stalls and whenever a page arrives).
     let mut supply_deadline = tokio::time::Instant::now() + SUPPLY_TIMEOUT;
@@ -657,13 +697,16 @@ async fn pump_in(
                     write_decoded(dec, tcp, &mut decoded, &control, &inbound.counters).await?;
                     delivered = dec.consumed();
                 }
-                None => write_local(tcp, &data, &inbound.counters).await?,
+                None => {
+                    written_digest.update(&data);
+                    write_local(tcp, &data, &inbound.counters).await?;
+                }
             }
             since_ack += data.len() as u64;
-            if since_ack >= ACK_EVERY || last_ack.elapsed() >= ACK_INTERVAL {
+            if since_ack >= ack_every || last_ack.elapsed() >= ACK_INTERVAL {
                 since_ack = 0;
                 last_ack = tokio::time::Instant::now();
-                write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
+                write_message(&mut *control.lock().await, &ack(delivered)).await?;
             }
             continue;
         }
@@ -673,8 +716,14 @@ async fn pump_in(
                 delivered = dec.consumed();
                 write_local(tcp, &decoded, &inbound.counters).await?;
             }
+            let written = decoder.as_ref().map_or_else(|| written_digest.finalize(), Decoder::stream_digest);
+            *inbound.counters.tcp_out_digest.lock() = Some(written);
+            let sent = *inbound.end_digest.lock();
+            // Only bytes that hash to what the peer read get a clean end; else the flow fails
+            // and the local side is reset.
+            check_end_digest(sent, written, inbound.counters.tcp_out.load(Ordering::Relaxed))?;
             tcp.shutdown().await.map_err(FlowError::LocalWrite)?;
-            write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
+            write_message(&mut *control.lock().await, &ack(delivered)).await?;
             return Ok(());
         }
         tokio::select! {
@@ -700,7 +749,7 @@ async fn pump_in(
             _ = tokio::time::sleep_until(last_ack + ACK_INTERVAL), if since_ack > 0 => {
                 since_ack = 0;
                 last_ack = tokio::time::Instant::now();
-                write_message(&mut *control.lock().await, &Message::Ack { delivered }).await?;
+                write_message(&mut *control.lock().await, &ack(delivered)).await?;
             }
         }
     }
@@ -755,8 +804,21 @@ async fn request_pages(dec: &mut Decoder, control: &Mutex<SendStream>, counters:
 async fn write_local(tcp: &mut OwnedWriteHalf, data: &[u8], counters: &FlowCounters) -> Result<(), FlowError> {
     tcp.write_all(data).await.map_err(FlowError::LocalWrite)?;
     counters.tcp_out.fetch_add(data.len() as u64, Ordering::Relaxed);
-    counters.hash_out(data);
     Ok(())
+}
+
+/// The end of the peer's direction: the `tcp_out` bytes written to the local socket must hash
+/// to `sent`, the digest the peer sent with Fin of what it read from its own. A mismatch means
+/// the destination did not get what the source sent: it is logged, and the flow fails.
+fn check_end_digest(sent: Option<blake3::Hash>, written: blake3::Hash, tcp_out: u64) -> Result<(), FlowError> {
+    match sent {
+        Some(sent) if sent == written => Ok(()),
+        Some(sent) => {
+            tracing::warn!(tcp_out, %sent, %written, "end-to-end digest mismatch: resetting the local connection");
+            Err(FlowError::DigestMismatch { tcp_out, sent, written })
+        }
+        None => Err(FlowError::Unexpected("direction complete without a Fin digest".into())),
+    }
 }
 
 /// Logs a finished flow.
@@ -825,4 +887,21 @@ pub async fn read_advert(mut lane: RecvStream) -> Result<Advertisement, FlowErro
         return Err(FlowError::Truncated);
     }
     Advertisement::decode(&body).map_err(|e| FlowError::Unexpected(format!("bad advertisement: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_is_clean_only_when_the_digests_match() {
+        let data = b"what the source QEMU wrote";
+        let written = blake3::hash(data);
+        check_end_digest(Some(blake3::hash(data)), written, data.len() as u64).unwrap();
+        let e = check_end_digest(Some(blake3::hash(b"something else")), written, data.len() as u64).unwrap_err();
+        assert!(matches!(e, FlowError::DigestMismatch { tcp_out: 26, .. }), "{e}");
+        assert!(e.to_string().contains(&written.to_hex().to_string()), "{e}");
+        let e = check_end_digest(None, written, 0).unwrap_err();
+        assert!(matches!(e, FlowError::Unexpected(_)), "{e}");
+    }
 }

@@ -412,7 +412,7 @@ impl PeerLink {
     fn end_flow(&self, key: FlowKey, inbound: &Inbound, counters: &FlowCounters, started: Instant, result: &Result<(), FlowError>) {
         inbound.cancel.cancel();
         self.close(key);
-        self.shared.record_flow(counters.record(&self.site, key, started, result));
+        self.shared.record_flow(counters.record(&self.site, key, started, result), result);
     }
 
     fn register(&self, key: FlowKey, inbound: Arc<Inbound>) {

@@ -108,6 +108,18 @@ pub enum FlowError {
     /// Our decoder waited this long for a page it asked the peer for.
     #[error("peer did not supply a missing page within {0:?}")]
     SupplyTimeout(std::time::Duration),
+    /// What this gateway wrote to its local socket does not hash to the digest the peer sent
+    /// with Fin (of what it read from its own): the bytes were changed on the way. The local
+    /// connection is reset, never ended cleanly.
+    #[error("end-to-end digest mismatch: the {tcp_out} bytes delivered hash to {written}, the peer read bytes hashing to {sent}")]
+    DigestMismatch {
+        /// Bytes written to the local socket.
+        tcp_out: u64,
+        /// The peer's digest.
+        sent: blake3::Hash,
+        /// Ours.
+        written: blake3::Hash,
+    },
     /// An out-of-place message.
     #[error("unexpected message: {0}")]
     Unexpected(String),
@@ -128,6 +140,9 @@ pub struct TunnelStats {
     pub peers_refused: AtomicU64,
     /// Tunnel connections established (dialed or accepted, before tie-breaking).
     pub connections_established: AtomicU64,
+    /// Flow directions whose delivered bytes did not match the peer's end-to-end digest
+    /// ([`FlowError::DigestMismatch`]); those flows also count as failed.
+    pub digest_mismatches: AtomicU64,
 }
 
 /// A snapshot of [`TunnelStats`].
@@ -141,6 +156,8 @@ pub struct StatsSnapshot {
     pub peers_refused: u64,
     /// See [`TunnelStats::connections_established`].
     pub connections_established: u64,
+    /// See [`TunnelStats::digest_mismatches`].
+    pub digest_mismatches: u64,
 }
 
 impl TunnelStats {
@@ -151,6 +168,7 @@ impl TunnelStats {
             flows_failed: self.flows_failed.load(Ordering::Relaxed),
             peers_refused: self.peers_refused.load(Ordering::Relaxed),
             connections_established: self.connections_established.load(Ordering::Relaxed),
+            digest_mismatches: self.digest_mismatches.load(Ordering::Relaxed),
         }
     }
 }
@@ -187,7 +205,10 @@ pub(crate) struct TunnelShared {
 }
 
 impl TunnelShared {
-    fn record_flow(&self, record: FlowRecord) {
+    fn record_flow(&self, record: FlowRecord, result: &Result<(), FlowError>) {
+        if matches!(result, Err(FlowError::DigestMismatch { .. })) {
+            self.stats.digest_mismatches.fetch_add(1, Ordering::Relaxed);
+        }
         let counter = if record.error.is_none() { &self.stats.flows_completed } else { &self.stats.flows_failed };
         counter.fetch_add(1, Ordering::Relaxed);
         flow::log_record(&record);

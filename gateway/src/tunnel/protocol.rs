@@ -12,8 +12,9 @@
 //!   read TCP ──── lanes: Chunk{offset,len}+bytes ─────────▶ reorder ─▶ TCP dial + write
 //!              ◀─ control: Opened | Refused{reason} ────────
 //!              ◀─ lanes (return path): chunks ───────────── read TCP
-//!   TCP EOF ───── control: Fin{length} ────────────────────▶ after `length` bytes: shutdown(WR)
-//!              ◀─ control: Ack{delivered} (every few MiB) ─
+//!   TCP EOF ───── control: Fin{length, digest} ────────────▶ after `length` bytes, if what it
+//!                                                           wrote hashes to `digest`: shutdown(WR)
+//!              ◀─ control: Ack{delivered, limit} (every few MiB) ─
 //!              ◀─ control: Need{digests} ───────────────── codec: pages the decoder lacks
 //!   retained ──── control: Supply{digest, page} ──────────▶ decoder resumes
 //!   TCP error ─── control: Reset{reason} ──────────────────▶ abort TCP (RST)
@@ -38,8 +39,22 @@
 //! plain one. Offsets in the original (source QEMU) stream of a codec flow are
 //! [`ferry_codec::StreamOffset`]s and never appear in this protocol.
 //!
+//! End-to-end digest: [`Message::Fin`] carries blake3 of every byte the sender read from its
+//! local socket in that direction; the receiver compares it with blake3 of what it wrote to its
+//! own before it ends its local side cleanly, and resets it on a mismatch.
+//!
+//! Flow control per flow: a sender sends a direction's bytes only up to the `limit` of the
+//! receiver's latest [`Message::Ack`] (before the first one, [`INITIAL_SEND_WINDOW`]). A receiver
+//! grants its delivered offset plus its reorder budget, so whatever a flow has in flight fits in
+//! the receiver's reorder buffer, which lane readers always drain: a flow whose destination stops
+//! reading parks its data there, never in QUIC's stream buffers, and so holds none of the
+//! connection's flow-control window that the other flows, control streams, advertisements and
+//! page supplies need.
+//!
 //! Versioning: the control stream and every lane start with a magic and [`VERSION`]; a peer
-//! refuses a version it does not speak. The ALPN (`ferry/1`) changes with incompatible versions.
+//! refuses a version it does not speak. The ALPN (`ferry/2`) changes with incompatible versions.
+//! Version 2: `Fin` carries the direction's digest and `Ack` the sender's limit (version 1 had
+//! only the length and the delivered offset).
 
 use std::net::SocketAddr;
 
@@ -48,7 +63,7 @@ use bytes::Bytes;
 use ferry_codec::{PageDigest, WireOffset, PAGE_SIZE};
 
 /// Protocol version carried in every stream preamble.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// First bytes of a control stream.
 pub const CONTROL_MAGIC: [u8; 4] = *b"FRYC";
 /// First bytes of a data lane.
@@ -62,6 +77,9 @@ pub const CONNECTION_FLOW: u64 = u64::MAX;
 pub const MAX_ADVERT: u32 = 64 << 20;
 /// Largest chunk payload a sender may put in one record; larger values are refused as corrupt.
 pub const MAX_CHUNK: u32 = 1 << 20;
+/// Bytes of a direction a sender may send before the receiver's first [`Message::Ack`] grants
+/// more. Every receiver's reorder budget is at least this much.
+pub const INITIAL_SEND_WINDOW: u64 = MAX_CHUNK as u64;
 /// Largest control message body (except [`Message::Supply`], which is exactly
 /// [`SUPPLY_BODY`] bytes).
 pub const MAX_MESSAGE: usize = 4096;
@@ -132,6 +150,10 @@ pub enum Message {
     Fin {
         /// Total bytes in the sender's direction.
         length: WireOffset,
+        /// blake3 of every byte the sender read from its local socket in this direction (the
+        /// original stream, also on a codec direction): the receiver's local socket must get
+        /// exactly those bytes.
+        digest: blake3::Hash,
     },
     /// The sender's side of the flow failed; abort.
     Reset(String),
@@ -141,6 +163,9 @@ pub enum Message {
     Ack {
         /// Bytes delivered.
         delivered: WireOffset,
+        /// The sender may send the direction's bytes up to this offset (not beyond; a limit
+        /// lower than an earlier one changes nothing).
+        limit: WireOffset,
     },
     /// Codec flows, egress → ingress: the decoder cannot resolve these page references; send the
     /// pages. 1..=[`MAX_NEED_DIGESTS`] digests (see [`Message::needs`] for more).
@@ -169,8 +194,10 @@ const T_SUPPLY: u8 = 8;
 
 /// Length of a message header: type (u8) + body length (u16, big-endian).
 pub const MESSAGE_HEADER_LEN: usize = 3;
-/// Encoded length of a [`Message::Fin`]: header and its 8-byte length.
-pub const FIN_MESSAGE_LEN: usize = MESSAGE_HEADER_LEN + 8;
+/// Body of a [`Message::Fin`]: length and digest.
+const FIN_BODY: usize = 8 + 32;
+/// Encoded length of a [`Message::Fin`]: header, 8-byte length and 32-byte digest.
+pub const FIN_MESSAGE_LEN: usize = MESSAGE_HEADER_LEN + FIN_BODY;
 
 impl Message {
     /// [`Message::Need`]s asking for `digests`, at most [`MAX_NEED_DIGESTS`] each.
@@ -198,16 +225,18 @@ impl Message {
                 out.extend_from_slice(truncate(reason).as_bytes());
                 T_REFUSED
             }
-            Self::Fin { length } => {
+            Self::Fin { length, digest } => {
                 out.extend_from_slice(&length.get().to_be_bytes());
+                out.extend_from_slice(digest.as_bytes());
                 T_FIN
             }
             Self::Reset(reason) => {
                 out.extend_from_slice(truncate(reason).as_bytes());
                 T_RESET
             }
-            Self::Ack { delivered } => {
+            Self::Ack { delivered, limit } => {
                 out.extend_from_slice(&delivered.get().to_be_bytes());
+                out.extend_from_slice(&limit.get().to_be_bytes());
                 T_ACK
             }
             Self::Need { digests } => {
@@ -268,10 +297,16 @@ impl Message {
             T_OPENED if body.is_empty() => Ok(Self::Opened),
             T_OPENED => Err(ProtocolError::Malformed("opened")),
             T_REFUSED => Ok(Self::Refused(text("refused")?)),
-            T_FIN if body.len() == 8 => Ok(Self::Fin { length: WireOffset::new(u64_at(0, "fin")?) }),
+            T_FIN if body.len() == FIN_BODY => Ok(Self::Fin {
+                length: WireOffset::new(u64_at(0, "fin")?),
+                digest: blake3::Hash::from_bytes(digest_of(&body[8..]).0),
+            }),
             T_FIN => Err(ProtocolError::Malformed("fin")),
             T_RESET => Ok(Self::Reset(text("reset")?)),
-            T_ACK if body.len() == 8 => Ok(Self::Ack { delivered: WireOffset::new(u64_at(0, "ack")?) }),
+            T_ACK if body.len() == 16 => Ok(Self::Ack {
+                delivered: WireOffset::new(u64_at(0, "ack")?),
+                limit: WireOffset::new(u64_at(8, "ack")?),
+            }),
             T_ACK => Err(ProtocolError::Malformed("ack")),
             T_NEED if !body.is_empty() && body.len().is_multiple_of(32) && body.len() <= MAX_NEED_DIGESTS * 32 => {
                 let digests = body.chunks_exact(32).map(digest_of).collect();
@@ -440,12 +475,14 @@ mod tests {
         round_trip(Message::Open { flow: 1, order: 0, seq: 0, codec: false, connect: "[::1]:80".parse().unwrap() });
         round_trip(Message::Opened);
         round_trip(Message::Refused("connection refused".into()));
-        round_trip(Message::Fin { length: WireOffset::new(1 << 40) });
+        round_trip(Message::Fin { length: WireOffset::new(1 << 40), digest: blake3::hash(b"stream") });
         let mut fin = Vec::new();
-        Message::Fin { length: WireOffset::ZERO }.encode(&mut fin);
+        Message::Fin { length: WireOffset::ZERO, digest: blake3::hash(b"") }.encode(&mut fin);
         assert_eq!(fin.len(), FIN_MESSAGE_LEN);
+        // A version 1 Fin (length only) is malformed in version 2.
+        assert_eq!(Message::decode_body(T_FIN, &fin[MESSAGE_HEADER_LEN..MESSAGE_HEADER_LEN + 8]), Err(ProtocolError::Malformed("fin")));
         round_trip(Message::Reset("peer reset".into()));
-        round_trip(Message::Ack { delivered: WireOffset::new(12345) });
+        round_trip(Message::Ack { delivered: WireOffset::new(12345), limit: WireOffset::new(1 << 33) });
         let digests: Vec<PageDigest> = (0..MAX_NEED_DIGESTS as u32).map(|i| PageDigest::of(&i.to_le_bytes())).collect();
         round_trip(Message::Need { digests: digests[..1].to_vec() });
         round_trip(Message::Need { digests: digests.clone() });

@@ -51,7 +51,11 @@ impl LinkSizing {
         let lanes = (bdp * 3 / 2).div_ceil(LANE_WINDOW).clamp(2, MAX_LANES as u64) as usize;
         let connection_window = (bdp * 2).max(MIN_WINDOW);
         let socket_buffer = bdp.clamp(8 << 20, 256 << 20) as usize;
-        let reorder_budget = lanes as u64 * LANE_WINDOW + MAX_CHUNK as u64;
+        // The reorder budget is also the credit a receiver grants a flow direction (see the
+        // protocol's flow control): twice the lanes' windows keeps a flow's window where it was
+        // when unread data could also wait in QUIC's stream buffers (about 3 × BDP), which it
+        // needs on a lossy path, where the delivered prefix waits a round trip per lost packet.
+        let reorder_budget = 2 * lanes as u64 * LANE_WINDOW + MAX_CHUNK as u64;
         Self { lanes, connection_window, socket_buffer, reorder_budget }
     }
 
