@@ -80,7 +80,7 @@ pub struct GatewayInfo {
     /// `link.rtt`, milliseconds.
     pub link_rtt_ms: f64,
     /// Encoded bytes one forwarded connection can hold between this gateway reading it and the
-    /// peer delivering it (its lanes' stream windows plus the peer's reorder buffer): the bound
+    /// peer delivering it (the tunnel's per-flow credit: the peer's reorder budget): the bound
     /// on `wire_sent - wire_acked` of each open connection, so a host-plugin knows how far its
     /// source can run ahead of the WAN. 0 from a gateway that does not report it.
     #[serde(default)]

@@ -211,11 +211,11 @@ impl Tunnel {
     }
 
     /// Encoded bytes one flow direction can hold between the ingress handing them to its lanes
-    /// and the egress delivering them: every lane's stream window (the ingress blocks beyond
-    /// it) plus the egress's reorder buffer.
+    /// and the egress delivering them: the per-flow credit, which is the egress's reorder
+    /// budget (an ingress never sends past the delivered offset the egress acked plus that
+    /// budget, whatever the lanes' stream windows would allow).
     pub fn flow_window(&self) -> u64 {
-        let sizing = &self.shared.sizing;
-        sizing.lanes as u64 * transport::LANE_WINDOW + sizing.reorder_budget
+        self.shared.sizing.reorder_budget
     }
 
     /// The QUIC path to `site` as it stands, if connected.
