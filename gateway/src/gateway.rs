@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use ferry_api::protocol::ApiAddress;
 
-use crate::api::ApiListener;
+use crate::api::{ApiListener, SocketFile};
 use crate::config::{ApiEndpoint, Config};
 use crate::forward::Forward;
 use crate::tunnel::{FlowLog, StatsSnapshot, Tunnel};
@@ -20,6 +20,8 @@ pub struct Gateway {
     tunnel: Arc<Tunnel>,
     forward_addrs: Vec<SocketAddr>,
     api_address: Option<ApiAddress>,
+    /// The API's UNIX socket file: removed when the gateway is dropped.
+    _api_socket: Option<SocketFile>,
     tasks: JoinSet<()>,
     /// `[shutdown] grace`.
     grace: Duration,
@@ -29,10 +31,12 @@ impl Gateway {
     /// Binds everything the config names and starts serving. Errors name the config key.
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         // The API first: the tunnel's egress policy refuses its bound TCP address.
+        let mut api_socket = None;
         let api = match &mut config.api {
             None => None,
             Some(api) => {
-                let listener = ApiListener::bind(api).await?;
+                let mut listener = ApiListener::bind(api).await?;
+                api_socket = listener.take_socket_file();
                 if let (ApiEndpoint::Tcp { listen, .. }, ApiAddress::Tcp(bound)) = (&mut api.endpoint, listener.address()) {
                     *listen = *bound;
                 }
@@ -64,7 +68,7 @@ impl Gateway {
         if let Some(listener) = api {
             tasks.spawn(crate::api::serve(listener, tunnel.clone(), Arc::new(config.clone())));
         }
-        Ok(Self { tunnel, forward_addrs, api_address, tasks, grace })
+        Ok(Self { tunnel, forward_addrs, api_address, _api_socket: api_socket, tasks, grace })
     }
 
     /// The local API's address (a TCP port 0 resolved), if `[api]` is configured.

@@ -58,8 +58,8 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ApiListener {
     kind: ListenerKind,
     address: ApiAddress,
-    /// A UNIX socket's file, removed when the listener is dropped.
-    _socket_file: Option<SocketFile>,
+    /// A UNIX socket's file, removed when dropped (see [`ApiListener::take_socket_file`]).
+    socket_file: Option<SocketFile>,
 }
 
 enum ListenerKind {
@@ -68,7 +68,7 @@ enum ListenerKind {
 }
 
 /// Removes a UNIX socket's file when dropped.
-struct SocketFile(PathBuf);
+pub struct SocketFile(PathBuf);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
@@ -87,7 +87,7 @@ impl ApiListener {
                     .await
                     .with_context(|| format!("key `api.listen`: cannot listen on {listen}"))?;
                 let address = ApiAddress::Tcp(listener.local_addr()?);
-                Ok(Self { kind: ListenerKind::Tcp(listener, token.clone()), address, _socket_file: None })
+                Ok(Self { kind: ListenerKind::Tcp(listener, token.clone()), address, socket_file: None })
             }
             ApiEndpoint::Unix { path, mode, group } => {
                 let listener = bind_unix(path).with_context(|| format!("key `api.socket`: cannot listen on {}", path.display()))?;
@@ -101,9 +101,15 @@ impl ApiListener {
                     std::os::unix::fs::chown(path, None, Some(*gid))
                         .with_context(|| format!("key `api.group`: cannot chown {} to group {gid}", path.display()))?;
                 }
-                Ok(Self { kind: ListenerKind::Unix(listener), address: ApiAddress::Unix(path.clone()), _socket_file: Some(file) })
+                Ok(Self { kind: ListenerKind::Unix(listener), address: ApiAddress::Unix(path.clone()), socket_file: Some(file) })
             }
         }
+    }
+
+    /// The UNIX socket's file, for an owner that outlives the listener to remove when dropped
+    /// (a task's end, and with it the listener's, comes later than its abort).
+    pub fn take_socket_file(&mut self) -> Option<SocketFile> {
+        self.socket_file.take()
     }
 
     /// Where it listens (a TCP port 0 resolved).
