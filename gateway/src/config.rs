@@ -722,6 +722,22 @@ connect = "127.0.0.2:4444"
     }
 
     #[test]
+    fn the_sample_configs_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("certs")).unwrap();
+        for f in ["ca.pem", "site-a.pem", "site-a.key", "site-b.pem", "site-b.key"] {
+            std::fs::write(dir.path().join("certs").join(f), "x").unwrap();
+        }
+        for site in ["site-a", "site-b"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../config/{site}.toml"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let cfg = Config::parse(&text, &path, dir.path()).unwrap_or_else(|e| panic!("{site}: {e}"));
+            assert!(!cfg.peers[0].allow_connect.is_empty(), "{site}: the sample lists what its peer may dial");
+            assert!(matches!(cfg.api.unwrap().endpoint, ApiEndpoint::Unix { mode: 0o660, .. }), "{site}");
+        }
+    }
+
+    #[test]
     fn shutdown_section() {
         let dir = dir_with_certs();
         assert_eq!(parse(&sample(""), dir.path()).unwrap().shutdown.grace, Duration::from_secs(10), "default");

@@ -96,6 +96,9 @@ impl GatewayApi {
     /// Connects to the API (and authenticates on TCP).
     pub async fn connect(endpoint: &GatewayEndpoint) -> Result<Self, GatewayApiError> {
         let addr = endpoint.address.clone();
+        if let (ApiAddress::Tcp(tcp), None) = (&addr, &endpoint.token) {
+            return Err(GatewayApiError::NoToken(*tcp));
+        }
         let connect = async {
             Ok::<Box<dyn ApiStream>, std::io::Error>(match &addr {
                 ApiAddress::Unix(path) => Box::new(UnixStream::connect(path).await?),
@@ -108,13 +111,11 @@ impl GatewayApi {
             .map_err(|source| GatewayApiError::Connect { addr: addr.clone(), source })?;
         let (r, w) = tokio::io::split(stream);
         let mut api = Self { lines: JsonLines::new(r, w) };
-        match (&addr, &endpoint.token) {
-            (ApiAddress::Tcp(tcp), None) => return Err(GatewayApiError::NoToken(*tcp)),
-            (_, Some(token)) => match api.call(Request::Auth { token: token.clone() }).await? {
+        if let Some(token) = &endpoint.token {
+            match api.call(Request::Auth { token: token.clone() }).await? {
                 Response::Authenticated => {}
                 other => return Err(GatewayApiError::Unexpected(Box::new(other))),
-            },
-            (ApiAddress::Unix(_), None) => {}
+            }
         }
         Ok(api)
     }
@@ -213,4 +214,24 @@ pub async fn open_control(api: &mut GatewayApi, to: &str, dest: SocketAddr) -> a
         .await
         .with_context(|| format!("cannot connect to the control forward {}", forward.listen))?;
     Ok(ControlRoute { gateway, path, forward, tcp })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tcp_api_needs_a_token() {
+        let endpoint = GatewayEndpoint::new("127.0.0.1:9".parse().unwrap(), None).unwrap();
+        let err = GatewayApi::connect(&endpoint).await.err().expect("refused before connecting");
+        assert!(matches!(err, GatewayApiError::NoToken(_)), "{err}");
+        assert!(err.to_string().contains("--gateway-token-file"), "{err}");
+        let missing = GatewayEndpoint::new("127.0.0.1:9".parse().unwrap(), Some(Path::new("/nonexistent/token")));
+        assert!(matches!(missing, Err(GatewayApiError::TokenFile { .. })));
+    }
+
+    #[test]
+    fn the_client_address_is_the_route_towards_the_gateway() {
+        assert_eq!(local_ip_towards("127.0.0.1".parse().unwrap()).unwrap(), "127.0.0.1".parse::<IpAddr>().unwrap());
+    }
 }
