@@ -343,8 +343,13 @@ impl Config {
             key: base.join(&raw.tls.key),
         };
         for (key, file) in [("tls.ca", &tls.ca), ("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
-            if let Err(e) = std::fs::metadata(file) {
-                return Err(invalid(key.into(), format!("cannot read {}: {e}", file.display())));
+            let meta = std::fs::metadata(file).map_err(|e| invalid(key.into(), format!("cannot read {}: {e}", file.display())))?;
+            let mode = meta.permissions().mode() & 0o777;
+            if key == "tls.key" && mode & 0o007 != 0 {
+                return Err(invalid(
+                    key.into(),
+                    format!("{} has mode {mode:o}: a private key must not be accessible to others (chmod 600)", file.display()),
+                ));
             }
         }
         if raw.link.rtt.is_zero() {
@@ -534,6 +539,7 @@ connect = "127.0.0.2:4444"
         for f in ["ca.pem", "site-a.pem", "site-a.key"] {
             std::fs::write(dir.path().join(f), "x").unwrap();
         }
+        std::fs::set_permissions(dir.path().join("site-a.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
         dir
     }
 
@@ -581,6 +587,21 @@ connect = "127.0.0.2:4444"
         std::fs::remove_file(dir.path().join("site-a.key")).unwrap();
         let err = parse(&sample(""), dir.path()).unwrap_err().to_string();
         assert!(err.contains("tls.key"), "{err}");
+    }
+
+    #[test]
+    fn a_key_others_can_read_is_refused() {
+        let dir = dir_with_certs();
+        let key = dir.path().join("site-a.key");
+        for mode in [0o600, 0o640, 0o400] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            parse(&sample(""), dir.path()).unwrap_or_else(|e| panic!("{mode:o}: {e}"));
+        }
+        for mode in [0o644, 0o604, 0o606] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = parse(&sample(""), dir.path()).unwrap_err().to_string();
+            assert!(err.contains("tls.key") && err.contains("chmod 600"), "{mode:o}: {err}");
+        }
     }
 
     #[test]
@@ -727,6 +748,7 @@ connect = "127.0.0.2:4444"
         std::fs::create_dir(dir.path().join("certs")).unwrap();
         for f in ["ca.pem", "site-a.pem", "site-a.key", "site-b.pem", "site-b.key"] {
             std::fs::write(dir.path().join("certs").join(f), "x").unwrap();
+            std::fs::set_permissions(dir.path().join("certs").join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         for site in ["site-a", "site-b"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../config/{site}.toml"));
