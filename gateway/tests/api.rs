@@ -188,7 +188,8 @@ async fn sessions_beyond_max_sessions_are_refused() {
         assert_eq!(call(api, json!({"op": "hello"})).await["hello"]["site"], "site-a");
     }
     let mut third = session(&a).await;
-    let err = third.recv_raw().await.expect("an answer before the close");
+    let answer = tokio::time::timeout(Duration::from_secs(5), third.recv_raw()).await;
+    let err = answer.expect("the gateway answers a session beyond the cap at once").expect("an answer before the close");
     assert!(err["error"].as_str().unwrap().contains("too many api sessions (api.max_sessions = 2)"), "{err}");
     assert_eq!(third.recv_raw().await, None);
     // A slot frees when a session ends.

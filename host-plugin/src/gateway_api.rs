@@ -6,10 +6,9 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_api::framing::{FramingError, JsonLines};
+use ferry_api::framing::{BoxedJsonLines, ByteStream, FramingError};
 use anyhow::{bail, Context};
 use ferry_api::protocol::{ApiAddress, CodecMode, ForwardInfo, ForwardStats, GatewayInfo, PathInfo, Request, Response, Token};
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixStream};
 
 /// Where `ferry-host` looks for the gateway's API by default (the gateway's default
@@ -82,14 +81,9 @@ impl GatewayEndpoint {
     }
 }
 
-/// The API connection, either kind.
-trait ApiStream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> ApiStream for T {}
-type ApiLines = JsonLines<ReadHalf<Box<dyn ApiStream>>, WriteHalf<Box<dyn ApiStream>>>;
-
 /// A session with the local gateway. Forwards opened through it close when it is dropped.
 pub struct GatewayApi {
-    lines: ApiLines,
+    lines: BoxedJsonLines,
 }
 
 impl GatewayApi {
@@ -100,7 +94,7 @@ impl GatewayApi {
             return Err(GatewayApiError::NoToken(*tcp));
         }
         let connect = async {
-            Ok::<Box<dyn ApiStream>, std::io::Error>(match &addr {
+            Ok::<Box<dyn ByteStream>, std::io::Error>(match &addr {
                 ApiAddress::Unix(path) => Box::new(UnixStream::connect(path).await?),
                 ApiAddress::Tcp(tcp) => Box::new(TcpStream::connect(tcp).await?),
             })
@@ -109,8 +103,7 @@ impl GatewayApi {
             .await
             .map_err(|_| GatewayApiError::Connect { addr: addr.clone(), source: std::io::ErrorKind::TimedOut.into() })?
             .map_err(|source| GatewayApiError::Connect { addr: addr.clone(), source })?;
-        let (r, w) = tokio::io::split(stream);
-        let mut api = Self { lines: JsonLines::new(r, w) };
+        let mut api = Self { lines: BoxedJsonLines::boxed(stream) };
         if let Some(token) = &endpoint.token {
             match api.call(Request::Auth { token: token.clone() }).await? {
                 Response::Authenticated => {}

@@ -25,13 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use ferry_api::framing::{FramingError, JsonLines};
+use ferry_api::framing::{BoxedJsonLines, ByteStream, FramingError};
 use ferry_api::protocol::{
     ApiAddress, ForwardInfo, ForwardStats, GatewayInfo, PathInfo, PeerInfo, Request, Response, Token,
 };
@@ -163,8 +162,7 @@ pub async fn serve(listener: ApiListener, tunnel: Arc<Tunnel>, config: Arc<Confi
             tracing::warn!(session = %who.label, max_sessions = api.max_sessions, "api session refused: too many sessions");
             let message = format!("too many api sessions (api.max_sessions = {})", api.max_sessions);
             tokio::spawn(async move {
-                let (r, w) = tokio::io::split(stream);
-                let _ = tokio::time::timeout(AUTH_TIMEOUT, JsonLines::new(r, w).send(&Response::Error(message))).await;
+                let _ = tokio::time::timeout(AUTH_TIMEOUT, BoxedJsonLines::boxed(stream).send(&Response::Error(message))).await;
             });
             continue;
         };
@@ -191,10 +189,6 @@ pub async fn serve(listener: ApiListener, tunnel: Arc<Tunnel>, config: Arc<Confi
     }
 }
 
-/// An accepted API connection (either kind).
-trait ApiStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ApiStream for T {}
-
 /// Who connected.
 struct Client {
     /// Names the session in logs: the TCP address, or the UNIX peer's pid and uid.
@@ -205,7 +199,7 @@ struct Client {
     token: Option<Token>,
 }
 
-async fn accept(kind: &ListenerKind) -> std::io::Result<(Box<dyn ApiStream>, Client)> {
+async fn accept(kind: &ListenerKind) -> std::io::Result<(Box<dyn ByteStream>, Client)> {
     match kind {
         ListenerKind::Tcp(listener, token) => {
             let (tcp, remote) = listener.accept().await?;
@@ -271,9 +265,8 @@ impl Drop for Session {
 }
 
 impl Session {
-    async fn run(mut self, stream: Box<dyn ApiStream>) -> Result<(), FramingError> {
-        let (r, w) = tokio::io::split(stream);
-        let mut lines = JsonLines::new(r, w);
+    async fn run(mut self, stream: Box<dyn ByteStream>) -> Result<(), FramingError> {
+        let mut lines = BoxedJsonLines::boxed(stream);
         if let Some(expected) = self.token.take() {
             let first = tokio::time::timeout(AUTH_TIMEOUT, lines.recv::<Request>()).await;
             let refusal = match first {

@@ -3,28 +3,23 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry_api::framing::JsonLines;
+use ferry_api::framing::{BoxedJsonLines, ByteStream};
 use ferry_api::protocol::{ApiAddress, CodecMode, Request, Response, Token};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-
-/// The API connection, either kind.
-pub trait ApiStream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> ApiStream for T {}
+use tokio::io::AsyncWriteExt;
 
 /// One API session. Its calls panic on a broken connection (tests only).
 pub struct ApiSession {
-    lines: JsonLines<ReadHalf<Box<dyn ApiStream>>, WriteHalf<Box<dyn ApiStream>>>,
+    lines: BoxedJsonLines,
 }
 
 impl ApiSession {
     /// Connects (without authenticating).
     pub async fn connect(address: &ApiAddress) -> std::io::Result<Self> {
-        let stream: Box<dyn ApiStream> = match address {
+        let stream: Box<dyn ByteStream> = match address {
             ApiAddress::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
             ApiAddress::Tcp(addr) => Box::new(tokio::net::TcpStream::connect(addr).await?),
         };
-        let (r, w) = tokio::io::split(stream);
-        Ok(Self { lines: JsonLines::new(r, w) })
+        Ok(Self { lines: BoxedJsonLines::boxed(stream) })
     }
 
     /// Connects and, with a token, authenticates (asserting the gateway accepts it).
