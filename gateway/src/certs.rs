@@ -3,6 +3,10 @@
 //! A site certificate carries the site name as its only DNS subject alternative name and is
 //! valid for both TLS server and client authentication, because either gateway of a pair may
 //! dial. The site name in the certificate is what a gateway checks against its `[[peer]]` list.
+//!
+//! Site certificates are valid for [`Issue::days`] (default 365) from a minute before they are
+//! issued; the CA for [`CA_DAYS`]. The CA key can live away from the site keys
+//! ([`Issue::ca_key`]), e.g. on a machine that only issues certificates.
 
 use std::fs;
 use std::io::Write;
@@ -30,6 +34,9 @@ pub enum CertError {
         /// Why.
         source: std::io::Error,
     },
+    /// `--days 0`.
+    #[error("--days must be at least 1")]
+    Days,
     /// Certificate generation or parsing.
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -54,11 +61,43 @@ pub struct GeneratedFiles {
     pub written: Vec<PathBuf>,
 }
 
-/// Creates (or reuses) `ca.pem`/`ca.key` in `out` and issues `SITE.pem`/`SITE.key` per site.
+/// Validity of a CA `ferry-gateway certs` creates (10 years): re-issuing site certificates must
+/// not need a new CA.
+pub const CA_DAYS: u32 = 3650;
+/// Default validity of a site certificate (`--days`).
+pub const DEFAULT_DAYS: u32 = 365;
+
+/// How site certificates are issued.
+#[derive(Clone, Debug)]
+pub struct Issue {
+    /// Validity of each site certificate, days. At least 1.
+    pub days: u32,
+    /// The CA's private key; `None`: `ca.key` in the output folder. Created there with the CA if
+    /// the CA does not exist yet.
+    pub ca_key: Option<PathBuf>,
+}
+
+impl Default for Issue {
+    fn default() -> Self {
+        Self { days: DEFAULT_DAYS, ca_key: None }
+    }
+}
+
+/// Sets `params` valid for `days` from a minute ago (clocks of two sites differ a little).
+fn valid_for(params: &mut CertificateParams, days: u32) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = now + time::Duration::days(i64::from(days));
+}
+
+/// Creates (or reuses) `ca.pem` in `out` and its key, and issues `SITE.pem`/`SITE.key` per site.
 ///
 /// Reusing an existing CA lets an operator add a site later without re-issuing the others.
 /// Existing site files are never overwritten.
-pub fn generate(out: &Path, sites: &[String]) -> Result<GeneratedFiles, CertError> {
+pub fn generate(out: &Path, sites: &[String], issue: &Issue) -> Result<GeneratedFiles, CertError> {
+    if issue.days == 0 {
+        return Err(CertError::Days);
+    }
     for site in sites {
         if !is_valid_site_name(site) {
             return Err(CertError::InvalidSiteName(site.clone()));
@@ -75,7 +114,7 @@ pub fn generate(out: &Path, sites: &[String]) -> Result<GeneratedFiles, CertErro
     fs::create_dir_all(out).map_err(|source| CertError::Io { path: out.to_owned(), source })?;
 
     let ca_cert_path = out.join("ca.pem");
-    let ca_key_path = out.join("ca.key");
+    let ca_key_path = issue.ca_key.clone().unwrap_or_else(|| out.join("ca.key"));
     let mut written = Vec::new();
     let created_ca = !ca_cert_path.exists();
     let (ca_pem, ca_key) = if created_ca {
@@ -86,6 +125,7 @@ pub fn generate(out: &Path, sites: &[String]) -> Result<GeneratedFiles, CertErro
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        valid_for(&mut params, CA_DAYS);
         let cert = params.self_signed(&key)?;
         write_file(&ca_cert_path, cert.pem().as_bytes(), false)?;
         write_file(&ca_key_path, key.serialize_pem().as_bytes(), true)?;
@@ -108,6 +148,7 @@ pub fn generate(out: &Path, sites: &[String]) -> Result<GeneratedFiles, CertErro
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages =
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        valid_for(&mut params, issue.days);
         let cert = params.signed_by(&key, &issuer)?;
         let cert_path = out.join(format!("{site}.pem"));
         let key_path = out.join(format!("{site}.key"));
@@ -151,15 +192,47 @@ mod tests {
     #[test]
     fn generates_and_refuses_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
-        let out = generate(dir.path(), &["site-a".into(), "site-b".into()]).unwrap();
+        let out = generate(dir.path(), &["site-a".into(), "site-b".into()], &Issue::default()).unwrap();
         assert!(out.created_ca);
         assert_eq!(out.written.len(), 6);
-        assert!(matches!(generate(dir.path(), &["site-a".into()]), Err(CertError::Exists(_))));
+        assert!(matches!(generate(dir.path(), &["site-a".into()], &Issue::default()), Err(CertError::Exists(_))));
         // Adding a site later reuses the CA.
-        let out = generate(dir.path(), &["site-c".into()]).unwrap();
+        let out = generate(dir.path(), &["site-c".into()], &Issue::default()).unwrap();
         assert!(!out.created_ca);
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(dir.path().join("site-c.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// The validity of a certificate file, as (not before, not after), Unix seconds.
+    fn validity(path: &Path) -> (i64, i64) {
+        let pem = fs::read(path).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp())
+    }
+
+    #[test]
+    fn certificates_have_a_bounded_lifetime_and_the_ca_key_can_live_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = tempfile::tempdir().unwrap();
+        let ca_key = vault.path().join("ferry-ca.key");
+        let issue = Issue { days: 30, ca_key: Some(ca_key.clone()) };
+        let out = generate(dir.path(), &["site-a".into()], &issue).unwrap();
+        assert!(out.written.contains(&ca_key) && ca_key.exists());
+        assert!(!dir.path().join("ca.key").exists(), "the CA key is not beside the site keys");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let (from, until) = validity(&dir.path().join("site-a.pem"));
+        assert!(from <= now && from >= now - 120, "{from} vs {now}");
+        assert!((until - now - 30 * 86400).abs() < 120, "30 days: {until} vs {now}");
+        let (_, ca_until) = validity(&dir.path().join("ca.pem"));
+        assert!((ca_until - now - i64::from(CA_DAYS) * 86400).abs() < 120);
+        // Another site later, from the CA key kept elsewhere; without it the CA cannot sign.
+        let out = generate(dir.path(), &["site-b".into()], &Issue { days: 365, ca_key: Some(ca_key) }).unwrap();
+        assert!(!out.created_ca);
+        let (_, until) = validity(&dir.path().join("site-b.pem"));
+        assert!((until - now - 365 * 86400).abs() < 120);
+        assert!(matches!(generate(dir.path(), &["site-c".into()], &Issue::default()), Err(CertError::Io { .. })));
+        assert!(matches!(generate(dir.path(), &["site-c".into()], &Issue { days: 0, ca_key: None }), Err(CertError::Days)));
     }
 }

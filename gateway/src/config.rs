@@ -5,13 +5,16 @@
 //! error names the offending key.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_api::protocol::CodecMode;
+use ferry_api::protocol::{ApiAddress, CodecMode, Token};
 use ferry_units::{duration_text, Bandwidth, ByteSize};
 use serde::Deserialize;
+
+use crate::egress::{ConnectRule, EgressPolicy};
 
 /// A configuration that could not be loaded; the message names the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -91,12 +94,68 @@ impl Default for ShutdownConfig {
 }
 
 /// The local API host-plugins use (see `gateway::api`).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug)]
 pub struct ApiConfig {
-    /// TCP address to serve on: loopback or a management network (the API is not
-    /// authenticated). Forwards opened through it listen on the same IP.
-    pub listen: SocketAddr,
+    /// Where it is served and how clients are authenticated.
+    pub endpoint: ApiEndpoint,
+    /// The IP forwards opened through the API listen on; `None`: the TCP session's local IP, or
+    /// 127.0.0.1 on the UNIX socket.
+    pub forward_ip: Option<IpAddr>,
+    /// Most API sessions open at once; further ones are refused.
+    pub max_sessions: usize,
+}
+
+/// Where the API is served, and what authenticates its clients.
+#[derive(Clone, Debug)]
+pub enum ApiEndpoint {
+    /// A UNIX socket (`[api] socket`): the file's mode and group say who may connect.
+    Unix {
+        /// The socket's path.
+        path: PathBuf,
+        /// Its file mode (`[api] mode`, no bits for others).
+        mode: u32,
+        /// Its group (`[api] group`, resolved), if not the gateway's.
+        group: Option<u32>,
+    },
+    /// TCP (`[api] listen`): each session first presents the token.
+    Tcp {
+        /// The address to serve on.
+        listen: SocketAddr,
+        /// The token read from `[api] token_file`.
+        token: Token,
+    },
+}
+
+impl ApiEndpoint {
+    /// The configured address (a TCP port may still be 0).
+    pub fn address(&self) -> ApiAddress {
+        match self {
+            Self::Unix { path, .. } => ApiAddress::Unix(path.clone()),
+            Self::Tcp { listen, .. } => ApiAddress::Tcp(*listen),
+        }
+    }
+}
+
+/// `[api] socket` when neither it nor `listen` is given.
+pub const DEFAULT_API_SOCKET: &str = "/run/ferry/gateway.sock";
+/// `[api] mode` by default: owner and group may connect.
+pub const DEFAULT_API_SOCKET_MODE: u32 = 0o660;
+/// `[api] max_sessions` by default.
+pub const DEFAULT_API_MAX_SESSIONS: usize = 32;
+/// Shortest token accepted in `[api] token_file` (bytes).
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// `[api]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    socket: Option<PathBuf>,
+    mode: Option<u32>,
+    group: Option<String>,
+    listen: Option<SocketAddr>,
+    token_file: Option<PathBuf>,
+    forward_ip: Option<IpAddr>,
+    max_sessions: Option<usize>,
 }
 
 /// PEM files for mutual TLS.
@@ -137,16 +196,10 @@ pub struct PeerConfig {
     pub site: String,
     /// The peer's QUIC endpoint.
     pub addr: SocketAddr,
-    /// Networks this peer may make us dial (its flows' `connect`); `None`: any address.
+    /// Networks and ports this peer may make us dial (its flows' `connect`); empty or absent:
+    /// nothing.
     #[serde(default)]
-    pub allow_connect: Option<Vec<ipnet::IpNet>>,
-}
-
-impl PeerConfig {
-    /// Whether this peer may have us dial `target`.
-    pub fn may_connect(&self, target: &SocketAddr) -> bool {
-        self.allow_connect.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(&target.ip())))
-    }
+    pub allow_connect: Vec<ConnectRule>,
 }
 
 /// A TCP ingress forwarded to a peer site.
@@ -162,6 +215,9 @@ pub struct ForwardConfig {
     /// Whether the page codec encodes this forward's connections (towards the peer).
     #[serde(default)]
     pub codec: CodecMode,
+    /// Networks the forward accepts connections from; `None`: any.
+    #[serde(default)]
+    pub allow_from: Option<Vec<ipnet::IpNet>>,
 }
 
 /// The destination page cache.
@@ -217,14 +273,21 @@ pub struct LimitsConfig {
     /// 4000× from wire to bytes; this bounds what a call may turn them into). At least
     /// [`MIN_DECODER_OUTPUT`].
     pub decoder_output: ByteSize,
+    /// A forwarded connection that carried no byte either way for this long is reset, which
+    /// frees its connection permit. At least [`MIN_IDLE_TIMEOUT`].
+    #[serde(with = "duration_text")]
+    pub idle_timeout: Duration,
 }
+
+/// Shortest `[limits] idle_timeout`.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Smallest `[limits] decoder_output`: one page (smaller bounds are correct but only slow).
 pub const MIN_DECODER_OUTPUT: u64 = ferry_codec::PAGE_SIZE as u64;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_connections: 64, reorder_buffer: None, decoder_output: ByteSize(4 << 20) }
+        Self { max_connections: 64, reorder_buffer: None, decoder_output: ByteSize(4 << 20), idle_timeout: Duration::from_secs(3600) }
     }
 }
 
@@ -244,7 +307,7 @@ struct RawConfig {
     limits: LimitsConfig,
     #[serde(default)]
     cache: CacheConfig,
-    api: Option<ApiConfig>,
+    api: Option<RawApi>,
     #[serde(default)]
     shutdown: ShutdownConfig,
 }
@@ -280,8 +343,13 @@ impl Config {
             key: base.join(&raw.tls.key),
         };
         for (key, file) in [("tls.ca", &tls.ca), ("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
-            if let Err(e) = std::fs::metadata(file) {
-                return Err(invalid(key.into(), format!("cannot read {}: {e}", file.display())));
+            let meta = std::fs::metadata(file).map_err(|e| invalid(key.into(), format!("cannot read {}: {e}", file.display())))?;
+            let mode = meta.permissions().mode() & 0o777;
+            if key == "tls.key" && mode & 0o007 != 0 {
+                return Err(invalid(
+                    key.into(),
+                    format!("{} has mode {mode:o}: a private key must not be accessible to others (chmod 600)", file.display()),
+                ));
             }
         }
         if raw.link.rtt.is_zero() {
@@ -334,6 +402,14 @@ impl Config {
             ));
         }
 
+        if raw.limits.idle_timeout < MIN_IDLE_TIMEOUT {
+            return Err(invalid("limits.idle_timeout".into(), format!("must be at least {}s", MIN_IDLE_TIMEOUT.as_secs())));
+        }
+        let api = match raw.api {
+            None => None,
+            Some(api) => Some(api_config(api, base).map_err(|(key, message)| invalid(format!("api.{key}"), message))?),
+        };
+
         Ok(Self {
             site: raw.site,
             listen: raw.listen,
@@ -343,10 +419,92 @@ impl Config {
             forwards: raw.forwards,
             limits: raw.limits,
             cache: CacheConfig { dir: raw.cache.dir.as_ref().map(|d| base.join(d)), ..raw.cache },
-            api: raw.api,
+            api,
             shutdown: raw.shutdown,
         })
     }
+
+    /// What each peer may have this gateway dial: its `allow_connect`, never this gateway's own
+    /// QUIC endpoint (bound to `quic`) or TCP API (`api.listen`, bound before the tunnel starts).
+    pub fn egress_policy(&self, quic: SocketAddr) -> EgressPolicy {
+        let mut own = vec![quic];
+        if let Some(ApiConfig { endpoint: ApiEndpoint::Tcp { listen, .. }, .. }) = &self.api {
+            own.push(*listen);
+        }
+        EgressPolicy::new(self.peers.iter().map(|p| (p.site.clone(), p.allow_connect.clone())), own)
+    }
+}
+
+/// Validates `[api]`; an error names the key (without `api.`).
+fn api_config(raw: RawApi, base: &Path) -> Result<ApiConfig, (&'static str, String)> {
+    let max_sessions = raw.max_sessions.unwrap_or(DEFAULT_API_MAX_SESSIONS);
+    if max_sessions == 0 {
+        return Err(("max_sessions", "must be at least 1".into()));
+    }
+    if raw.forward_ip.is_some_and(|ip| ip.is_unspecified()) {
+        return Err(("forward_ip", "must be an address clients connect to, not 0.0.0.0 or ::".into()));
+    }
+    let endpoint = match (raw.socket, raw.listen) {
+        (Some(_), Some(_)) => return Err(("listen", "give either `api.socket` or `api.listen`, not both".into())),
+        (None, Some(listen)) => {
+            for (key, given) in [("mode", raw.mode.is_some()), ("group", raw.group.is_some())] {
+                if given {
+                    return Err((key, "is for `api.socket` only".into()));
+                }
+            }
+            let Some(file) = raw.token_file else {
+                return Err(("token_file", "required with `api.listen`: a TCP API authenticates its clients by token".into()));
+            };
+            ApiEndpoint::Tcp { listen, token: read_token(&base.join(file)).map_err(|m| ("token_file", m))? }
+        }
+        (socket, None) => {
+            if raw.token_file.is_some() {
+                return Err(("token_file", "is for `api.listen` only (the socket's mode and group authenticate)".into()));
+            }
+            let mode = raw.mode.unwrap_or(DEFAULT_API_SOCKET_MODE);
+            if mode > 0o777 || mode & 0o007 != 0 {
+                return Err(("mode", format!("{mode:#o}: must give others no access (e.g. 0o660 or 0o600)")));
+            }
+            let group = raw.group.map(|g| group_id(&g)).transpose().map_err(|m| ("group", m))?;
+            let path = base.join(socket.unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET)));
+            ApiEndpoint::Unix { path, mode, group }
+        }
+    };
+    Ok(ApiConfig { endpoint, forward_ip: raw.forward_ip, max_sessions })
+}
+
+/// Reads an API token file: private to its owner (mode 0600 or stricter), at least
+/// [`MIN_TOKEN_LEN`] bytes once white space around it is trimmed.
+fn read_token(file: &Path) -> Result<Token, String> {
+    let meta = std::fs::metadata(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!("{} has mode {mode:o}: a token file must be readable by its owner only (chmod 600)", file.display()));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let token = text.trim();
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!("{}: the token must be at least {MIN_TOKEN_LEN} bytes", file.display()));
+    }
+    Ok(Token(token.to_owned()))
+}
+
+/// A group's id from its name or number.
+fn group_id(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group).map_err(|_| format!("`{group}` is not a group name"))?;
+    let mut buf = vec![0u8; 16 << 10];
+    // SAFETY: an all-zero `group` is a valid value of the plain C struct getgrnam_r fills.
+    let mut entry: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; `buf` outlives it and its length is passed.
+    let rc = unsafe { libc::getgrnam_r(name.as_ptr(), &mut entry, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() {
+        return Err(format!("no group `{group}`"));
+    }
+    Ok(entry.gr_gid)
 }
 
 #[cfg(test)]
@@ -381,6 +539,7 @@ connect = "127.0.0.2:4444"
         for f in ["ca.pem", "site-a.pem", "site-a.key"] {
             std::fs::write(dir.path().join(f), "x").unwrap();
         }
+        std::fs::set_permissions(dir.path().join("site-a.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
         dir
     }
 
@@ -431,6 +590,21 @@ connect = "127.0.0.2:4444"
     }
 
     #[test]
+    fn a_key_others_can_read_is_refused() {
+        let dir = dir_with_certs();
+        let key = dir.path().join("site-a.key");
+        for mode in [0o600, 0o640, 0o400] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            parse(&sample(""), dir.path()).unwrap_or_else(|e| panic!("{mode:o}: {e}"));
+        }
+        for mode in [0o644, 0o604, 0o606] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = parse(&sample(""), dir.path()).unwrap_err().to_string();
+            assert!(err.contains("tls.key") && err.contains("chmod 600"), "{mode:o}: {err}");
+        }
+    }
+
+    #[test]
     fn cache_and_codec_keys() {
         let dir = dir_with_certs();
         let cfg = parse(&sample("[cache]\nsize = \"256MiB\"\ndir = \"pages\"\n"), dir.path()).unwrap();
@@ -452,25 +626,94 @@ connect = "127.0.0.2:4444"
     }
 
     #[test]
-    fn allow_connect_is_a_list_of_networks() {
+    fn allow_connect_takes_networks_and_ports_and_absent_means_nothing() {
         let dir = dir_with_certs();
+        let target: SocketAddr = "192.0.2.1:1".parse().unwrap();
         let cfg = parse(&sample(""), dir.path()).unwrap();
-        assert!(cfg.peers[0].may_connect(&"192.0.2.1:1".parse().unwrap()), "no list: anything");
-        let text = sample("").replace("addr = \"127.0.0.2:4433\"", "addr = \"127.0.0.2:4433\"\nallow_connect = [\"10.77.0.0/24\", \"fd00::/8\"]");
+        assert!(cfg.peers[0].allow_connect.is_empty());
+        let err = cfg.egress_policy(cfg.listen).check("site-b", &target).unwrap_err();
+        assert!(err.contains("no allow_connect"), "absent: nothing may be dialed: {err}");
+        let text = sample("").replace(
+            "addr = \"127.0.0.2:4433\"",
+            "addr = \"127.0.0.2:4433\"\nallow_connect = [\"10.77.0.0/24\", \"10.78.0.5/32:7800\", \"10.79.0.0/24:7800-7900\", \"[fd00::/8]:7800\"]",
+        );
         let cfg = parse(&text, dir.path()).unwrap();
-        assert!(cfg.peers[0].may_connect(&"10.77.0.9:7800".parse().unwrap()));
-        assert!(cfg.peers[0].may_connect(&"[fd00::1]:7800".parse().unwrap()));
-        assert!(!cfg.peers[0].may_connect(&"10.77.1.9:7800".parse().unwrap()));
-        let err = parse(&text.replace("10.77.0.0/24", "10.77.0.0/33"), dir.path()).unwrap_err().to_string();
-        assert!(err.contains("allow_connect"), "{err}");
+        let policy = cfg.egress_policy(cfg.listen);
+        for ok in ["10.77.0.9:7800", "10.78.0.5:7800", "10.79.0.1:7900", "[fd00::1]:7800"] {
+            assert_eq!(policy.check("site-b", &ok.parse().unwrap()), Ok(()), "{ok}");
+        }
+        for refused in ["10.77.1.9:7800", "10.78.0.5:7801", "10.79.0.1:7901", "[fd00::1]:7801", "127.0.0.1:4433"] {
+            assert!(policy.check("site-b", &refused.parse().unwrap()).is_err(), "{refused}");
+        }
+        for bad in ["10.77.0.0/33", "10.78.0.5/32:0", "10.79.0.0/24:7900-7800"] {
+            let err = parse(&text.replace("10.77.0.0/24", bad), dir.path()).unwrap_err().to_string();
+            assert!(err.contains("allow_connect") && err.contains(bad), "{bad}: {err}");
+        }
     }
 
     #[test]
-    fn api_section() {
+    fn forward_allow_from_is_a_list_of_networks() {
+        let dir = dir_with_certs();
+        assert_eq!(parse(&sample(""), dir.path()).unwrap().forwards[0].allow_from, None);
+        let text = sample("").replace("connect = \"127.0.0.2:4444\"", "connect = \"127.0.0.2:4444\"\nallow_from = [\"10.0.0.0/24\"]");
+        assert_eq!(parse(&text, dir.path()).unwrap().forwards[0].allow_from, Some(vec!["10.0.0.0/24".parse().unwrap()]));
+        let err = parse(&text.replace("10.0.0.0/24", "10.0.0.0/40"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("allow_from"), "{err}");
+    }
+
+    fn token_file(dir: &Path, mode: u32, text: &str) {
+        let path = dir.join("api.token");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn api_defaults_to_a_unix_socket() {
         let dir = dir_with_certs();
         assert!(parse(&sample(""), dir.path()).unwrap().api.is_none());
-        let cfg = parse(&sample("[api]\nlisten = \"127.0.0.1:7070\"\n"), dir.path()).unwrap();
-        assert_eq!(cfg.api.unwrap().listen, "127.0.0.1:7070".parse().unwrap());
+        let api = parse(&sample("[api]\n"), dir.path()).unwrap().api.unwrap();
+        assert_eq!(api.max_sessions, DEFAULT_API_MAX_SESSIONS);
+        let ApiEndpoint::Unix { path, mode, group } = api.endpoint else { panic!("{api:?}") };
+        assert_eq!((path, mode, group), (PathBuf::from(DEFAULT_API_SOCKET), 0o660, None));
+        let api = parse(&sample("[api]\nsocket = \"gw.sock\"\nmode = 0o600\ngroup = \"0\"\nmax_sessions = 4\n"), dir.path()).unwrap().api.unwrap();
+        let ApiEndpoint::Unix { path, mode, group } = api.endpoint else { panic!("{api:?}") };
+        assert_eq!((path, mode, group, api.max_sessions), (dir.path().join("gw.sock"), 0o600, Some(0), 4));
+        assert_eq!(group_id("root"), Ok(0));
+        for (extra, key) in [
+            ("mode = 0o666", "api.mode"),
+            ("mode = 0o1660", "api.mode"),
+            ("group = \"no-such-group-here\"", "api.group"),
+            ("max_sessions = 0", "api.max_sessions"),
+            ("forward_ip = \"0.0.0.0\"", "api.forward_ip"),
+            ("token_file = \"api.token\"", "api.token_file"),
+            ("listen = \"127.0.0.1:7070\"\nsocket = \"gw.sock\"", "api.listen"),
+        ] {
+            let err = parse(&sample(&format!("[api]\n{extra}\n")), dir.path()).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_tcp_api_needs_a_private_token_file() {
+        let dir = dir_with_certs();
+        let tcp = "[api]\nlisten = \"127.0.0.1:7070\"\n";
+        let err = parse(&sample(tcp), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("api.token_file") && err.contains("required"), "{err}");
+        let with_token = format!("{tcp}token_file = \"api.token\"\n");
+        token_file(dir.path(), 0o600, "0123456789abcdef0123\n");
+        let api = parse(&sample(&with_token), dir.path()).unwrap().api.unwrap();
+        let ApiEndpoint::Tcp { listen, token } = api.endpoint else { panic!("{api:?}") };
+        assert_eq!((listen, token), ("127.0.0.1:7070".parse().unwrap(), Token("0123456789abcdef0123".into())));
+        for mode in [0o640, 0o604, 0o644] {
+            token_file(dir.path(), mode, "0123456789abcdef0123\n");
+            let err = parse(&sample(&with_token), dir.path()).unwrap_err().to_string();
+            assert!(err.contains("api.token_file") && err.contains("chmod 600"), "{mode:o}: {err}");
+        }
+        token_file(dir.path(), 0o400, "short\n");
+        let err = parse(&sample(&with_token), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("api.token_file") && err.contains("at least 16"), "{err}");
+        let err = parse(&sample(&format!("{with_token}mode = 0o600\n")), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("api.mode"), "{err}");
         let err = parse(&sample("[api]\nlisten = \"localhost\"\n"), dir.path()).unwrap_err().to_string();
         assert!(err.contains("listen"), "{err}");
     }
@@ -490,8 +733,30 @@ connect = "127.0.0.2:4444"
         }
         let err = parse(&sample("[limits]\ndecoder_output = \"4 pages\"\n"), dir.path()).unwrap_err().to_string();
         assert!(err.contains("decoder_output"), "{err}");
+        assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(3600), "default");
+        let cfg = parse(&sample("[limits]\nidle_timeout = \"30s\"\n"), dir.path()).unwrap();
+        assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(30));
+        let err = parse(&sample("[limits]\nidle_timeout = \"10ms\"\n"), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("limits.idle_timeout"), "{err}");
         let err = parse(&sample("[limits]\nmax_conections = 8\n"), dir.path()).unwrap_err().to_string();
         assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn the_sample_configs_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("certs")).unwrap();
+        for f in ["ca.pem", "site-a.pem", "site-a.key", "site-b.pem", "site-b.key"] {
+            std::fs::write(dir.path().join("certs").join(f), "x").unwrap();
+            std::fs::set_permissions(dir.path().join("certs").join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        for site in ["site-a", "site-b"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../config/{site}.toml"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let cfg = Config::parse(&text, &path, dir.path()).unwrap_or_else(|e| panic!("{site}: {e}"));
+            assert!(!cfg.peers[0].allow_connect.is_empty(), "{site}: the sample lists what its peer may dial");
+            assert!(matches!(cfg.api.unwrap().endpoint, ApiEndpoint::Unix { mode: 0o660, .. }), "{site}");
+        }
     }
 
     #[test]

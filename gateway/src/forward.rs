@@ -7,11 +7,16 @@
 //! the peer's link, hands the connection over, and learns how its flows go through the
 //! [`FlowObserver`] it passes along ([`ForwardTally`], summed into [`ForwardTotals`]).
 //!
+//! A forward admits only the connections it expects: from its `allow_from` networks (an API
+//! forward: its one client address) and, for an API forward, only as many as it was opened for.
+//! Others are refused (closed at once, before anything is carried), logged and counted.
+//!
 //! A forward stops accepting when the tunnel drains (the gateway stops; its flows go on), and
 //! resets every connection it carries when its owner's token is cancelled (an API session's
 //! forwards do not outlive the session).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,14 +41,16 @@ pub struct Forward {
     listener: TcpListener,
     tally: Arc<ForwardTally>,
     owner: CancellationToken,
+    /// Connections still to admit; `None`: no bound.
+    remaining: Option<u32>,
 }
 
 impl Forward {
-    /// Binds the forward's listener. Cancelling `owner` resets every connection the forward
-    /// carries, at both ends.
-    pub async fn bind(index: u32, config: ForwardConfig, owner: CancellationToken) -> std::io::Result<Self> {
+    /// Binds the forward's listener; it admits at most `connections` (`None`: any number).
+    /// Cancelling `owner` resets every connection the forward carries, at both ends.
+    pub async fn bind(index: u32, config: ForwardConfig, connections: Option<u32>, owner: CancellationToken) -> std::io::Result<Self> {
         let listener = TcpListener::bind(config.listen).await?;
-        Ok(Self { index, config, listener, tally: Arc::default(), owner })
+        Ok(Self { index, config, listener, tally: Arc::default(), owner, remaining: connections })
     }
 
     /// Live counters of the connections this forward carries.
@@ -58,7 +65,7 @@ impl Forward {
 
     /// Accepts connections, handing each to the tunnel, until the tunnel drains; then the
     /// listener closes (new connections are refused) and the connections carried go on.
-    pub async fn run(self, tunnel: Arc<Tunnel>) {
+    pub async fn run(mut self, tunnel: Arc<Tunnel>) {
         let peer = self.config.peer.clone();
         loop {
             let accepted = tokio::select! {
@@ -71,6 +78,13 @@ impl Forward {
                 accepted = self.accept(&tunnel) => accepted,
             };
             let Some((tcp, remote, permit)) = accepted else { return };
+            if let Err(reason) = self.admit(remote.ip()) {
+                let listen = self.listener.local_addr().unwrap_or(self.config.listen);
+                tracing::warn!(%listen, %remote, %reason, "forward refuses a connection");
+                self.tally.refused.fetch_add(1, Ordering::Relaxed);
+                drop((tcp, permit));
+                continue;
+            }
             // Waiting here (not in a spawned task) keeps accept order = flow order.
             let Some(link) = tunnel.peers.wait(&peer, PEER_WAIT).await else {
                 tracing::warn!(%remote, %peer, "no tunnel to peer; dropping connection");
@@ -82,6 +96,23 @@ impl Forward {
             let observer: Arc<dyn FlowObserver> = self.tally.clone();
             let carry = link.carry(tcp, flow, self.index, seq, self.config.connect, codec, permit, observer, self.owner.clone());
             tokio::spawn(carry);
+        }
+    }
+
+    /// Whether a connection from `client` is one this forward expects; counts it if so.
+    fn admit(&mut self, client: IpAddr) -> Result<(), String> {
+        if let Some(nets) = &self.config.allow_from {
+            if !nets.iter().any(|n| n.contains(&client)) {
+                return Err(format!("{client} is not in the forward's allow_from list"));
+            }
+        }
+        match &mut self.remaining {
+            Some(0) => Err("the forward already took every connection it was opened for".into()),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
         }
     }
 
@@ -107,6 +138,8 @@ impl Forward {
 #[derive(Debug, Default)]
 pub struct ForwardTally {
     inner: Mutex<TallyState>,
+    /// Connections refused before they were carried.
+    refused: AtomicU32,
 }
 
 /// A forward's counters: its connections, and the bytes of the open and the finished ones.
@@ -118,6 +151,8 @@ pub struct ForwardTotals {
     pub completed: u32,
     /// Connections that failed.
     pub failed: u32,
+    /// Connections refused before they were carried (not expected by the forward).
+    pub refused: u32,
     /// The latest failure's reason.
     pub last_error: Option<String>,
     /// Bytes read from local connections (towards the peer).
@@ -178,6 +213,7 @@ impl ForwardTally {
         let state = self.lock();
         let mut totals = state.finished.clone();
         totals.open = state.open.len() as u32;
+        totals.refused = self.refused.load(Ordering::Relaxed);
         for counters in &state.open {
             totals.add(counters);
         }

@@ -8,7 +8,10 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use ferry_api::protocol::ApiAddress;
+
+use crate::api::{ApiListener, SocketFile};
+use crate::config::{ApiEndpoint, Config};
 use crate::forward::Forward;
 use crate::tunnel::{FlowLog, StatsSnapshot, Tunnel};
 
@@ -16,7 +19,9 @@ use crate::tunnel::{FlowLog, StatsSnapshot, Tunnel};
 pub struct Gateway {
     tunnel: Arc<Tunnel>,
     forward_addrs: Vec<SocketAddr>,
-    api_addr: Option<SocketAddr>,
+    api_address: Option<ApiAddress>,
+    /// The API's UNIX socket file: removed when the gateway is dropped.
+    _api_socket: Option<SocketFile>,
     tasks: JoinSet<()>,
     /// `[shutdown] grace`.
     grace: Duration,
@@ -24,7 +29,25 @@ pub struct Gateway {
 
 impl Gateway {
     /// Binds everything the config names and starts serving. Errors name the config key.
-    pub async fn start(config: Config) -> anyhow::Result<Self> {
+    pub async fn start(mut config: Config) -> anyhow::Result<Self> {
+        // The API first: the tunnel's egress policy refuses its bound TCP address.
+        let mut api_socket = None;
+        let api = match &mut config.api {
+            None => None,
+            Some(api) => {
+                let mut listener = ApiListener::bind(api).await?;
+                api_socket = listener.take_socket_file();
+                if let (ApiEndpoint::Tcp { listen, .. }, ApiAddress::Tcp(bound)) = (&mut api.endpoint, listener.address()) {
+                    *listen = *bound;
+                }
+                let auth = match api.endpoint {
+                    ApiEndpoint::Unix { mode, .. } => format!("unix socket, mode {mode:o}"),
+                    ApiEndpoint::Tcp { .. } => "tcp, token".to_owned(),
+                };
+                tracing::info!(address = %listener.address(), %auth, max_sessions = api.max_sessions, "host-plugin api");
+                Some(listener)
+            }
+        };
         let tunnel = Tunnel::start(&config)?;
         let grace = config.shutdown.grace;
         tracing::info!(shutdown_grace_s = grace.as_secs_f64(), "limits: on SIGTERM/SIGINT, flows get this long to finish");
@@ -32,30 +55,25 @@ impl Gateway {
         let mut forward_addrs = Vec::new();
         for (i, fwd) in config.forwards.iter().enumerate() {
             // Nothing owns a configured forward's connections but the gateway.
-            let forward = Forward::bind(i as u32, fwd.clone(), CancellationToken::new())
+            let forward = Forward::bind(i as u32, fwd.clone(), None, CancellationToken::new())
                 .await
                 .map_err(|e| anyhow::anyhow!("key `forward[{i}].listen`: cannot listen on {}: {e}", fwd.listen))?;
             let addr = forward.local_addr()?;
-            tracing::info!(listen = %addr, peer = %fwd.peer, connect = %fwd.connect, "forwarding");
+            let allow_from = fwd.allow_from.as_ref().map_or("any".to_owned(), |nets| format!("{nets:?}"));
+            tracing::info!(listen = %addr, peer = %fwd.peer, connect = %fwd.connect, %allow_from, "forwarding");
             forward_addrs.push(addr);
             tasks.spawn(forward.run(tunnel.clone()));
         }
-        let mut api_addr = None;
-        if let Some(api) = &config.api {
-            let listener = tokio::net::TcpListener::bind(api.listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("key `api.listen`: cannot listen on {}: {e}", api.listen))?;
-            let addr = listener.local_addr()?;
-            tracing::info!(listen = %addr, "host-plugin api");
-            api_addr = Some(addr);
+        let api_address = api.as_ref().map(|l| l.address().clone());
+        if let Some(listener) = api {
             tasks.spawn(crate::api::serve(listener, tunnel.clone(), Arc::new(config.clone())));
         }
-        Ok(Self { tunnel, forward_addrs, api_addr, tasks, grace })
+        Ok(Self { tunnel, forward_addrs, api_address, _api_socket: api_socket, tasks, grace })
     }
 
-    /// The local API's address, if `[api]` is configured.
-    pub fn api_addr(&self) -> Option<SocketAddr> {
-        self.api_addr
+    /// The local API's address (a TCP port 0 resolved), if `[api]` is configured.
+    pub fn api_address(&self) -> Option<&ApiAddress> {
+        self.api_address.as_ref()
     }
 
     /// The tunnel endpoint's UDP address.

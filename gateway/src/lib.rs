@@ -24,6 +24,7 @@
 pub mod api;
 pub mod certs;
 pub mod config;
+pub mod egress;
 pub mod forward;
 pub mod gateway;
 pub mod store;

@@ -35,6 +35,13 @@ enum Command {
         /// A site name (repeat for each site).
         #[arg(long = "site", required = true)]
         sites: Vec<String>,
+        /// Validity of the site certificates, days.
+        #[arg(long, default_value_t = certs::DEFAULT_DAYS)]
+        days: u32,
+        /// The CA's private key (default: ca.key in --out); created there with a new CA. Keep
+        /// it away from the gateways.
+        #[arg(long = "ca-key")]
+        ca_key: Option<PathBuf>,
     },
 }
 
@@ -47,8 +54,8 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
-        Command::Certs { out, sites } => {
-            let generated = certs::generate(&out, &sites)?;
+        Command::Certs { out, sites, days, ca_key } => {
+            let generated = certs::generate(&out, &sites, &certs::Issue { days, ca_key })?;
             if !generated.created_ca {
                 println!("reused the existing CA in {}", out.display());
             }

@@ -31,7 +31,8 @@ peer = "site-b"
 connect = "127.0.0.1:9"
 "#;
 
-fn run_with(text: &str) -> (bool, String) {
+/// A folder with certificates for site-a and site-b.
+fn dir_with_certs() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let status = gateway()
         .args(["certs", "--out"])
@@ -40,6 +41,15 @@ fn run_with(text: &str) -> (bool, String) {
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    dir
+}
+
+fn run_with(text: &str) -> (bool, String) {
+    run_in(&dir_with_certs(), text)
+}
+
+/// Runs the gateway on `text` in `dir`: (started, its stderr or "still running").
+fn run_in(dir: &tempfile::TempDir, text: &str) -> (bool, String) {
     let path = write_config(dir.path(), text);
     let mut child = gateway().arg("run").arg("--config").arg(&path).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // A valid config keeps running; an invalid one exits at once.
@@ -87,6 +97,30 @@ fn bad_values_and_references_are_named() {
         assert!(err.contains(key), "{key}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+#[test]
+fn readable_secrets_are_refused_at_start_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |path: &std::path::Path, mode| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    let dir = dir_with_certs();
+    chmod(&dir.path().join("site-a.key"), 0o644);
+    let (ok, err) = run_in(&dir, GOOD);
+    assert!(!ok && err.contains("tls.key") && err.contains("chmod 600"), "{err}");
+
+    let dir = dir_with_certs();
+    let tcp_api = format!("{GOOD}[api]\nlisten = \"127.0.0.1:0\"\n");
+    let (ok, err) = run_in(&dir, &tcp_api);
+    assert!(!ok && err.contains("api.token_file") && err.contains("required"), "{err}");
+    let token = dir.path().join("api.token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    chmod(&token, 0o644);
+    let with_token = format!("{tcp_api}token_file = \"api.token\"\n");
+    let (ok, err) = run_in(&dir, &with_token);
+    assert!(!ok && err.contains("api.token_file") && err.contains("chmod 600"), "{err}");
+    chmod(&token, 0o600);
+    let (ok, out) = run_in(&dir, &with_token);
+    assert!(ok && out == "still running", "{out}");
 }
 
 #[test]

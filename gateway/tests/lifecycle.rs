@@ -9,16 +9,16 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_api::framing::JsonLines;
-use ferry_api::protocol::{CodecMode, Request, Response};
+use ferry_api::protocol::{ApiAddress, Request, Response};
 use ferry_gateway::tunnel::SHUTDOWN_REASON;
+use ferry_testkit::api_client::ApiSession;
 use ferry_testkit::gateway_config::GatewayConfig;
 use ferry_testkit::loopback::{free_tcp_addr, free_udp_addr};
 use ferry_testkit::pki::Pki;
 use ferry_testkit::rng::Rng;
 use ferry_testkit::sys::{interrupt, terminate, Process};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -34,17 +34,18 @@ const PACE: Duration = Duration::from_millis(5);
 /// A `ferry-gateway run` process whose log (stderr) goes to a file.
 struct GatewayProcess {
     process: Process,
-    api: SocketAddr,
+    api: ApiAddress,
     log: PathBuf,
 }
 
 impl GatewayProcess {
-    /// Writes `config` (with `[api]` on a free port) next to `pki`'s certificates and starts the
-    /// binary on it.
+    /// Writes `config` (with `[api]` on a UNIX socket beside it) next to `pki`'s certificates
+    /// and starts the binary on it.
     fn start(pki: &Pki, site: &str, config: GatewayConfig) -> Self {
-        let api = free_tcp_addr();
+        let socket = pki.path().join(format!("{site}-api.sock"));
+        let api = ApiAddress::Unix(socket.clone());
         let file = format!("{site}.toml");
-        config.api(api).load(pki.path(), &file).unwrap_or_else(|e| panic!("config of {site}: {e}"));
+        config.api_socket(&socket).load(pki.path(), &file).unwrap_or_else(|e| panic!("config of {site}: {e}"));
         let log = pki.path().join(format!("{site}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_ferry-gateway"))
             .args(["run", "--config"])
@@ -73,7 +74,7 @@ impl GatewayProcess {
     async fn wait_connected(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(mut api) = Api::connect(self.api).await {
+            if let Ok(mut api) = Api::connect(&self.api).await {
                 if let Response::Hello(info) = api.call(Request::Hello).await {
                     if info.peers.iter().all(|p| p.path.is_some()) {
                         return;
@@ -114,22 +115,21 @@ async fn pair(target: SocketAddr, extra: &str) -> Pair {
 }
 
 /// A host-plugin's API session, spoken with the API crate's own messages and framing.
-struct Api(JsonLines<OwnedReadHalf, OwnedWriteHalf>);
+struct Api(ApiSession);
 
 impl Api {
-    async fn connect(addr: SocketAddr) -> std::io::Result<Self> {
-        let (r, w) = TcpStream::connect(addr).await?.into_split();
-        Ok(Self(JsonLines::new(r, w)))
+    async fn connect(address: &ApiAddress) -> std::io::Result<Self> {
+        Ok(Self(ApiSession::connect(address).await?))
     }
 
     async fn call(&mut self, request: Request) -> Response {
-        self.0.send(&request).await.unwrap();
-        self.0.recv().await.unwrap().expect("an answer")
+        self.0.call(request).await
     }
 
-    /// Opens a forward to `connect` behind site-b; its listen address.
+    /// Opens a forward to `connect` behind site-b (for up to 8 connections from here); its
+    /// listen address.
     async fn open_forward(&mut self, connect: SocketAddr) -> SocketAddr {
-        match self.call(Request::OpenForward { peer: "site-b".into(), connect, codec: CodecMode::Off }).await {
+        match self.0.open_forward("site-b", connect, 8).await {
             Response::Forward(info) => info.listen,
             other => panic!("open_forward: {other:?}"),
         }
@@ -326,7 +326,7 @@ async fn transfer_finishing_within_the_grace_period(side: Side) {
         Side::Ingress => &mut pair.a,
         Side::Egress => &mut pair.b,
     };
-    let mut session = Api::connect(stopping.api).await.unwrap();
+    let mut session = Api::connect(&stopping.api).await.unwrap();
     let signalled = Instant::now();
     terminate(stopping.pid()).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -342,12 +342,13 @@ async fn transfer_finishing_within_the_grace_period(side: Side) {
         }
     }
     assert!(stopping.is_running(), "the gateway must wait for the running transfer:\n{}", stopping.log());
-    assert_refused(stopping.api, "the stopping gateway's API").await;
+    let refused = ApiSession::connect(&stopping.api).await;
+    assert!(refused.is_err(), "the stopping gateway's API still accepts sessions");
     let peer = match side {
         Side::Ingress => "site-b",
         Side::Egress => "site-a",
     };
-    let answer = session.call(Request::OpenForward { peer: peer.into(), connect: forward, codec: CodecMode::Off }).await;
+    let answer = session.0.open_forward(peer, forward, 1).await;
     assert!(matches!(&answer, Response::Error(e) if e.contains("stopping")), "a new forward while stopping: {answer:?}");
 
     client_w.write_all(&payload[HALF..]).await.unwrap();
@@ -377,7 +378,7 @@ async fn transfer_through_a_stopping_egress_completes_and_new_flows_are_refused(
 async fn flows_of_an_api_forward_are_reset_when_its_session_ends() {
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let pair = pair(target.local_addr().unwrap(), "").await;
-    let mut api = Api::connect(pair.a.api).await.unwrap();
+    let mut api = Api::connect(&pair.a.api).await.unwrap();
     let listen = api.open_forward(target.local_addr().unwrap()).await;
     let flow = endless_flow(listen, &target).await;
     // The host-plugin dies: its API connection closes.
@@ -408,7 +409,7 @@ async fn configured_forwards_are_unaffected_by_an_api_session_ending() {
     });
 
     // ...while an API session with a flow of its own ends.
-    let mut api = Api::connect(pair.a.api).await.unwrap();
+    let mut api = Api::connect(&pair.a.api).await.unwrap();
     let listen = api.open_forward(target.local_addr().unwrap()).await;
     let api_flow = endless_flow(listen, &target).await;
     let ended = Instant::now();

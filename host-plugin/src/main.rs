@@ -12,6 +12,8 @@ use tracing_subscriber::EnvFilter;
 mod disk_manifest;
 
 use ferry_api::control::DEFAULT_SERVE_PORT;
+use ferry_api::protocol::ApiAddress;
+use ferry_host::gateway_api::GatewayEndpoint;
 use ferry_host::exclusive::DEFAULT_STATE_DIR;
 use ferry_host::migrate::{migrate, MigrateOptions};
 use ferry_host::resolve::{resolve, ResolveOptions};
@@ -42,9 +44,13 @@ struct Target {
     /// reaches it (default port 7800).
     #[arg(long = "dest-host")]
     dest_host: String,
-    /// The local gateway's API (`[api] listen` in its config).
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    gateway: SocketAddr,
+    /// The local gateway's API: its UNIX socket (`[api] socket`) or, over TCP, IP:PORT
+    /// (`[api] listen`, which needs --gateway-token-file).
+    #[arg(long, default_value = ferry_host::gateway_api::DEFAULT_GATEWAY_SOCKET)]
+    gateway: ApiAddress,
+    /// The token of a TCP gateway API (the file its `[api] token_file` names, or a copy).
+    #[arg(long = "gateway-token-file")]
+    gateway_token_file: Option<PathBuf>,
     /// VM name (default: QEMU's -name); selects the destination's sockets.
     #[arg(long)]
     name: Option<String>,
@@ -205,8 +211,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
-        Command::Migrate { target: Target { qmp, to, dest_host, gateway, name }, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json, no_steer, state_dir, pre_commit_check, pre_commit_timeout, cutover_deadline, ignore_known_issues } => {
+        Command::Migrate { target: Target { qmp, to, dest_host, gateway, gateway_token_file, name }, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, report, json, no_steer, state_dir, pre_commit_check, pre_commit_timeout, cutover_deadline, ignore_known_issues } => {
             let dest = parse_dest(&dest_host)?;
+            let gateway = GatewayEndpoint::new(gateway, gateway_token_file.as_deref())?;
             let options = MigrateOptions { qmp, to, dest, gateway, name, ips, heartbeat, downtime, max_time, multifd, keep_source, progress, steer: !no_steer, state_dir, pre_commit_check, pre_commit_timeout, cutover_deadline, ignore_known_issues };
             let result = runtime.block_on(migrate(options));
             let text = serde_json::to_string_pretty(&result).context("cannot encode the report")?;
@@ -223,8 +230,9 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Resolve { target: Target { qmp, to, dest_host, gateway, name }, keep_source } => {
+        Command::Resolve { target: Target { qmp, to, dest_host, gateway, gateway_token_file, name }, keep_source } => {
             let dest = parse_dest(&dest_host)?;
+            let gateway = GatewayEndpoint::new(gateway, gateway_token_file.as_deref())?;
             let report = runtime.block_on(resolve(ResolveOptions { qmp, to, dest, gateway, name, keep_source }))?;
             println!("{}", serde_json::to_string_pretty(&report).context("cannot encode the report")?);
             Ok(())

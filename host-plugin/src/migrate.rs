@@ -28,7 +28,7 @@ use crate::exclusive::{qmp_key, vm_key, MigrationLock};
 use crate::watchdog::Watchdog;
 use ferry_api::control::{clock_offset, ToDestination, ToSource};
 use crate::convergence::{ControllerConfig, ConvergenceController};
-use crate::gateway_api::{open_control, ControlRoute, GatewayApi};
+use crate::gateway_api::{open_control, ControlRoute, GatewayApi, GatewayEndpoint};
 use crate::heartbeat::{event_time_ns, guest_downtime_ns, unix_now_ns, Heartbeat};
 use crate::progress::{MigrationReport, Progress, ProgressMode};
 use ferry_qmp::{MigrationCapability, MigrationParameters, MigrationStatus, Qmp, QmpConfig, QmpEvent, RunState};
@@ -55,7 +55,7 @@ pub struct MigrateOptions {
     /// The destination host-plugin (`ferry-host serve`), as the destination gateway reaches it.
     pub dest: SocketAddr,
     /// The local gateway's API.
-    pub gateway: SocketAddr,
+    pub gateway: GatewayEndpoint,
     /// VM name (default: QEMU's `-name`).
     pub name: Option<String>,
     /// IP addresses to announce at the destination (on the VM's first NIC).
@@ -114,6 +114,7 @@ pub async fn migrate(options: MigrateOptions) -> MigrationReport {
         _locks: Vec::new(),
         api: None,
         control_forward: None,
+        control_client: None,
     };
     let result = run.execute().await;
     run.progress.finish();
@@ -175,6 +176,8 @@ struct Run {
     api: Option<GatewayApi>,
     /// The control channel's forward.
     control_forward: Option<u32>,
+    /// The address this host reached the control forward from: QEMU, local, connects from it.
+    control_client: Option<IpAddr>,
 }
 
 /// What woke a wait: a control-channel event or a signal.
@@ -215,9 +218,10 @@ impl Run {
         self.qmp = Some(Arc::new(qmp));
 
         // The gateway and the destination host-plugin.
-        let api = self.api.insert(GatewayApi::connect(o.gateway).await?);
+        let api = self.api.insert(GatewayApi::connect(&o.gateway).await?);
         let ControlRoute { gateway: info, path, forward, tcp } = open_control(api, &o.to, o.dest).await?;
         self.control_forward = Some(forward.id);
+        self.control_client = Some(tcp.local_addr().context("the control connection's address")?.ip());
         self.report.from_site = info.site.clone();
         self.control = Some(Control::new(tcp));
         self.session.handle_control_opened();
@@ -274,7 +278,11 @@ impl Run {
             ToSource::Failed { reason, .. } => bail!("the destination could not prepare: {reason}"),
             other => bail!("unexpected answer from the destination: {other:?}"),
         };
-        let migration_forward = self.api()?.open_forward(&o.to, listen, CodecMode::Auto).await?;
+        // QEMU runs on this host: it connects from where the control connection did, once per
+        // channel (the main one and each multifd one).
+        let qemu_host = self.control_client.context("internal: no control connection")?;
+        let channels = 1 + u32::from(chosen.shared.multifd_channels.unwrap_or(0));
+        let migration_forward = self.api()?.open_forward(&o.to, listen, CodecMode::Auto, qemu_host, channels).await?;
         self.heartbeat = match &o.heartbeat {
             Some(p) => Some(Heartbeat::watch(p, Duration::from_secs(5)).await.context("source heartbeat")?),
             None => None,

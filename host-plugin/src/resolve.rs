@@ -23,7 +23,7 @@ use ferry_api::control::{IncomingState, ToDestination, ToSource};
 use serde::Serialize;
 
 use crate::control::Channel;
-use crate::gateway_api::{open_control, ControlRoute, GatewayApi};
+use crate::gateway_api::{open_control, ControlRoute, GatewayApi, GatewayEndpoint};
 use crate::migrate::{connect_source, vm_name};
 
 /// How long the destination may take to answer.
@@ -39,7 +39,7 @@ pub struct ResolveOptions {
     /// The destination host-plugin, as the destination gateway reaches it.
     pub dest: SocketAddr,
     /// The local gateway's API.
-    pub gateway: SocketAddr,
+    pub gateway: GatewayEndpoint,
     /// VM name (default: QEMU's `-name`).
     pub name: Option<String>,
     /// Leave the source paused (instead of quitting it) when the VM runs at the destination.
@@ -79,7 +79,7 @@ pub async fn resolve(o: ResolveOptions) -> anyhow::Result<ResolveReport> {
     let vm = vm_name(&qmp, o.name.as_deref()).await?;
     let source = qmp.query_status().await.context("query-status on the source")?;
 
-    let mut api = GatewayApi::connect(o.gateway).await?;
+    let mut api = GatewayApi::connect(&o.gateway).await?;
     let ControlRoute { tcp, .. } = open_control(&mut api, &o.to, o.dest).await?;
     let mut control: Channel<ToSource, ToDestination> = Channel::new(tcp);
     control.send(&ToDestination::Inquire { vm: vm.clone() }).await?;

@@ -3,13 +3,18 @@
 //! Each gateway runs on its own OS thread inside its site's namespace, with its own tokio
 //! runtime, configured through the real TOML parser with certificates from the real
 //! `ferry-gateway certs` code (both through the test kit's `pki` and `gateway_config`). Site A
-//! forwards `127.0.0.1:<port>` (in A's namespace) to `connect` in site B. Both serve the host-plugin API on `127.0.0.1:<port>` in their namespace. Dropping the pair stops both gateways and joins their threads.
+//! forwards `127.0.0.1:<port>` (in A's namespace) to `connect` in site B. Both serve the
+//! host-plugin API on a UNIX socket in the pair's folder (path sockets are not bound to a network
+//! namespace, so a host-plugin in the site's namespace reaches it); API forwards listen on
+//! 127.0.0.1 in the gateway's namespace. Dropping the pair stops both gateways and joins their threads.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use ferry_api::protocol::ApiAddress;
 use ferry_gateway::tunnel::FlowLog;
 use ferry_gateway::Gateway;
 use ferry_testkit::gateway_config::GatewayConfig;
@@ -48,7 +53,7 @@ pub struct PairLink {
 struct Started {
     forwards: Vec<SocketAddr>,
     flows: FlowLog,
-    api: SocketAddr,
+    api: ApiAddress,
 }
 
 /// A running gateway pair.
@@ -59,10 +64,10 @@ pub struct GatewayPair {
     pub flows_a: FlowLog,
     /// Finished flows at site B's gateway (live handle).
     pub flows_b: FlowLog,
-    /// Site A's host-plugin API (inside A's namespace).
-    pub api_a: SocketAddr,
-    /// Site B's host-plugin API (inside B's namespace).
-    pub api_b: SocketAddr,
+    /// Site A's host-plugin API (a UNIX socket).
+    pub api_a: ApiAddress,
+    /// Site B's host-plugin API (a UNIX socket).
+    pub api_b: ApiAddress,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
     threads: Vec<JoinHandle<()>>,
     pki: Pki,
@@ -72,11 +77,11 @@ const QUIC_PORT: u16 = 4433;
 
 /// The config of `name`'s gateway in `me`, peered with `peer`; with `forward`, a forward to that
 /// address behind the peer.
-fn site_config(name: &str, me: &Site, peer: (&str, &Site), link: &PairLink, forward: Option<SocketAddr>) -> GatewayConfig {
+fn site_config(name: &str, me: &Site, peer: (&str, &Site), link: &PairLink, forward: Option<SocketAddr>, dir: &Path) -> GatewayConfig {
     let config = GatewayConfig::new(name, SocketAddr::from((me.addr(), QUIC_PORT)))
         .link(&link.bandwidth, &link.rtt)
         .peer(peer.0, SocketAddr::from((peer.1.addr(), QUIC_PORT)))
-        .api(SocketAddr::from(([127, 0, 0, 1], 0)));
+        .api_socket(&dir.join(format!("{name}-api.sock")));
     match forward {
         Some(connect) => config.forward_with_codec(peer.0, connect, if link.codec { "auto" } else { "off" }),
         None => config,
@@ -93,14 +98,14 @@ impl GatewayPair {
     /// [`GatewayPair::start`] with more TOML in site B's config (e.g. a small `[cache]`).
     pub fn start_with(wan: &Wan, link: PairLink, connect: SocketAddr, b_extra: &str) -> Result<Self, PairError> {
         let pki = Pki::generate(&["site-a", "site-b"]).map_err(|e| PairError::Setup(e.to_string()))?;
-        let a_config = site_config("site-a", wan.site_a(), ("site-b", wan.site_b()), &link, Some(connect));
-        let b_config = site_config("site-b", wan.site_b(), ("site-a", wan.site_a()), &link, None).extra(b_extra);
+        let a_config = site_config("site-a", wan.site_a(), ("site-b", wan.site_b()), &link, Some(connect), pki.path());
+        let b_config = site_config("site-b", wan.site_b(), ("site-a", wan.site_a()), &link, None, pki.path()).extra(b_extra);
         let mut pair = Self {
             forward_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             flows_a: FlowLog::default(),
             flows_b: FlowLog::default(),
-            api_a: SocketAddr::from(([127, 0, 0, 1], 0)),
-            api_b: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api_a: ApiAddress::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
+            api_b: ApiAddress::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
             stops: Vec::new(),
             threads: Vec::new(),
             pki,
@@ -144,7 +149,7 @@ impl GatewayPair {
                             return;
                         }
                     }
-                    let Some(api) = gateway.api_addr() else {
+                    let Some(api) = gateway.api_address().cloned() else {
                         let _ = ready_tx.send(Err("no api address".into()));
                         return;
                     };

@@ -5,7 +5,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 
 /// Longest line accepted (bytes, newline included).
 pub const MAX_LINE: u64 = 256 << 10;
@@ -65,6 +65,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> JsonLines<R, W> {
     /// Gives the write half back (e.g. to shut it down).
     pub fn writer_mut(&mut self) -> &mut W {
         &mut self.writer
+    }
+}
+
+/// Any byte stream a [`JsonLines`] can run on (a TCP or a UNIX socket), so that one type serves
+/// both kinds of API connection.
+pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
+
+/// JSON lines over a boxed [`ByteStream`].
+pub type BoxedJsonLines = JsonLines<ReadHalf<Box<dyn ByteStream>>, WriteHalf<Box<dyn ByteStream>>>;
+
+impl BoxedJsonLines {
+    /// Splits a boxed stream into the two halves of a connection.
+    pub fn boxed(stream: Box<dyn ByteStream>) -> Self {
+        let (r, w) = tokio::io::split(stream);
+        Self::new(r, w)
     }
 }
 

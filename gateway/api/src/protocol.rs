@@ -6,8 +6,26 @@
 //! is reset at both ends (the host-plugin that ran the migration is gone). A host-plugin that
 //! exits normally therefore waits until its forwards carry nothing (`ForwardStats::open` = 0)
 //! before it closes the session.
+//!
+//! # Authentication
+//! The gateway serves the API on a UNIX socket (`[api] socket`), whose file mode and group say
+//! who may connect: a session there is authenticated by the kernel and needs no more. On a TCP
+//! API (`[api] listen`) the first request of every session must be [`Request::Auth`] with the
+//! token of the gateway's `[api] token_file`, answered with [`Response::Authenticated`]:
+//!
+//! ```text
+//! -> {"op":"auth","token":"<the token file's text, surrounding white space trimmed>"}
+//! <- "authenticated"
+//! ```
+//!
+//! Any other first request, or a wrong token, is answered with [`Response::Error`], logged, and
+//! the gateway closes the session. `Auth` on a UNIX socket is answered `Authenticated` as well,
+//! so a client may always send it.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +45,12 @@ pub enum CodecMode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
+    /// Authenticates a TCP session (see the module's documentation): its first request.
+    /// Answered with [`Response::Authenticated`]. Its `Debug` form does not show the token.
+    Auth {
+        /// The token, as the gateway's `[api] token_file` holds it (white space trimmed).
+        token: Token,
+    },
     /// Who are you, which peers, what link. Answered with [`Response::Hello`].
     Hello,
     /// Open a TCP listener whose connections come out at `peer`, which dials `connect`.
@@ -38,6 +62,12 @@ pub enum Request {
         connect: SocketAddr,
         /// Whether the page codec encodes the connections.
         codec: CodecMode,
+        /// The only address the forward accepts connections from: the host of the QEMU (or
+        /// host-plugin) that will connect. Others are refused and logged.
+        client: IpAddr,
+        /// How many connections the forward accepts (a migration's main channel plus its
+        /// multifd channels; 1 for a control channel). Further ones are refused and logged.
+        connections: u32,
     },
     /// Counters of a forward opened in this session. Answered with [`Response::ForwardStats`].
     ForwardStats {
@@ -56,6 +86,8 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
+    /// See [`Request::Auth`].
+    Authenticated,
     /// See [`Request::Hello`].
     Hello(GatewayInfo),
     /// See [`Request::OpenForward`].
@@ -87,6 +119,9 @@ pub struct GatewayInfo {
     pub flow_window_bytes: u64,
     /// Configured peers.
     pub peers: Vec<PeerInfo>,
+    /// The IP forwards opened in this session listen on: a client finds the address it will
+    /// connect from (the `client` of [`Request::OpenForward`]) by routing towards it.
+    pub forward_ip: IpAddr,
 }
 
 /// One configured peer.
@@ -134,6 +169,9 @@ pub struct ForwardStats {
     pub completed: u32,
     /// Connections that failed.
     pub failed: u32,
+    /// Connections refused before they were carried: from an address other than the forward's
+    /// `client` (or outside a configured forward's `allow_from`), or beyond its `connections`.
+    pub refused: u32,
     /// The latest failure's reason.
     pub last_error: Option<String>,
     /// Bytes read from local connections (towards the peer).
@@ -152,22 +190,92 @@ pub struct ForwardStats {
     pub path: Option<PathInfo>,
 }
 
+/// An API token: a secret whose `Debug` form does not show it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Token(pub String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+/// Where a gateway serves its API: a UNIX socket (the default) or a TCP address (which needs the
+/// token). Written as a path or as `ip:port`, e.g. for `ferry-host --gateway`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiAddress {
+    /// `[api] socket`.
+    Unix(PathBuf),
+    /// `[api] listen`.
+    Tcp(SocketAddr),
+}
+
+impl FromStr for ApiAddress {
+    type Err = std::convert::Infallible;
+
+    /// `ip:port` (IPv6 in brackets) is TCP; anything else is a socket path.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.parse() {
+            Ok(addr) => Self::Tcp(addr),
+            Err(_) => Self::Unix(PathBuf::from(s)),
+        })
+    }
+}
+
+impl fmt::Display for ApiAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "{}", path.display()),
+            Self::Tcp(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn requests_read_as_documented() {
-        let r: Request =
-            serde_json::from_str(r#"{"op":"open_forward","peer":"site-b","connect":"10.0.0.2:7800","codec":"off"}"#).unwrap();
+        let r: Request = serde_json::from_str(
+            r#"{"op":"open_forward","peer":"site-b","connect":"10.0.0.2:7800","codec":"off","client":"10.0.0.1","connections":5}"#,
+        )
+        .unwrap();
         assert_eq!(
             r,
-            Request::OpenForward { peer: "site-b".into(), connect: "10.0.0.2:7800".parse().unwrap(), codec: CodecMode::Off }
+            Request::OpenForward {
+                peer: "site-b".into(),
+                connect: "10.0.0.2:7800".parse().unwrap(),
+                codec: CodecMode::Off,
+                client: "10.0.0.1".parse().unwrap(),
+                connections: 5,
+            }
         );
+        // A forward is always bound to its client.
+        let err = serde_json::from_str::<Request>(r#"{"op":"open_forward","peer":"b","connect":"1.2.3.4:5","codec":"off"}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("client"), "{err}");
         assert_eq!(serde_json::from_str::<Request>(r#"{"op":"hello"}"#).unwrap(), Request::Hello);
         let err = serde_json::from_str::<Request>(r#"{"op":"open_forward","peer":"b","conect":"1.2.3.4:5"}"#).unwrap_err();
         assert!(err.to_string().contains("conect"), "{err}");
         let resp = Response::Error("no".into());
         assert_eq!(serde_json::to_string(&resp).unwrap(), r#"{"error":"no"}"#);
+    }
+
+    #[test]
+    fn auth_reads_as_documented_and_hides_the_token() {
+        let r: Request = serde_json::from_str(r#"{"op":"auth","token":"s3cret"}"#).unwrap();
+        assert_eq!(r, Request::Auth { token: Token("s3cret".into()) });
+        assert!(!format!("{r:?}").contains("s3cret"));
+        assert_eq!(serde_json::to_string(&Response::Authenticated).unwrap(), r#""authenticated""#);
+    }
+
+    #[test]
+    fn api_addresses_are_paths_or_ip_ports() {
+        assert_eq!("10.0.0.1:7070".parse(), Ok(ApiAddress::Tcp("10.0.0.1:7070".parse().unwrap())));
+        assert_eq!("[fd00::1]:7070".parse(), Ok(ApiAddress::Tcp("[fd00::1]:7070".parse().unwrap())));
+        assert_eq!("/run/ferry/gateway.sock".parse(), Ok(ApiAddress::Unix("/run/ferry/gateway.sock".into())));
+        assert_eq!(ApiAddress::Unix("gw.sock".into()).to_string(), "gw.sock");
     }
 }

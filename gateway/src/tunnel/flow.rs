@@ -27,6 +27,7 @@ use crate::tunnel::protocol::{
     INITIAL_SEND_WINDOW, MAX_ADVERT, MESSAGE_HEADER_LEN,
 };
 use crate::tunnel::reorder::{Admission, Reassembler};
+use crate::tunnel::idle::IdleWatch;
 use crate::tunnel::FlowError;
 
 /// Bytes read from the local socket per chunk.
@@ -309,6 +310,8 @@ pub struct FlowParts {
     pub retained: Option<Arc<RetainedPages>>,
     /// Decodes the peer's direction (egress of a codec flow).
     pub decoder: Option<Decoder>,
+    /// `[limits] idle_timeout`: a flow that moved no byte either way this long fails.
+    pub idle_timeout: Duration,
 }
 
 /// Runs a flow until both directions completed or it failed. On failure the local TCP
@@ -317,7 +320,7 @@ pub struct FlowParts {
 /// The ingress side calls this right after sending Open, so data starts flowing without waiting
 /// a round trip; the peer's Opened or Refused arrives on the control stream meanwhile.
 pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError> {
-    let FlowParts { key, conn, control_send, mut control_recv, inbound, lanes, counters, encoder, retained, decoder } = parts;
+    let FlowParts { key, conn, control_send, mut control_recv, inbound, lanes, counters, encoder, retained, decoder, idle_timeout } = parts;
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let control = Arc::new(Mutex::new(control_send));
     let cancel = inbound.cancel.clone();
@@ -400,9 +403,18 @@ pub async fn run_flow(parts: FlowParts, tcp: TcpStream) -> Result<(), FlowError>
         tokio::pin!(work);
         tokio::pin!(control_reader);
         let mut peer_closed = false;
+        let moved = || {
+            let t = counters.totals();
+            t.tcp_in + t.tcp_out + t.wan_in + t.wan_out
+        };
+        let mut idle = IdleWatch::new(idle_timeout, Instant::now(), moved());
+        let mut idle_poll = tokio::time::interval(idle.poll_interval());
         let result = loop {
             tokio::select! {
                 r = &mut work => break r,
+                _ = idle_poll.tick() => if idle.expired(Instant::now(), moved()) {
+                    break Err(FlowError::Idle(idle.timeout()));
+                },
                 r = &mut control_reader, if !peer_closed => match r {
                     Ok(()) => peer_closed = true,
                     Err(e) => break Err(e),

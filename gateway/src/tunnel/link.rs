@@ -248,12 +248,11 @@ impl PeerLink {
 
         let permit = self.shared.connections.clone().try_acquire_owned();
         self.wait_turn(order, seq).await;
-        let allowed = self.shared.peer_configs.iter().find(|p| p.site == self.site).is_some_and(|p| p.may_connect(&connect));
-        let dialed = match permit {
+        let dialed = match (permit, self.shared.egress.check(&self.site, &connect)) {
             _ if self.shared.draining.is_cancelled() => Err(SHUTDOWN_REASON.to_owned()),
-            _ if !allowed => Err(format!("{connect} is not in peer `{}`'s allow_connect list", self.site)),
-            Err(_) => Err(format!("too many forwarded connections (limits.max_connections = {})", self.shared.max_connections)),
-            Ok(permit) => match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(connect)).await {
+            (_, Err(refused)) => Err(refused),
+            (Err(_), Ok(())) => Err(format!("too many forwarded connections (limits.max_connections = {})", self.shared.max_connections)),
+            (Ok(permit), Ok(())) => match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(connect)).await {
                 Ok(Ok(tcp)) => Ok((tcp, permit)),
                 Ok(Err(e)) => Err(format!("cannot connect to {connect}: {e}")),
                 Err(_) => Err(format!("cannot connect to {connect}: timed out after {DIAL_TIMEOUT:?}")),
@@ -405,6 +404,7 @@ impl PeerLink {
             encoder,
             retained,
             decoder,
+            idle_timeout: self.shared.idle_timeout,
         }
     }
 

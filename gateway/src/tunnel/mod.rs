@@ -18,6 +18,7 @@
 
 pub mod congestion;
 mod flow;
+mod idle;
 mod link;
 mod peers;
 pub mod protocol;
@@ -123,6 +124,9 @@ pub enum FlowError {
     /// An out-of-place message.
     #[error("unexpected message: {0}")]
     Unexpected(String),
+    /// No byte moved either way for `[limits] idle_timeout`.
+    #[error("idle for {0:?} (limits.idle_timeout): closed")]
+    Idle(std::time::Duration),
     /// The flow was cancelled: its carrier closed it (a forward whose API session ended), or
     /// one of its streams failed.
     #[error("flow cancelled")]
@@ -196,8 +200,10 @@ pub(crate) struct TunnelShared {
     /// Bytes each of our encoders may keep of advertised pages for resupply (`[cache]
     /// resupply_budget`).
     resupply_budget: usize,
-    /// Each peer's configuration, for the targets it may have us dial.
-    peer_configs: Vec<crate::config::PeerConfig>,
+    /// What each peer may have us dial.
+    egress: crate::egress::EgressPolicy,
+    /// `[limits] idle_timeout`.
+    idle_timeout: std::time::Duration,
     /// Cancelled when the gateway stops taking new flows ([`Tunnel::drain`]).
     draining: CancellationToken,
     /// One token per open flow (both directions), so a stop can wait for them.

@@ -148,8 +148,18 @@ impl Tunnel {
             page_cache_mib = config.cache.size.0 >> 20,
             session_window_mib_per_codec_connection = (config.cache.session_window_pages * 4096) >> 20,
             decoder_output_per_call = config.limits.decoder_output.0,
+            idle_timeout_s = config.limits.idle_timeout.as_secs_f64(),
             "memory bounds: flow reorder buffers, page cache, decoder output"
         );
+        for (i, peer) in config.peers.iter().enumerate() {
+            match peer.allow_connect.as_slice() {
+                [] => tracing::warn!(peer = %peer.site, "key `peer[{i}].allow_connect` is absent or empty: this peer's flows may dial nothing"),
+                rules => {
+                    let rules: Vec<String> = rules.iter().map(ToString::to_string).collect();
+                    tracing::info!(peer = %peer.site, ?rules, "egress: this peer's flows may dial these (never this gateway's own ports)");
+                }
+            }
+        }
         let cache_bytes = usize::try_from(config.cache.size.0).unwrap_or(usize::MAX);
         let page_cache = Arc::new(match &config.cache.dir {
             Some(dir) => PageCache::with_dir(cache_bytes, dir).map_err(TunnelError::CacheDir)?,
@@ -166,7 +176,8 @@ impl Tunnel {
             session_window_pages: config.cache.session_window_pages,
             decoder_output: usize::try_from(config.limits.decoder_output.0).unwrap_or(usize::MAX),
             resupply_budget: usize::try_from(config.cache.resupply_budget.0).unwrap_or(usize::MAX),
-            peer_configs: config.peers.clone(),
+            egress: config.egress_policy(local_addr),
+            idle_timeout: config.limits.idle_timeout,
             draining: CancellationToken::new(),
             open_flows: TaskTracker::new(),
         });

@@ -3,7 +3,7 @@
 //! as a deployment.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ferry_gateway::Config;
 
@@ -18,6 +18,17 @@ struct Forward {
     codec: Option<String>,
 }
 
+/// The `allow_connect` of [`GatewayConfig::peer`]: every target (tests dial ephemeral ports on
+/// loopback and in namespaces; the gateway's own ports stay refused).
+pub const ALLOW_ANY: &[&str] = &["0.0.0.0/0", "::/0"];
+
+/// `[api]`: where.
+#[derive(Clone, Debug)]
+enum Api {
+    Socket(PathBuf),
+    Tcp(SocketAddr, PathBuf),
+}
+
 /// A gateway configuration under construction. Defaults: `[link]` 10 Gbit/s and 1 ms RTT, no
 /// peers, no forwards, no API.
 #[derive(Clone, Debug)]
@@ -26,8 +37,8 @@ pub struct GatewayConfig {
     listen: SocketAddr,
     bandwidth: String,
     rtt: String,
-    peers: Vec<(String, SocketAddr)>,
-    api: Option<SocketAddr>,
+    peers: Vec<(String, SocketAddr, Vec<String>)>,
+    api: Option<Api>,
     forwards: Vec<Forward>,
     extra: String,
 }
@@ -55,15 +66,28 @@ impl GatewayConfig {
         self
     }
 
-    /// A `[[peer]]`: the gateway of `site` at `addr`.
-    pub fn peer(mut self, site: &str, addr: SocketAddr) -> Self {
-        self.peers.push((site.to_string(), addr));
+    /// A `[[peer]]`: the gateway of `site` at `addr`, whose flows may dial anything
+    /// ([`ALLOW_ANY`]).
+    pub fn peer(self, site: &str, addr: SocketAddr) -> Self {
+        self.peer_allowing(site, addr, ALLOW_ANY)
+    }
+
+    /// A `[[peer]]` with this `allow_connect` (none at all if empty: the key is left out).
+    pub fn peer_allowing(mut self, site: &str, addr: SocketAddr, allow_connect: &[&str]) -> Self {
+        self.peers.push((site.to_string(), addr, allow_connect.iter().map(|r| r.to_string()).collect()));
         self
     }
 
-    /// `[api]` on `listen` (the host-plugin API).
-    pub fn api(mut self, listen: SocketAddr) -> Self {
-        self.api = Some(listen);
+    /// `[api]` on the UNIX socket `path` (the host-plugin API).
+    pub fn api_socket(mut self, path: &Path) -> Self {
+        self.api = Some(Api::Socket(path.to_owned()));
+        self
+    }
+
+    /// `[api]` over TCP on `listen`, with the token in `token_file` (see
+    /// [`write_token`](crate::api_client::write_token)).
+    pub fn api_tcp(mut self, listen: SocketAddr, token_file: &Path) -> Self {
+        self.api = Some(Api::Tcp(listen, token_file.to_owned()));
         self
     }
 
@@ -99,11 +123,18 @@ impl GatewayConfig {
             "site = \"{site}\"\nlisten = \"{listen}\"\n[tls]\nca = \"ca.pem\"\ncert = \"{site}.pem\"\nkey = \"{site}.key\"\n\
              [link]\nbandwidth = \"{bandwidth}\"\nrtt = \"{rtt}\"\n"
         );
-        for (peer, addr) in &self.peers {
+        for (peer, addr, allow) in &self.peers {
             text += &format!("[[peer]]\nsite = \"{peer}\"\naddr = \"{addr}\"\n");
+            if !allow.is_empty() {
+                text += &format!("allow_connect = {allow:?}\n");
+            }
         }
-        if let Some(api) = self.api {
-            text += &format!("[api]\nlisten = \"{api}\"\n");
+        match &self.api {
+            None => {}
+            Some(Api::Socket(path)) => text += &format!("[api]\nsocket = {:?}\n", path.display().to_string()),
+            Some(Api::Tcp(listen, token)) => {
+                text += &format!("[api]\nlisten = \"{listen}\"\ntoken_file = {:?}\n", token.display().to_string());
+            }
         }
         for f in &self.forwards {
             text += &format!("[[forward]]\nlisten = \"{}\"\npeer = \"{}\"\nconnect = \"{}\"\n", f.listen, f.peer, f.connect);
@@ -137,12 +168,18 @@ mod tests {
         let config = GatewayConfig::new("site-a", "127.0.0.1:4434".parse().expect("literal"))
             .link("1gbit", "150ms")
             .peer("site-b", peer)
-            .api("127.0.0.1:0".parse().expect("literal"))
+            .api_socket(&pki.path().join("api.sock"))
             .forward("site-b", target)
             .forward_with_codec("site-b", target, "off")
             .extra("[cache]\nsize = \"1MiB\"\n");
         let text = config.to_toml();
         assert!(text.contains("codec = \"off\"") && text.contains("[api]") && text.ends_with("size = \"1MiB\"\n"), "{text}");
         config.load(pki.path(), "site-a.toml").expect("the gateway accepts the kit's config");
+        let (token, _) = crate::api_client::write_token(pki.path());
+        let tcp = GatewayConfig::new("site-a", "127.0.0.1:4434".parse().expect("literal"))
+            .peer_allowing("site-b", peer, &["10.0.0.0/24:7800-7900"])
+            .api_tcp("127.0.0.1:0".parse().expect("literal"), &token);
+        let loaded = tcp.load(pki.path(), "site-a-tcp.toml").expect("the gateway accepts the kit's TCP api config");
+        assert_eq!(loaded.peers[0].allow_connect[0].to_string(), "10.0.0.0/24:7800-7900");
     }
 }

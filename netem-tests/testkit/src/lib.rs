@@ -13,12 +13,16 @@
 //! - [`pki`]: certificates for a set of sites from one CA (the gateway's own `certs` code).
 //! - [`gateway_config`]: gateway configuration files written as TOML and loaded through the real
 //!   parser.
+//! - [`api_client`]: a host-plugin's session with a gateway's local API (UNIX socket or TCP
+//!   with its token).
 //! - [`loopback`]: gateways on loopback and TCP endpoints that check what crosses them.
 //! - [`qemu_stream`]: synthetic QEMU migration streams (main channel and multifd).
 //! - [`sync`]: test locks that survive a panicked test.
 //! - [`tracing`]: the tracing subscriber for tests and for benchmarks.
 //! - [`bench`]: benchmark settings from the environment.
 
+#[cfg(feature = "gateway")]
+pub mod api_client;
 pub mod bench;
 pub mod capture;
 pub mod error;

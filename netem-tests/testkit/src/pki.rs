@@ -23,7 +23,7 @@ impl Pki {
             source,
         })?;
         let names: Vec<String> = sites.iter().map(|s| s.to_string()).collect();
-        certs::generate(dir.path(), &names)
+        certs::generate(dir.path(), &names, &certs::Issue::default())
             .map_err(|e| KitError::Certificates { dir: dir.path().to_owned(), message: e.to_string() })?;
         Ok(Self { dir })
     }

@@ -2,32 +2,33 @@
 //! stopped and restarted, and a watch on both QEMUs' run states for the whole test.
 
 use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_api::protocol::{Request, Response};
+use ferry_api::protocol::{ApiAddress, Request, Response};
 use ferry_netem::gateway_pair::PairLink;
 use ferry_netem::Wan;
 use ferry_qmp::blocking::BlockingQmp;
 use ferry_qmp::QmpConfig;
 use ferry_testkit::gateway_config::GatewayConfig;
 use ferry_testkit::pki::Pki;
-use ferry_testkit::sys::{enter_netns, send_signal, workspace_bin};
+use ferry_testkit::sys::{send_signal, workspace_bin};
 
 use super::Process;
 
 /// The gateways' `[shutdown] grace`.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// The gateways' API port, in each site's namespace.
-pub const API_PORT: u16 = 7070;
 const QUIC_PORT: u16 = 4433;
 
 /// The two sites' `ferry-gateway` processes.
 pub struct GatewayProcesses {
-    /// Site A's API.
-    pub api: SocketAddr,
+    /// Site A's API (a UNIX socket).
+    pub api: ApiAddress,
+    /// Each site's API socket.
+    api_sockets: [PathBuf; 2],
     a: Option<Process>,
     b: Option<Process>,
     configs: [PathBuf; 2],
@@ -46,14 +47,16 @@ pub enum Site {
 }
 
 impl GatewayProcesses {
-    /// Starts both gateways (API on 127.0.0.1:7070 in each site) and waits for the tunnel.
+    /// Starts both gateways (API on a UNIX socket in `dir` for each site) and waits for the
+    /// tunnel.
     pub fn start(wan: &Wan, link: &PairLink, dir: &Path) -> Self {
         let pki = Pki::new(&["site-a", "site-b"]);
-        let config = |me: &ferry_netem::Site, name: &str, peer: &ferry_netem::Site, peer_name: &str| {
+        let api_sockets = [dir.join("gateway-a.sock"), dir.join("gateway-b.sock")];
+        let config = |me: &ferry_netem::Site, name: &str, peer: &ferry_netem::Site, peer_name: &str, api: &Path| {
             let text = GatewayConfig::new(name, SocketAddr::from((me.addr(), QUIC_PORT)))
                 .link(&link.bandwidth, &link.rtt)
                 .peer(peer_name, SocketAddr::from((peer.addr(), QUIC_PORT)))
-                .api(SocketAddr::from(([127, 0, 0, 1], API_PORT)))
+                .api_socket(api)
                 .extra(&format!("[shutdown]\ngrace = \"{}s\"\n", SHUTDOWN_GRACE.as_secs()))
                 .to_toml();
             let path = pki.path().join(format!("{name}.toml"));
@@ -61,11 +64,12 @@ impl GatewayProcesses {
             path
         };
         let configs = [
-            config(wan.site_a(), "site-a", wan.site_b(), "site-b"),
-            config(wan.site_b(), "site-b", wan.site_a(), "site-a"),
+            config(wan.site_a(), "site-a", wan.site_b(), "site-b", &api_sockets[0]),
+            config(wan.site_b(), "site-b", wan.site_a(), "site-a", &api_sockets[1]),
         ];
         let mut g = Self {
-            api: SocketAddr::from(([127, 0, 0, 1], API_PORT)),
+            api: ApiAddress::Unix(api_sockets[0].clone()),
+            api_sockets,
             a: None,
             b: None,
             configs,
@@ -99,14 +103,11 @@ impl GatewayProcesses {
             .expect("start ferry-gateway");
         *self.slot(site) = Some(Process(child));
         let deadline = Instant::now() + Duration::from_secs(40);
-        let netns = self.netns[i].clone();
         let peer = if site == Site::A { "site-b" } else { "site-a" };
         loop {
             // The other side may be down (a restart of B waits for A's reconnect, and the other
             // way round): a listening API is enough then.
-            let ns = netns.clone();
-            let ready = std::thread::spawn(move || enter_netns(&ns).ok().and_then(|()| connected(peer))).join().expect("probe thread");
-            match ready {
+            match connected(&self.api_sockets[i], peer) {
                 Some(true) => return,
                 Some(false) if self.slot(other(site)).is_none() => return,
                 _ => {}
@@ -169,11 +170,10 @@ fn other(site: Site) -> Site {
     }
 }
 
-/// Asks the API at 127.0.0.1:7070 (in the current namespace) whether `peer` has a live path;
-/// `None` if the API does not answer.
-fn connected(peer: &str) -> Option<bool> {
+/// Asks the API on `socket` whether `peer` has a live path; `None` if the API does not answer.
+fn connected(socket: &Path, peer: &str) -> Option<bool> {
     use std::io::{BufRead, BufReader, Write};
-    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", API_PORT)).ok()?;
+    let mut tcp = UnixStream::connect(socket).ok()?;
     tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     let mut line = serde_json::to_string(&Request::Hello).ok()?;
     line.push('\n');

@@ -75,10 +75,10 @@ impl Setup {
     }
 
     /// Site A's gateway API, where `ferry-host migrate` goes.
-    pub fn api_a(&self) -> std::net::SocketAddr {
+    pub fn api_a(&self) -> &ferry_api::protocol::ApiAddress {
         match &self.gateways {
-            Gateways::InProcess(pair) => pair.api_a,
-            Gateways::Processes(p) => p.api,
+            Gateways::InProcess(pair) => &pair.api_a,
+            Gateways::Processes(p) => &p.api,
         }
     }
 
