@@ -27,6 +27,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Check a config as `run` would (keys, values, file modes, certificates and key), print
+    /// the effective configuration (defaults filled in, paths absolute, secrets hidden) and exit
+    /// non-zero on the first error. Binds nothing and contacts no peer.
+    CheckConfig {
+        /// Gateway config file (TOML).
+        config: PathBuf,
+    },
     /// Create a site CA (or reuse the one in --out) and a certificate + key per site.
     Certs {
         /// Folder for ca.pem, ca.key, SITE.pem, SITE.key.
@@ -62,6 +69,14 @@ fn main() -> anyhow::Result<()> {
             for file in generated.written {
                 println!("wrote {}", file.display());
             }
+            Ok(())
+        }
+        Command::CheckConfig { config: path } => {
+            let config = Config::load(&path)?;
+            ferry_gateway::tls::TunnelTls::load(&config.tls)
+                .with_context(|| format!("{}: the TLS files do not load", path.display()))?;
+            println!("{config:#?}");
+            println!("{}: ok", path.display());
             Ok(())
         }
         Command::Run { config } => {

@@ -130,3 +130,38 @@ fn certs_refuses_bad_site_names() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid site name"));
 }
+
+#[test]
+fn check_config_validates_prints_and_names_the_key() {
+    let dir = dir_with_certs();
+    let check = |text: &str| {
+        let path = write_config(dir.path(), text);
+        gateway().arg("check-config").arg(&path).output().unwrap()
+    };
+
+    // A good config: exit 0, the effective values printed, defaults included.
+    let out = check(GOOD);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("site-a") && stdout.contains("idle_timeout") && stdout.ends_with(": ok\n"), "{stdout}");
+
+    // A bad key: non-zero, the key named, nothing printed as ok.
+    let out = check(&GOOD.replace("bandwidth", "bandwidht"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bandwidht"));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(": ok"));
+
+    // Certificates are loaded too: a CA file that holds no certificate is refused, naming it.
+    std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+    let out = check(&GOOD.replace("ca = \"ca.pem\"", "ca = \"empty.pem\""));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("tls.ca"), "{stderr}");
+
+    // And the TCP API's token stays secret in the printout.
+    let token = dir.path().join("api.token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = check(&format!("{GOOD}[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\n"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !stdout.contains("0123456789abcdef"), "{stdout}");
+}
